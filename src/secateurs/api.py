@@ -1,0 +1,214 @@
+"""The verbs: :func:`prune`, :func:`evaluate`, :func:`compare`.
+
+>>> from secateurs import prune, PruneConfig, load_model, calibration_data
+>>> model, tok = load_model()                                  # the built-in smollm2-135m
+>>> cfg = PruneConfig(method="sparsegpt", pattern="2:4", calib_samples=32, calib_seqlen=512)
+>>> result = prune(model, cfg, calibration_data(tok, cfg))
+>>> result.sparsity, result.per_layer["model.layers.0.mlp.down_proj"]
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+
+from .config import ConfigError, EvalConfig, PruneConfig, Recipe
+from .data import calibration_windows, load_text, tokenize
+from .engine import LayerRecord, make_plan, prune_with_data, prune_without_data
+from .eval import library_versions, machine, parameter_counts, peak_rss_bytes, perplexity
+from .progress import Stage, Tracker
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune` did: per-layer records (measured from the weights) and timings."""
+
+    configs: list
+    layers: list = field(default_factory=list)  # LayerRecord, one per pruned weight matrix
+    prune_seconds: float = 0.0  # calibration capture to end of pruning
+    stage_seconds: dict = field(default_factory=dict)
+    stage: str = Stage.IDLE.value
+
+    @property
+    def zeros(self) -> int:
+        return sum(r.zeros for r in self.layers)
+
+    @property
+    def numel(self) -> int:
+        return sum(r.numel for r in self.layers)
+
+    @property
+    def sparsity(self) -> float:
+        """Measured zeros / total over the pruned weight matrices."""
+        return self.zeros / self.numel if self.numel else 0.0
+
+    @property
+    def per_layer(self) -> dict[str, float]:
+        return {r.name: r.sparsity for r in self.layers}
+
+    def to_dict(self) -> dict:
+        return {
+            "sparsity": self.sparsity,
+            "pruned_weights": {"zeros": self.zeros, "total": self.numel},
+            "prune_seconds": round(self.prune_seconds, 3),
+            "stage": self.stage,
+            "stage_seconds": self.stage_seconds,
+            "per_layer": self.per_layer,
+            "per_layer_detail": [
+                {"name": r.name, "block": r.block, "role": r.role, "shape": list(r.shape), "target": r.target,
+                 "pruned": r.pruned, "zeros": r.zeros, "numel": r.numel} for r in self.layers],
+        }
+
+
+def _as_configs(config) -> list[PruneConfig]:
+    if isinstance(config, PruneConfig):
+        return [config]
+    if isinstance(config, Recipe):
+        return list(config.stages)
+    configs = list(config)
+    if not configs or not all(isinstance(c, PruneConfig) for c in configs):
+        raise ConfigError("prune() takes a PruneConfig, a Recipe or a list of PruneConfig")
+    return configs
+
+
+def calibration_data(tokenizer, config: PruneConfig, ids: "torch.Tensor | None" = None) -> torch.Tensor:
+    """Calibration windows ``(calib_samples, calib_seqlen)`` from the train split of ``config.calib_data``."""
+    if ids is None:
+        ids = tokenize(tokenizer, load_text(config.calib_data, "train"))
+    return calibration_windows(ids, config.calib_samples, config.calib_seqlen, config.seed)
+
+
+def _as_ids(calibration) -> torch.Tensor:
+    if isinstance(calibration, torch.Tensor):
+        ids = calibration
+    else:
+        ids = torch.stack([torch.as_tensor(x) for x in calibration])
+    if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        raise ConfigError(f"calibration must be token ids of shape (samples, seqlen), got {tuple(ids.shape)} {ids.dtype}")
+    return ids.long()
+
+
+@torch.no_grad()
+def prune(model, config, calibration: "torch.Tensor | Iterable | None" = None, *, progress: bool = True,
+          tracker: "Tracker | None" = None) -> PruneResult:
+    """Prune ``model`` in place.
+
+    ``config`` is a :class:`PruneConfig`, a :class:`Recipe` or a list of configs (stages, applied in order).
+    ``calibration`` holds token ids ``(samples, seqlen)`` (see :func:`calibration_data`); methods that need
+    data (Wanda, SparseGPT) refuse to run without it.
+    """
+    configs = _as_configs(config)
+    tracker = tracker or Tracker(show=progress)
+    ids = None
+    if any(c.needs_calibration for c in configs):
+        if calibration is None:
+            needs = [c.method for c in configs if c.needs_calibration]
+            raise ConfigError(f"method {needs[0]} needs calibration data (token ids), none was given")
+        ids = _as_ids(calibration)
+    plans = [make_plan(model, c) for c in configs]  # validates every stage before any weight changes
+    result = PruneResult(configs)
+    start = time.perf_counter()
+    records: dict[str, LayerRecord] = {}
+    for cfg, plan in zip(configs, plans):
+        method = cfg.build_method()
+        if method.needs_calibration:
+            done = prune_with_data(model, plan, method, cfg, ids, tracker)
+        else:
+            done = prune_without_data(plan, method, cfg, tracker)
+        records.update({r.name: r for r in done})  # a layer pruned by two stages keeps its last record
+    result.prune_seconds = time.perf_counter() - start
+    tracker.enter(Stage.COMPLETE)
+    result.layers = list(records.values())
+    result.stage_seconds = dict(tracker.seconds)
+    result.stage = tracker.stage.value
+    return result
+
+
+def evaluate(model, tokenizer, config: "EvalConfig | None" = None, ids: "torch.Tensor | None" = None,
+             progress: bool = True) -> float:
+    """Perplexity of ``model`` on the test split of ``config.data`` (see :class:`EvalConfig`)."""
+    tracker = Tracker(show=progress)
+    tracker.enter(Stage.EVALUATING)
+    return perplexity(model, tokenizer, config or EvalConfig(), ids=ids, tracker=tracker)
+
+
+def environment() -> dict:
+    return {"versions": library_versions(), "machine": machine()}
+
+
+def build_report(result: PruneResult, model, dense_ppl, ppl, eval_config: "EvalConfig | None", **extra) -> dict:
+    """The ``--report`` JSON: figures measured in this run, the full config, seed and versions."""
+    counts = parameter_counts(model)
+    return {
+        "dense_perplexity": dense_ppl,
+        "perplexity": ppl,
+        **result.to_dict(),
+        **counts,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "config": [c.to_dict() for c in result.configs] if len(result.configs) > 1 else result.configs[0].to_dict(),
+        "seed": result.configs[0].seed,
+        "eval": eval_config.to_dict() if eval_config else None,
+        **environment(),
+        **extra,
+    }
+
+
+def parse_setting(text: str) -> dict:
+    """A compare column: ``"0.5"`` (unstructured at 50%), ``"2:4"`` or ``"block:16@0.5"``."""
+    text = text.strip()
+    try:
+        return {"pattern": "unstructured", "sparsity": float(text)}
+    except ValueError:
+        pass
+    pattern, _, sparsity = text.partition("@")
+    return {"pattern": pattern, "sparsity": float(sparsity) if sparsity else None}
+
+
+@torch.no_grad()
+def compare(model, tokenizer, methods: Sequence[str], settings: Sequence[str], base: "PruneConfig | None" = None,
+            eval_config: "EvalConfig | None" = None, progress: bool = True, on_row=None) -> dict:
+    """Dense plus every method x setting on one model, same calibration windows and evaluation windows.
+
+    The model is restored to its dense weights between runs.  Returns ``{"rows": [...], "dense_perplexity"}``.
+    """
+    base = base or PruneConfig()
+    eval_config = eval_config or EvalConfig()
+    grid = [(m, s, base.override(method=m, **parse_setting(s), group=None, threshold=None)) for m in methods
+            for s in settings]  # validates every cell up front
+    eval_ids = tokenize(tokenizer, load_text(eval_config.data, "test"))
+    needs_data = any(c.needs_calibration for _, _, c in grid)
+    calib = calibration_data(tokenizer, base) if needs_data else None
+    dense_state = copy.deepcopy(model.state_dict())
+    dense = evaluate(model, tokenizer, eval_config, ids=eval_ids, progress=progress)
+    rows = []
+    for method, setting, cfg in grid:
+        model.load_state_dict(dense_state)
+        result = prune(model, cfg, calib, progress=progress)
+        ppl = evaluate(model, tokenizer, eval_config, ids=eval_ids, progress=progress)
+        row = {"method": method, "setting": setting, "pattern": cfg.pattern, "perplexity": ppl,
+               "sparsity": result.sparsity, "prune_seconds": round(result.prune_seconds, 3),
+               "peak_rss_bytes": peak_rss_bytes()}
+        rows.append(row)
+        if on_row:
+            on_row(row)
+    model.load_state_dict(dense_state)
+    return {"dense_perplexity": dense, "rows": rows, "base_config": base.to_dict(), "eval": eval_config.to_dict(),
+            **environment()}
+
+
+def markdown_table(table: dict) -> str:
+    """Perplexity pivot in the papers' layout: one row per method, one column per sparsity setting."""
+    settings = list(dict.fromkeys(r["setting"] for r in table["rows"]))
+    methods = list(dict.fromkeys(r["method"] for r in table["rows"]))
+    cell = {(r["method"], r["setting"]): r for r in table["rows"]}
+    head = "| method | " + " | ".join(settings) + " |"
+    lines = [head, "|" + "---|" * (len(settings) + 1), f"| dense | " + " | ".join(
+        f"{table['dense_perplexity']:.2f}" for _ in settings) + " |"]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(
+            f"{cell[(m, s)]['perplexity']:.2f}" if (m, s) in cell else "–" for s in settings) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,266 @@
+"""Validated configuration dataclasses, their YAML/JSON round trip, and recipes.
+
+A **recipe** is a YAML or JSON file whose top-level keys are :class:`PruneConfig` fields (the defaults
+for every stage), plus an optional ``stages`` list of overrides applied one after the other::
+
+    method: wanda
+    calib_samples: 64
+    stages:
+      - {include: [attention], sparsity: 0.4}
+      - {include: [mlp], sparsity: 0.6}
+
+Without ``stages`` a recipe is one config.  ``eval`` may hold :class:`EvalConfig` fields.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .methods import METHODS, get_method
+from .patterns import GROUPS, Pattern
+
+SCOPES = ("all", "attention", "mlp")
+PROPAGATE = ("pruned", "dense")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """One per-layer sparsity override: layers matching ``regex`` (or blocks ``first..last``) get ``sparsity``."""
+
+    sparsity: float
+    regex: "str | None" = None
+    blocks: "tuple[int, int] | None" = None
+
+    @classmethod
+    def parse(cls, text: str) -> "LayerRule":
+        """``"REGEX=S"`` or ``"blocks:A-B=S"`` (block indices, inclusive)."""
+        key, sep, value = str(text).rpartition("=")
+        if not sep or not key:
+            raise ConfigError(f"layer_sparsity rule {text!r} must look like 'REGEX=S' or 'blocks:A-B=S'")
+        try:
+            sparsity = float(value)
+        except ValueError:
+            raise ConfigError(f"layer_sparsity rule {text!r}: {value!r} is not a number") from None
+        if not 0 <= sparsity < 1:
+            raise ConfigError(f"layer_sparsity rule {text!r}: sparsity must be in [0, 1)")
+        if match := re.fullmatch(r"blocks:(\d+)(?:-(\d+))?", key):
+            first = int(match[1])
+            last = int(match[2]) if match[2] is not None else first
+            if last < first:
+                raise ConfigError(f"layer_sparsity rule {text!r}: empty block range")
+            return cls(sparsity, blocks=(first, last))
+        try:
+            re.compile(key)
+        except re.error as exc:
+            raise ConfigError(f"layer_sparsity rule {text!r}: bad regex ({exc})") from None
+        return cls(sparsity, regex=key)
+
+    def matches(self, name: str, block: "int | None") -> bool:
+        if self.blocks is not None:
+            return block is not None and self.blocks[0] <= block <= self.blocks[1]
+        return re.search(self.regex, name) is not None
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+@dataclass
+class PruneConfig:
+    """Everything one pruning run needs. Validated on construction; see the README for each field."""
+
+    method: str = "wanda"  # a registered method: magnitude | wanda | sparsegpt | ...
+    sparsity: "float | None" = None  # fraction removed; None = 1 - N/M for N:M, else 0.5
+    pattern: str = "unstructured"  # unstructured | N:M (N kept in every M inputs) | block:B
+    group: "str | None" = None  # row | layer | global; None = the method's own default
+    include: list = field(default_factory=lambda: ["all"])  # scopes (all/attention/mlp) or regexes
+    exclude: list = field(default_factory=list)  # regexes of layer names to leave dense
+    layer_sparsity: list = field(default_factory=list)  # ["REGEX=S", "blocks:0-4=0.3"]; last match wins
+    threshold: "float | None" = None  # magnitude only: prune |w| < threshold instead of a fraction
+    blocksize: int = 128  # sparsegpt: columns per lazy update block
+    percdamp: float = 0.01  # sparsegpt: damping as a fraction of mean(diag H)
+    calib_data: str = "enwiki"
+    calib_samples: int = 128  # the papers' setting; the README's quick demo uses fewer
+    calib_seqlen: int = 2048
+    seed: int = 0
+    batch_size: int = 8  # calibration samples per block forward
+    propagate: "str | None" = None  # pruned (reference default) | dense; None = pruned (dense for group=global)
+    true_sequential: bool = False  # re-observe each sub-group (q/k/v -> o -> up/gate -> down) after pruning the last
+    device: str = "cpu"  # where each block is computed; activations stay on the CPU
+
+    def __post_init__(self):
+        _check(self.method in METHODS, f"method: unknown {self.method!r}; known: {', '.join(sorted(METHODS))}")
+        try:
+            pattern = Pattern.parse(self.pattern)
+        except ValueError as exc:
+            raise ConfigError(f"pattern: {exc}") from None
+        self.pattern = str(pattern)
+        implied = pattern.implied_sparsity
+        if self.sparsity is None:
+            self.sparsity = implied if implied is not None else 0.5
+        _check(isinstance(self.sparsity, (int, float)) and 0 <= self.sparsity < 1,
+               f"sparsity must be in [0, 1), got {self.sparsity}")
+        self.sparsity = float(self.sparsity)
+        if implied is not None:
+            _check(abs(self.sparsity - implied) < 1e-9,
+                   f"sparsity {self.sparsity} contradicts pattern {pattern} (which keeps {pattern.n} of every "
+                   f"{pattern.m}: sparsity {implied:g}); omit --sparsity with N:M patterns")
+        cls = METHODS[self.method]
+        if self.group is None:
+            self.group = cls.default_group
+        _check(self.group in cls.groups,
+               f"group {self.group!r} is not offered by {self.method} (choose from {', '.join(cls.groups)})")
+        self.include = list(self.include) or ["all"]
+        self.exclude = list(self.exclude)
+        for rx in [r for r in self.include if r not in SCOPES] + self.exclude:
+            try:
+                re.compile(rx)
+            except re.error as exc:
+                raise ConfigError(f"include/exclude: bad regex {rx!r} ({exc})") from None
+        self.layer_sparsity = [str(r) for r in self.layer_sparsity]
+        rules = self.rules  # parses and validates
+        _check(not (rules and implied is not None), "layer_sparsity overrides cannot be combined with an N:M pattern")
+        _check(not (rules and self.group == "global"), "layer_sparsity overrides contradict group=global (one ranking)")
+        _check(self.threshold is None or self.method == "magnitude", "threshold is a magnitude-only option")
+        _check(self.calib_samples >= 1 and self.calib_seqlen >= 1, "calib_samples and calib_seqlen must be >= 1")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        if self.propagate is None:
+            self.propagate = "dense" if self.group == "global" else "pruned"
+        _check(self.propagate in PROPAGATE, f"propagate must be one of {PROPAGATE}, got {self.propagate!r}")
+        _check(not (self.group == "global" and self.propagate == "pruned" and cls.needs != "none"),
+               "group=global ranks every layer before any is pruned, so it needs propagate=dense")
+        _check(not (self.group == "global" and pattern.kind == "nm"), "an N:M pattern has no global ranking")
+        try:
+            self.build_method()
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def pattern_value(self) -> Pattern:
+        return Pattern.parse(self.pattern)
+
+    @property
+    def rules(self) -> list[LayerRule]:
+        return [LayerRule.parse(r) for r in self.layer_sparsity]
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Said up front: does this config need calibration data?"""
+        return METHODS[self.method].needs != "none"
+
+    def build_method(self):
+        options = {"magnitude": {"threshold": self.threshold},
+                   "sparsegpt": {"blocksize": self.blocksize, "percdamp": self.percdamp}}.get(self.method, {})
+        return get_method(self.method, **options)
+
+    def selects(self, name: str, role: str) -> bool:
+        """Is the linear layer ``name`` (with role attention/mlp) in scope?"""
+        included = any(r == "all" or r == role or (r not in SCOPES and re.search(r, name)) for r in self.include)
+        return included and not any(re.search(r, name) for r in self.exclude)
+
+    def sparsity_for(self, name: str, block: "int | None") -> float:
+        value = self.sparsity
+        for rule in self.rules:
+            if rule.matches(name, block):
+                value = rule.sparsity
+        return value
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PruneConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        _check(not unknown, f"unknown config field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def override(self, **changes) -> "PruneConfig":
+        return replace(self, **changes)
+
+
+@dataclass
+class EvalConfig:
+    """Perplexity evaluation: non-overlapping windows by default (stride = seqlen)."""
+
+    data: str = "enwiki"
+    seqlen: int = 1024
+    windows: "int | None" = 16  # None = every full window of the test text
+    stride: "int | None" = None
+    batch_size: int = 1
+
+    def __post_init__(self):
+        _check(self.seqlen >= 2, f"eval seqlen must be >= 2, got {self.seqlen}")
+        _check(self.windows is None or self.windows >= 1, f"eval windows must be >= 1, got {self.windows}")
+        _check(self.stride is None or 0 < self.stride <= self.seqlen, "eval stride must be in 1..seqlen")
+        _check(self.batch_size >= 1, "eval batch_size must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_mapping(path: "str | Path") -> dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``) or JSON file holding a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:
+        raise ConfigError(f"cannot parse {str(path)!r}: {exc}") from None
+    _check(isinstance(data, dict), f"{str(path)!r} must hold a mapping of config fields")
+    return data
+
+
+def write_mapping(data: dict[str, Any], path: "str | Path") -> None:
+    path = Path(path)
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    else:
+        path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+@dataclass
+class Recipe:
+    """Stages applied in order (each a full :class:`PruneConfig`), plus the evaluation settings."""
+
+    stages: list
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], overrides: "dict[str, Any] | None" = None) -> "Recipe":
+        data = dict(data)
+        stages = data.pop("stages", None) or [{}]
+        _check(isinstance(stages, list) and all(isinstance(s, dict) for s in stages), "stages must be a list of mappings")
+        eval_cfg = EvalConfig(**data.pop("eval", {}) or {})
+        base = {**data, **(overrides or {})}
+        return cls([PruneConfig.from_dict({**base, **stage}) for stage in stages], eval_cfg)
+
+    @classmethod
+    def load(cls, path: "str | Path", overrides: "dict[str, Any] | None" = None) -> "Recipe":
+        return cls.from_dict(read_mapping(path), overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stages": [s.to_dict() for s in self.stages], "eval": self.eval.to_dict()}
+
+    def save(self, path: "str | Path") -> None:
+        write_mapping(self.to_dict(), path)

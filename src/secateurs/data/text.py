@@ -1,0 +1,183 @@
+"""Text sources and the token windows cut from them.
+
+A data spec is one of:
+
+* ``enwiki`` (built-in, the default) -- 105 real English Wikipedia articles shipped inside gensim's wheel,
+  cleaned WikiText-style (`` = Title =``, `` = = Section = =``) and split at the first article boundary at or
+  after 75% of the characters: ``train`` (83 articles) for calibration, ``test`` (22) for perplexity.
+  Byte-identical to ``shared/data/enwiki``; cached under ``$SECATEURS_CACHE/data/enwiki``.
+* a local ``.txt`` file (used as is) or ``.jsonl`` file (the ``"text"`` field of every line);
+* ``wikitext`` / ``c4`` or any other Hugging Face ``datasets`` name -- the real ``load_dataset`` path,
+  which needs the ``datasets`` package and a reachable hub (or its local cache).
+"""
+
+from __future__ import annotations
+
+import bz2
+import json
+import os
+import random
+import re
+from pathlib import Path
+
+import torch
+
+from ..models.load import cache_dir
+
+DEFAULT_DATA = "enwiki"
+BUILTIN_DATA = ("enwiki",)
+HF_ALIASES = {
+    "wikitext": dict(path="wikitext", name="wikitext-2-raw-v1", column="text", splits={"train": "train", "test": "test"}),
+    "c4": dict(path="allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz",
+                                                 "test": "en/c4-validation.00000-of-00008.json.gz"},
+               column="text", splits={"train": "train", "test": "test"}),
+}
+_HEADING = re.compile(r"^(=+)\s*(.*?)\s*\1$")
+
+
+class DataError(ValueError):
+    """Bad data spec or too little text for what was asked."""
+
+
+# --------------------------------------------------------------------------- built-in enwiki
+
+def clean_wiki_article(title: str, text: str) -> str:
+    """One article, filtered by gensim, in WikiText style: headings `` = = Name = =``, blank-line paragraphs."""
+    text = text.replace("'''", "").replace("''", "")  # bold / italic markup that filter_wiki leaves in
+    text = re.sub(r"\n{3,}", "\n\n", text.strip())
+    lines = [f" = {title} =", ""]
+    after_heading = False  # blank lines right after a heading are dropped
+    for line in text.split("\n"):
+        line = line.rstrip(" \t")  # not str.rstrip(): a non-breaking space is kept as text
+        heading = _HEADING.match(line.strip())
+        if heading:
+            marks = " ".join("=" * len(heading[1]))
+            lines.append(f" {marks} {heading[2]} {marks}")
+            after_heading = True
+        elif line:
+            lines.append(line)
+            after_heading = False
+        elif not after_heading and len(lines) > 2:
+            lines.append("")
+    if after_heading:  # an article ending in a heading ends on a single newline
+        return "\n".join(lines) + "\n"
+    while lines[-1] == "":
+        lines.pop()
+    return "\n".join(lines) + "\n\n"
+
+
+def build_enwiki() -> tuple[str, str]:
+    """Extract, clean and split the Wikipedia dump bundled with gensim: ``(train, test)``."""
+    try:
+        import gensim
+        from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+    except ImportError as exc:
+        raise DataError("built-in data 'enwiki' needs gensim: pip install gensim") from exc
+    dump = Path(gensim.__file__).parent / "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+    articles = []
+    with bz2.open(dump) as fh:
+        for title, raw, _page_id in extract_pages(fh):
+            if raw.lstrip().lower().startswith("#redirect"):
+                continue
+            body = filter_wiki(raw)
+            if len(body) < 500:
+                continue
+            articles.append(clean_wiki_article(title, body))
+    total = sum(map(len, articles))
+    seen = 0
+    for split, article in enumerate(articles):
+        if seen >= 0.75 * total:
+            break
+        seen += len(article)
+    return "".join(articles[:split]), "".join(articles[split:])
+
+
+def _enwiki(split: str) -> str:
+    folder = cache_dir() / "data" / "enwiki"
+    path = folder / f"{split}.txt"
+    if not path.exists():
+        train, test = build_enwiki()
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in (("train", train), ("test", test)):
+            tmp = folder / f".{name}.txt.tmp-{os.getpid()}"
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(folder / f"{name}.txt")
+    return path.read_text(encoding="utf-8")
+
+
+def _hf_dataset(name: str, split: str) -> str:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise DataError(f"data {name!r} is a Hugging Face dataset name and needs: pip install datasets") from exc
+    alias = HF_ALIASES.get(name, dict(path=name, column="text", splits={}))
+    kwargs = {k: alias[k] for k in ("name", "data_files") if k in alias}
+    try:
+        ds = datasets.load_dataset(alias["path"], split=alias["splits"].get(split, split), **kwargs)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"cannot load dataset {name!r} split {split!r}: {first}") from exc
+    return "\n\n".join(ds[alias["column"]])
+
+
+def load_text(spec: "str | os.PathLike | None", split: str) -> str:
+    """The raw text of a data spec (see the module docstring). ``split`` is ``train`` or ``test``;
+    local files have no splits and are used whole."""
+    spec = str(spec) if spec is not None else DEFAULT_DATA
+    if spec in BUILTIN_DATA:
+        return _enwiki(split)
+    path = Path(spec).expanduser()
+    if path.suffix in (".txt", ".jsonl") or path.exists():
+        if not path.is_file():
+            raise DataError(f"data file {spec!r} does not exist")
+        if path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            if not rows or any("text" not in r for r in rows):
+                raise DataError(f"{spec!r}: every JSONL line needs a 'text' field")
+            return "\n\n".join(r["text"] for r in rows)
+        return path.read_text(encoding="utf-8")
+    return _hf_dataset(spec, split)
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of the whole text with the tokenizer's own defaults, as a 1-D long tensor."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # silence "sequence longer than model max length"
+    try:
+        ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    return ids
+
+
+def calibration_windows(ids: torch.Tensor, samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``samples`` random windows of ``seqlen`` tokens, ``(samples, seqlen)``.
+
+    Exactly the reference protocol: ``random.seed(seed)``, then for each window
+    ``start = random.randint(0, len(ids) - seqlen - 1)``.
+    """
+    if samples < 1 or seqlen < 1:
+        raise DataError(f"calibration needs samples >= 1 and seqlen >= 1, got {samples} x {seqlen}")
+    if len(ids) < max(samples * seqlen, seqlen + 2):
+        raise DataError(f"too little calibration text: {len(ids)} tokens for {samples} samples x {seqlen} tokens")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, len(ids) - seqlen - 1) for _ in range(samples)]
+    return torch.stack([ids[s : s + seqlen] for s in starts])
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, windows: "int | None" = None, stride: "int | None" = None):
+    """Windows for perplexity: ``[(input_ids (1, L), n_context)]``; the first ``n_context`` tokens of each
+    window are context only (not scored).  Non-overlapping by default (``stride = seqlen``)."""
+    stride = stride or seqlen
+    if not 0 < stride <= seqlen:
+        raise DataError(f"eval stride must be in 1..seqlen ({seqlen}), got {stride}")
+    if len(ids) < seqlen:
+        raise DataError(f"too little evaluation text: {len(ids)} tokens for one window of {seqlen}")
+    out = []
+    for start in range(0, len(ids) - seqlen + 1, stride):
+        out.append((ids[start : start + seqlen].unsqueeze(0), 0 if start == 0 else seqlen - stride))
+        if windows is not None and len(out) == windows:
+            break
+    return out

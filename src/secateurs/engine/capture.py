@@ -1,0 +1,104 @@
+"""Capture what every decoder block receives, without running the blocks.
+
+Each block's ``forward`` is swapped (on the instance, so attributes such as ``attention_type`` stay
+readable) for a recorder that stores the call's positional and keyword arguments *as they are* --
+rotary embeddings, masks, position ids, whatever this architecture passes -- and hands the hidden
+states straight on.  The last recorder raises :class:`StopForward`, so neither the blocks nor the final
+norm and LM head run.  Recording per block matters: some models (Gemma 3, Qwen 2 with sliding windows)
+give different layers different masks and rotary tables.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class StopForward(Exception):
+    """Raised inside a forward pass to end it once what we came for has been recorded."""
+
+
+@dataclass
+class BlockCall:
+    """One block call with the hidden states taken out: ``block(*args, **kwargs)`` with
+    ``args[hidden_pos]`` (or ``kwargs['hidden_states']`` when ``hidden_pos`` is None) set to the input."""
+
+    args: tuple
+    kwargs: dict
+    hidden_pos: "int | None"
+
+    def call(self, block: nn.Module, hidden: torch.Tensor, device: torch.device):
+        args = tuple(to_device(a, device) for a in self.args)
+        kwargs = {k: to_device(v, device) for k, v in self.kwargs.items()}
+        if self.hidden_pos is None:
+            kwargs["hidden_states"] = hidden
+        else:
+            args = args[: self.hidden_pos] + (hidden,) + args[self.hidden_pos + 1 :]
+        out = block(*args, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """Move tensors (also inside tuples, lists and dicts) to ``device``; leave everything else alone."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(to_device(v, device) for v in value)
+    if isinstance(value, list):
+        return [to_device(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _split_hidden(args: tuple, kwargs: dict):
+    if args:
+        return args[0], BlockCall((None,) + tuple(args[1:]), dict(kwargs), 0)
+    if "hidden_states" in kwargs:
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        return kwargs["hidden_states"], BlockCall((), rest, None)
+    raise RuntimeError("cannot find the hidden states in the block's arguments")
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int):
+    """Run the embeddings over ``input_ids`` (N, L) in batches.
+
+    Returns ``hidden`` -- a list of (B, L, H) CPU tensors, the first block's inputs per batch -- and
+    ``calls[i][b]``, the :class:`BlockCall` of block ``i`` for batch ``b``.
+    """
+    hidden: list[torch.Tensor] = []
+    calls: list[list[BlockCall]] = [[] for _ in blocks]
+    last = len(blocks) - 1
+
+    def recorder(index: int):
+        def forward(*args, **kwargs):
+            h, call = _split_hidden(args, kwargs)
+            calls[index].append(call)
+            if index == 0:
+                hidden.append(h.detach().to("cpu"))
+            if index == last:
+                raise StopForward
+            return h
+
+        return forward
+
+    device = next(model.parameters()).device
+    for i, block in enumerate(blocks):
+        block.forward = recorder(i)
+    try:
+        for start in range(0, len(input_ids), batch_size):
+            try:
+                model(input_ids[start : start + batch_size].to(device), use_cache=False)
+            except StopForward:
+                pass
+    finally:
+        for block in blocks:
+            del block.forward  # the class's forward is visible again
+    if len(hidden) != math.ceil(len(input_ids) / batch_size) or any(len(c) != len(hidden) for c in calls):
+        raise RuntimeError("the model did not call every block once per batch; cannot calibrate it layer by layer")
+    return hidden, calls

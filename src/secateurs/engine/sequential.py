@@ -1,0 +1,381 @@
+"""The one calibration engine every method shares: walk the blocks, observe, prune, propagate.
+
+For each decoder block in turn::
+
+    move block to the compute device
+    observe  -- run the calibration batches through it; forward pre-hooks on its linears accumulate the
+                statistics the method needs (nothing, input norms, or X^T X)
+    prune    -- hand each weight matrix and its statistics to the method (pure math)
+    recompute the block's outputs with the pruned weights (``propagate="pruned"``, the reference
+                behaviour) or keep the dense outputs seen while observing (``propagate="dense"``)
+    move the block back; its outputs are the next block's inputs
+
+Linears that are fed the *same tensor object* (q/k/v; gate/up) form one input group: they share a single
+statistics accumulator (one ``X^T X``, not three), and with ``true_sequential`` each group is pruned
+before the next one is observed (attention inputs -> attention output -> MLP in -> MLP out).
+Calibration activations live on the CPU; only one block and one batch at a time visit the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..methods.base import InputStats, LayerTarget, Method
+from ..models.arch import find_blocks, find_linears, role_of, set_weight_of, weight_of
+from ..patterns import Pattern, check_nm, check_tiles, lowest_k_mask, tile_scores, expand_tiles
+from ..progress import Stage, Tracker
+from .capture import BlockCall, StopForward, capture_inputs
+
+log = logging.getLogger(__name__)
+
+
+class VerificationError(RuntimeError):
+    """A pruned layer does not obey its target; raised loudly rather than saving a wrong model."""
+
+
+@dataclass
+class LayerRecord:
+    """What happened to one weight matrix."""
+
+    name: str
+    block: "int | None"
+    role: str
+    shape: tuple
+    target: "float | None"  # None for threshold pruning
+    pruned: int  # weights the method chose to remove
+    zeros: int  # zeros measured in the final weight (may include weights that were already zero)
+    numel: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.numel
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def gram_lower_(H: torch.Tensor, x: torch.Tensor, chunk: int = 384) -> None:
+    """``H += x^T x`` for ``x`` (tokens, in), computing only the chunk pairs on or below the diagonal.
+
+    ``x^T x`` is symmetric, so the strictly upper chunk pairs are skipped (about 40% of the work for wide
+    inputs) and filled in once by :func:`mirror_lower`.
+    """
+    n = x.shape[1]
+    for i in range(0, n, chunk):
+        xi = x[:, i : i + chunk]
+        H[i : i + chunk, : i + chunk].addmm_(xi.t(), x[:, : i + chunk])
+
+
+def mirror_lower(H: torch.Tensor) -> torch.Tensor:
+    """Complete a matrix whose lower triangle (and symmetric diagonal chunks) hold ``x^T x``."""
+    return torch.tril(H) + torch.tril(H, -1).t()
+
+
+class Observer:
+    """Forward pre-hooks that accumulate :class:`InputStats` for a set of linear layers.
+
+    Layers whose input is the identical tensor in the first batch share one accumulator (the grouping
+    is then fixed).  With ``stop_after`` set, the forward is cut short with :class:`StopForward` as soon
+    as that layer's input has been seen -- the block's output is not needed while only observing.
+    """
+
+    def __init__(self, layers: dict[str, nn.Module], needs: str, groups: "dict[str, int] | None" = None,
+                 stop_after: "str | None" = None):
+        self.needs = needs
+        self.group_of: dict[str, int] = dict(groups or {})  # layer name -> input group id
+        self.stats: dict[int, InputStats] = {}
+        self.order: list[str] = []  # execution order of the hooked layers (first batch)
+        self.stop_after = stop_after
+        self._seen: list[tuple[torch.Tensor, int]] = []
+        self._done: set[int] = set()
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in layers.items()]
+
+    def start_batch(self) -> None:
+        self._seen.clear()
+        self._done.clear()
+
+    def _group(self, name: str, x: torch.Tensor) -> int:
+        if name not in self.group_of:
+            for tensor, gid in self._seen:
+                if tensor is x:
+                    self.group_of[name] = gid
+                    break
+            else:
+                self.group_of[name] = max(self.group_of.values(), default=-1) + 1
+        gid = self.group_of[name]
+        self._seen.append((x, gid))
+        return gid
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            x = args[0]
+            if name not in self.order:
+                self.order.append(name)
+            gid = self._group(name, x)
+            if gid not in self._done:
+                self._done.add(gid)
+                self._accumulate(gid, x)
+            if name == self.stop_after:
+                raise StopForward
+
+        return hook
+
+    @torch.no_grad()
+    def _accumulate(self, gid: int, x: torch.Tensor) -> None:
+        if self.needs == "none":
+            return
+        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        st = self.stats.setdefault(gid, InputStats())
+        st.tokens += x.shape[0]
+        if self.needs == "norms":
+            sq = (x * x).sum(0)
+            st.sq_norms = sq if st.sq_norms is None else st.sq_norms.add_(sq)
+        else:  # hessian: H += X^T X ; the squared norms are its diagonal
+            if st.hessian is None:
+                st.hessian = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            gram_lower_(st.hessian, x)
+
+    def stats_for(self, name: str) -> InputStats:
+        st = self.stats.get(self.group_of.get(name, -1), InputStats())
+        if st.hessian is not None and st.sq_norms is None:  # first use: complete the symmetric matrix
+            st.hessian = mirror_lower(st.hessian)
+            st.sq_norms = torch.diag(st.hessian)
+        return st
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, hidden: list, calls: list, device, keep: bool, observer: "Observer | None" = None):
+    """Run every calibration batch through ``block``; return the outputs (on CPU) if ``keep``."""
+    outs = []
+    for h, call in zip(hidden, calls):
+        if observer is not None:
+            observer.start_batch()
+        try:
+            out = call.call(block, h.to(device), device)
+        except StopForward:
+            continue
+        if keep:
+            outs.append(out.to("cpu"))
+    return outs
+
+
+# --------------------------------------------------------------------------- pruning one layer
+
+
+def verify_layer(name: str, W: torch.Tensor, mask: torch.Tensor, target: LayerTarget, exact_fraction: bool) -> None:
+    """Fail loudly unless ``W`` obeys the target: masked weights zero, pattern respected, fraction right."""
+    if (W[mask] != 0).any():
+        raise VerificationError(f"{name}: weights selected for pruning are not zero")
+    pattern = target.pattern
+    if pattern.kind == "nm" and (bad := check_nm(W, pattern.n, pattern.m)):
+        raise VerificationError(f"{name}: {bad} groups break the {pattern} pattern")
+    if pattern.kind == "block" and (bad := check_tiles(mask, pattern.block)):
+        raise VerificationError(f"{name}: {bad} tiles are only partly pruned under {pattern}")
+    if exact_fraction and target.group != "global":
+        got = mask.float().mean().item()
+        # every selection rounds down once per comparison group: at most one tile row per output row
+        tolerance = (pattern.block or pattern.m or 1) / W.shape[1] + 1e-6
+        if abs(got - target.sparsity) > tolerance:
+            raise VerificationError(f"{name}: pruned {got:.4f} of the weights, target {target.sparsity:.4f}")
+
+
+def record(name: str, block: "int | None", W: torch.Tensor, mask: torch.Tensor, target: "float | None") -> LayerRecord:
+    return LayerRecord(name, block, role_of(name), tuple(W.shape), target, int(mask.sum()), int((W == 0).sum()),
+                       W.numel())
+
+
+@torch.no_grad()
+def prune_layers(names: list, modules: list, method: Method, stats: InputStats, targets: list,
+                 block: "int | None", device, exact_fraction: bool) -> list[LayerRecord]:
+    """Prune layers that share one input; weights are written back only once every one verified."""
+    originals = [weight_of(m) for m in modules]
+    Ws = []
+    for W0 in originals:
+        W = W0.to(device=device, dtype=torch.float32)
+        # the method edits in place: never let a failure leave a half-pruned weight in the model
+        Ws.append(W.clone() if W.data_ptr() == W0.data_ptr() else W)
+    masks = method.prune_many(Ws, stats, targets)
+    for name, W, mask, target in zip(names, Ws, masks, targets):
+        verify_layer(name, W, mask, target, exact_fraction)
+    out = []
+    for name, module, W0, W, mask, target in zip(names, modules, originals, Ws, masks, targets):
+        set_weight_of(module, W.to(W0.device, W0.dtype))
+        out.append(record(name, block, W, mask, target.sparsity if exact_fraction else None))
+    return out
+
+
+def prune_layer(name, module, method, stats, target, block, device, exact_fraction) -> LayerRecord:
+    return prune_layers([name], [module], method, stats, [target], block, device, exact_fraction)[0]
+
+
+def global_masks(scores: dict[str, torch.Tensor], pattern: Pattern, sparsity: float) -> dict[str, torch.Tensor]:
+    """One ranking across every layer: prune the lowest ``sparsity`` fraction of all scores (or tiles)."""
+    b = pattern.block if pattern.kind == "block" else 1
+    tiles = {n: tile_scores(s, b) if b > 1 else s for n, s in scores.items()}
+    flat = torch.cat([t.reshape(-1) for t in tiles.values()]).unsqueeze(0)
+    chosen = lowest_k_mask(flat, int(flat.numel() * sparsity))[0]
+    masks, offset = {}, 0
+    for n, t in tiles.items():
+        m = chosen[offset : offset + t.numel()].view_as(t)
+        masks[n] = expand_tiles(m, b) if b > 1 else m
+        offset += t.numel()
+    return masks
+
+
+# --------------------------------------------------------------------------- the walk
+
+
+@dataclass
+class Plan:
+    """Which linears of which block to prune, and to what."""
+
+    blocks_name: str
+    blocks: nn.ModuleList
+    layers: list  # per block: {qualified name: (module, LayerTarget)}
+
+    @property
+    def all_layers(self):
+        for i, per_block in enumerate(self.layers):
+            for name, (module, target) in per_block.items():
+                yield i, name, module, target
+
+
+def make_plan(model: nn.Module, config) -> Plan:
+    blocks_name, blocks = find_blocks(model)
+    pattern = config.pattern_value
+    layers = []
+    for i, block in enumerate(blocks):
+        chosen = {}
+        for name, module in find_linears(block, f"{blocks_name}.{i}.").items():
+            if not config.selects(name, role_of(name)):
+                continue
+            W = weight_of(module)
+            pattern.validate_shape(*W.shape, name=name)
+            chosen[name] = (module, LayerTarget(pattern, config.sparsity_for(name, i), config.group))
+        layers.append(chosen)
+    if not any(layers):
+        raise ValueError("no linear layer matches the include/exclude selection: nothing to prune")
+    return Plan(blocks_name, blocks, layers)
+
+
+@torch.no_grad()
+def prune_without_data(plan: Plan, method: Method, config, tracker: Tracker) -> list[LayerRecord]:
+    """Methods that need no calibration (magnitude) touch the weights directly."""
+    exact = config.threshold is None
+    records = []
+    tracker.enter(Stage.COMPUTING_IMPORTANCE)
+    if config.group == "global" and exact:
+        items = list(plan.all_layers)
+        scores = {name: method.scores(weight_of(m).float(), InputStats()) for _, name, m, _ in items}
+        masks = global_masks(scores, config.pattern_value, config.sparsity)
+        del scores
+        tracker.enter(Stage.PRUNING)
+        for i, name, module, target in items:
+            records.append(apply_mask(name, i, module, masks.pop(name), target))
+        return records
+    tracker.enter(Stage.PRUNING)
+    for i, name, module, target in tracker.bar(list(plan.all_layers), unit="layer"):
+        records.append(prune_layer(name, module, method, InputStats(), target, i, config.device, exact))
+    return records
+
+
+@torch.no_grad()
+def apply_mask(name: str, block: "int | None", module: nn.Module, mask: torch.Tensor, target: LayerTarget) -> LayerRecord:
+    W = weight_of(module)
+    W[mask.to(W.device)] = 0
+    verify_layer(name, W, mask, target, exact_fraction=False)
+    return record(name, block, W, mask, None)
+
+
+@torch.no_grad()
+def prune_with_data(model: nn.Module, plan: Plan, method: Method, config, input_ids: torch.Tensor,
+                    tracker: Tracker) -> list[LayerRecord]:
+    """Layer-wise sequential calibration and pruning (see the module docstring)."""
+    device = torch.device(config.device)
+    use_cache = getattr(model.config, "use_cache", None)
+    tracker.enter(Stage.CALIBRATING)
+    try:
+        if use_cache is not None:
+            model.config.use_cache = False
+        hidden, calls = capture_inputs(model, plan.blocks, input_ids, config.batch_size)
+    finally:
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+
+    dense_outputs = config.propagate == "dense"
+    collect_global = config.group == "global"
+    records: list[LayerRecord] = []
+    scores: dict[str, torch.Tensor] = {}
+    bar = tracker.bar(total=len(plan.blocks))
+    for i, block in enumerate(plan.blocks):
+        layers = plan.layers[i]
+        block.to(device)
+        outs = None
+        groups: dict[str, int] = {}
+        remaining = list(layers)
+        first = True
+        while remaining:
+            tracker.describe(bar, Stage.CALIBRATING)
+            watch = {n: layers[n][0] for n in remaining}
+            # while only observing, the block's output is not needed: stop after the last watched layer
+            observer = Observer(watch, method.needs, groups)
+            keep = first and dense_outputs
+            try:
+                # the first batch runs whole and reveals the execution order of the watched layers
+                got = run_block(block, hidden[:1], calls[i][:1], device, keep=keep, observer=observer)
+                if not keep and observer.order:
+                    observer.stop_after = observer.order[-1]
+                got += run_block(block, hidden[1:], calls[i][1:], device, keep=keep, observer=observer)
+            finally:
+                observer.remove()
+            if keep:
+                outs = got
+            groups = observer.group_of
+            unseen = [n for n in remaining if n not in groups]
+            if unseen:  # hooked but never called by the block's forward: nothing to calibrate on
+                log.warning("block %d: %s never ran during calibration; left dense", i, ", ".join(unseen))
+                remaining = [n for n in remaining if n in groups]
+            if config.true_sequential:  # the first input group in execution order, then re-observe
+                gid = groups[observer.order[0]]
+                now = [n for n in observer.order if groups[n] == gid]
+            else:
+                now = list(remaining)
+            tracker.describe(bar, Stage.COMPUTING_IMPORTANCE if collect_global else Stage.PRUNING)
+            for gid in dict.fromkeys(groups[n] for n in now):  # input groups, in execution order
+                names = [n for n in now if groups[n] == gid]
+                stats = observer.stats_for(names[0])
+                if collect_global:
+                    for name in names:
+                        W = weight_of(layers[name][0]).to(device, torch.float32)
+                        scores[name] = method.scores(W, stats).cpu()
+                else:
+                    records += prune_layers(names, [layers[n][0] for n in names], method, stats,
+                                            [layers[n][1] for n in names], i, device, True)
+            remaining = [n for n in remaining if n not in now]
+            first = False
+            del observer
+        if outs is None:
+            tracker.describe(bar, Stage.CALIBRATING)
+            outs = run_block(block, hidden, calls[i], device, keep=True)
+        block.to("cpu")
+        hidden = outs
+        bar.update(1)
+    bar.close()
+
+    if collect_global:
+        tracker.enter(Stage.PRUNING)
+        masks = global_masks(scores, config.pattern_value, config.sparsity)
+        del scores
+        for i, name, module, target in plan.all_layers:
+            records.append(apply_mask(name, i, module, masks.pop(name), target))
+    return records

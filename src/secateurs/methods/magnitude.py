@@ -1,0 +1,34 @@
+"""Magnitude pruning: remove the weights of smallest absolute value (Han et al., 2015).
+
+Classic choices of comparison group are all offered: per output row, per layer (default, as in the
+reference implementation), or global across every pruned layer.  A threshold mode prunes every
+``|w| < t`` instead of a fixed fraction.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import InputStats, LayerTarget, Method, register
+
+
+@register("magnitude")
+class Magnitude(Method):
+    needs = "none"
+    default_group = "layer"
+
+    def __init__(self, threshold: "float | None" = None):
+        if threshold is not None and threshold < 0:
+            raise ValueError(f"magnitude threshold must be >= 0, got {threshold}")
+        self.threshold = threshold
+
+    def scores(self, W: torch.Tensor, stats: InputStats) -> torch.Tensor:
+        return W.abs()
+
+    @torch.no_grad()
+    def prune(self, W: torch.Tensor, stats: InputStats, target: LayerTarget) -> torch.Tensor:
+        if self.threshold is None:
+            return super().prune(W, stats, target)
+        mask = W.abs() < self.threshold
+        W[mask] = 0
+        return mask

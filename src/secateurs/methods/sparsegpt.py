@@ -1,0 +1,157 @@
+"""SparseGPT: one-shot pruning with optimal-brain-surgeon weight reconstruction
+(Frantar & Alistarh, 2023, arXiv:2301.00774).
+
+For a layer ``y = W x`` with calibration inputs ``X`` and ``H = X^T X`` (damped), the weights are visited
+column by column.  Removing weight ``w_q`` (or quantising it to 0) costs ``w_q^2 / [H^-1]_qq`` and is
+compensated by updating the not-yet-visited columns of the same row with
+``delta = -(w_q / [H^-1]_qq) * H^-1[q, :]`` -- computed from the upper Cholesky factor of ``H^-1``, so the
+inverse Hessian of the remaining columns never has to be recomputed.  Updates are applied lazily in
+blocks of ``blocksize`` columns (two matrix products per block instead of one outer product per column).
+
+Mask selection is adaptive: at the start of every block the ``sparsity`` fraction of weights with the
+lowest ``w^2 / diag(H^-1)^2`` inside that block is chosen; for N:M the choice is made every M columns,
+per row, from the weights already updated by earlier columns, as in the paper.  ``block:B`` tiles are
+chosen the same way as unstructured weights, with the scores summed over each tile.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..patterns import Pattern, lowest_k_mask, nm_mask, tile_scores, expand_tiles
+from .base import InputStats, LayerTarget, Method, register
+
+log = logging.getLogger(__name__)
+
+
+def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + damp I)^-1`` with ``damp = percdamp * mean(diag H)``.
+
+    If the Cholesky factorisation fails (``H`` numerically singular), the damping is multiplied by 10 and
+    the factorisation retried, with a warning in the log.
+    """
+    mean_diag = torch.mean(torch.diag(H))
+    damp_frac = percdamp
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for attempt in range(max_tries):
+        L, info = torch.linalg.cholesky_ex(H + damp_frac * mean_diag * eye)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                if attempt:
+                    log.warning("SparseGPT: Cholesky succeeded after raising damping to %.3g of mean(diag H)", damp_frac)
+                return U
+        log.warning("SparseGPT: Cholesky failed with damping %.3g of mean(diag H); retrying with %.3g",
+                    damp_frac, damp_frac * 10)
+        damp_frac *= 10
+    raise RuntimeError(f"SparseGPT: Hessian is not positive definite even with damping {damp_frac:.3g}")
+
+
+def sparsegpt_prune(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    pattern: Pattern,
+    sparsity: "float | list[tuple[int, float]]",
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> torch.Tensor:
+    """Prune ``W`` (out, in) in place given ``H = X^T X`` (in, in); return the boolean prune mask.
+
+    ``sparsity`` may be a list of ``(rows, sparsity)`` segments: layers that read the same input (q/k/v)
+    are then pruned in one pass over their stacked rows -- the OBS update is row-independent -- while
+    each keeps its own unstructured / block selection, exactly as if pruned one by one.
+    """
+    rows, cols = W.shape
+    segments = sparsity if isinstance(sparsity, list) else [(rows, sparsity)]
+    if sum(r for r, _ in segments) != rows:
+        raise ValueError(f"segments cover {sum(r for r, _ in segments)} rows, the weight has {rows}")
+    H = H.clone()
+    dead = torch.diag(H) == 0  # input channels never active: their weights cannot matter
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    Hinv = damped_inverse_cholesky(H, percdamp)  # upper factor, (in, in)
+
+    if pattern.kind == "nm":
+        blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
+    elif pattern.kind == "block":
+        blocksize = max(pattern.block, blocksize - blocksize % pattern.block)
+
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        # Work on the block transposed, (count, rows), so that a column is one contiguous row.
+        W1 = W[:, i1:i2].t().contiguous()
+        Err1 = torch.zeros_like(W1)
+        U1 = Hinv[i1:i2, i1:i2]
+        d = torch.diag(U1)
+
+        if pattern.kind == "nm":
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        else:
+            score = W1**2 / d.unsqueeze(1) ** 2  # OBS saliency w_q^2 / [H_F^-1]_qq, with [H_F^-1]_qq = U_qq^2
+            mask1 = torch.cat([_select(part, pattern, frac) for part, frac in
+                               zip(score.split([r for r, _ in segments], dim=1), (f for _, f in segments))], dim=1)
+        # err_q = w_q / [H^-1]_qq for pruned weights, 0 for kept ones: scale = mask / d
+        scale = mask1 / d.unsqueeze(1)
+
+        for i in range(count):
+            if pattern.kind == "nm" and i % pattern.m == 0:
+                # choose this group's mask now, from weights already updated by the columns before it
+                j = slice(i, i + pattern.m)
+                group = W1[j] ** 2 / d[j].unsqueeze(1) ** 2  # (m, rows)
+                mask1[j] = nm_mask(group.t(), pattern.n, pattern.m).t()
+                scale[j] = mask1[j] / d[j].unsqueeze(1)
+            torch.mul(W1[i], scale[i], out=Err1[i])
+            # remove w_q and spread its error over the block's later columns: W1[i:] -= U1[i, i:]^T err
+            W1[i:].addr_(U1[i, i:], Err1[i], alpha=-1)
+
+        W1.masked_fill_(mask1, 0)  # exact zeros (the update leaves rounding residue on pruned weights)
+        W[:, i1:i2] = W1.t()
+        mask[:, i1:i2] = mask1.t()
+        W[:, i2:] -= Err1.t() @ Hinv[i1:i2, i2:]  # lazy batched update of all later columns
+    return mask
+
+
+def _select(score: torch.Tensor, pattern: Pattern, sparsity: float) -> torch.Tensor:
+    """The lowest ``sparsity`` fraction of one block's saliencies (or of its tiles' summed saliencies)."""
+    if pattern.kind == "block":
+        tiles = tile_scores(score, pattern.block)
+        chosen = lowest_k_mask(tiles.reshape(1, -1), int(tiles.numel() * sparsity)).view_as(tiles)
+        return expand_tiles(chosen, pattern.block)
+    return lowest_k_mask(score.reshape(1, -1), int(score.numel() * sparsity)).view_as(score)
+
+
+@register("sparsegpt")
+class SparseGPT(Method):
+    needs = "hessian"
+    default_group = "block"  # adaptive selection inside each lazy-update block, as in the paper
+    groups = ("block",)
+
+    def __init__(self, blocksize: int = 128, percdamp: float = 0.01):
+        if blocksize < 1:
+            raise ValueError(f"sparsegpt blocksize must be >= 1, got {blocksize}")
+        if not 0 < percdamp < 1:
+            raise ValueError(f"sparsegpt percdamp must be in (0, 1), got {percdamp}")
+        self.blocksize = blocksize
+        self.percdamp = percdamp
+
+    @torch.no_grad()
+    def prune(self, W: torch.Tensor, stats: InputStats, target: LayerTarget) -> torch.Tensor:
+        return sparsegpt_prune(W, stats.hessian, target.pattern, target.sparsity, self.blocksize, self.percdamp)
+
+    @torch.no_grad()
+    def prune_many(self, Ws: list, stats: InputStats, targets: list) -> list:
+        """Layers sharing one input (and so one Hessian) are pruned in a single pass over stacked rows."""
+        if len({t.pattern for t in targets}) != 1:
+            return super().prune_many(Ws, stats, targets)
+        W = torch.cat(Ws, dim=0)
+        segments = [(w.shape[0], t.sparsity) for w, t in zip(Ws, targets)]
+        mask = sparsegpt_prune(W, stats.hessian, targets[0].pattern, segments, self.blocksize, self.percdamp)
+        sizes = [w.shape[0] for w in Ws]
+        for w, part in zip(Ws, W.split(sizes)):
+            w.copy_(part)
+        return list(mask.split(sizes))

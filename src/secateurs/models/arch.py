@@ -1,0 +1,78 @@
+"""Find what pruning needs inside any Hugging Face model, from the model itself.
+
+No per-family scripts: the decoder blocks are the largest ``nn.ModuleList`` of identical modules that
+hold linear layers; embeddings and head come from ``get_input_embeddings`` / ``get_output_embeddings``.
+A "linear" is ``nn.Linear`` or GPT-2's ``Conv1D``, whose weight is stored transposed ``(in, out)``;
+:func:`weight_of` / :func:`set_weight_of` always speak ``(out, in)``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+try:  # GPT-2 family
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()
+
+LINEAR_TYPES = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
+_ATTENTION = re.compile(r"(^|\.)[^.]*(attn|attention)[^.]*(\.|$)", re.IGNORECASE)
+
+
+class ArchitectureError(ValueError):
+    """The model has no structure secateurs can prune (e.g. no repeated blocks)."""
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Return ``(qualified name, ModuleList)`` of the model's repeated transformer blocks."""
+    best = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        if not any(isinstance(m, LINEAR_TYPES) for m in module[0].modules()):
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, module)
+    if best is None:
+        raise ArchitectureError(f"{type(model).__name__} has no repeated blocks (no ModuleList of identical layers "
+                                "with linear weights): nothing to prune")
+    return best[1], best[2]
+
+
+def find_linears(module: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
+    """All linear layers under ``module``, by qualified name (prefixed), in registration order."""
+    return {f"{prefix}{name}": m for name, m in module.named_modules() if isinstance(m, LINEAR_TYPES)}
+
+
+def role_of(name: str) -> str:
+    """``"attention"`` if any path component names attention (``self_attn``, ``attention``, ``attn``), else ``"mlp"``."""
+    return "attention" if _ATTENTION.search(name) else "mlp"
+
+
+def is_transposed(module: nn.Module) -> bool:
+    return bool(Conv1D) and isinstance(module, Conv1D)
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """The weight as ``(out, in)``. A view of the parameter's data (writes go through)."""
+    w = module.weight.data
+    return w.t() if is_transposed(module) else w
+
+
+def set_weight_of(module: nn.Module, W: torch.Tensor) -> None:
+    """Write ``W`` ``(out, in)`` back into the module, in its own layout and dtype."""
+    target = weight_of(module)
+    if W.data_ptr() != target.data_ptr():
+        target.copy_(W)
+
+
+def block_index(name: str, blocks_name: str) -> "int | None":
+    """Index of the block a qualified module name lives in, or None."""
+    match = re.match(re.escape(blocks_name) + r"\.(\d+)\.", name)
+    return int(match[1]) if match else None

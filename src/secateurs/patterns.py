@@ -1,0 +1,154 @@
+"""Sparsity patterns as data, and the one mask builder that consumes them.
+
+A pattern is parsed once from its string form and validated:
+
+* ``"unstructured"`` -- any weight may be removed.
+* ``"N:M"`` -- in every group of M consecutive weights along the *input* dimension of a weight
+  matrix ``W`` of shape ``(out, in)``, **N weights are kept** (non-zero) and ``M - N`` are pruned.
+  ``"2:4"`` keeps 2 of every 4, i.e. 50% sparsity, the layout NVIDIA's sparse tensor cores run.
+* ``"block:B"`` -- ``B x B`` tiles of ``W`` are kept or removed whole.
+
+Every mask here is boolean with ``True`` marking a weight to **prune**.  All selections break ties
+deterministically: among equal scores the weight with the lower flat index is pruned first
+(de-quantised checkpoints have many tied magnitudes, so this matters for reproducibility).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Pattern", "lowest_k_mask", "unstructured_mask", "nm_mask", "block_mask", "build_mask", "check_nm", "check_tiles"]
+
+GROUPS = ("row", "layer", "global")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A parsed sparsity pattern. ``kind`` is ``"unstructured"``, ``"nm"`` or ``"block"``."""
+
+    kind: str
+    n: int = 0  # N:M -- weights kept per group
+    m: int = 0  # N:M -- group length along the input dimension
+    block: int = 0  # block:B -- tile side
+
+    @classmethod
+    def parse(cls, text: "str | Pattern") -> "Pattern":
+        if isinstance(text, Pattern):
+            return text
+        s = str(text).strip().lower()
+        if s == "unstructured":
+            return cls("unstructured")
+        if match := re.fullmatch(r"(\d+):(\d+)", s):
+            n, m = int(match[1]), int(match[2])
+            if not 0 < n < m:
+                raise ValueError(f"N:M pattern {text!r} needs 0 < N < M (N weights kept in every M)")
+            return cls("nm", n=n, m=m)
+        if match := re.fullmatch(r"block:(\d+)", s):
+            b = int(match[1])
+            if b < 1:
+                raise ValueError(f"block pattern {text!r} needs a tile side >= 1")
+            return cls("block", block=b)
+        raise ValueError(f"unknown pattern {text!r}: use 'unstructured', 'N:M' (e.g. 2:4) or 'block:B'")
+
+    def __str__(self) -> str:
+        if self.kind == "nm":
+            return f"{self.n}:{self.m}"
+        if self.kind == "block":
+            return f"block:{self.block}"
+        return "unstructured"
+
+    @property
+    def implied_sparsity(self) -> "float | None":
+        """N:M fixes the sparsity at 1 - N/M; other patterns take it from the config."""
+        return 1.0 - self.n / self.m if self.kind == "nm" else None
+
+    def validate_shape(self, out_features: int, in_features: int, name: str = "weight") -> None:
+        """Raise a clear error when the pattern cannot tile a weight of this shape."""
+        if self.kind == "nm" and in_features % self.m:
+            raise ValueError(f"{name}: input width {in_features} is not divisible by M={self.m} of pattern {self}")
+        if self.kind == "block" and (out_features % self.block or in_features % self.block):
+            raise ValueError(
+                f"{name}: block size {self.block} does not tile the weight of shape ({out_features}, {in_features})"
+            )
+
+
+def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Mark the ``k`` lowest entries of every row of ``scores`` (rows, cols); ties: lower index first.
+
+    Uses ``kthvalue`` plus an explicit tie pass instead of a full sort: exact count, deterministic,
+    linear time per row.
+    """
+    cols = scores.shape[1]
+    k = max(0, min(int(k), cols))
+    if k == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    thresh = torch.kthvalue(scores, k, dim=1, keepdim=True).values  # (rows, 1)
+    below = scores < thresh
+    need = k - below.sum(1, keepdim=True)  # tied-at-threshold entries still to take
+    ties = scores == thresh
+    return below | (ties & (ties.cumsum(1) <= need))
+
+
+def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "row") -> torch.Tensor:
+    """Prune the lowest ``sparsity`` fraction per output row (``group="row"``) or per matrix (``"layer"``)."""
+    if group == "row":
+        return lowest_k_mask(scores, int(scores.shape[1] * sparsity))
+    if group == "layer":
+        flat = scores.reshape(1, -1)
+        return lowest_k_mask(flat, int(flat.numel() * sparsity)).view_as(scores)
+    raise ValueError(f"group {group!r} is not a per-matrix group (row, layer)")
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """In every ``m`` consecutive input weights of each row, prune the ``m - n`` lowest scores.
+
+    >>> nm_mask(torch.tensor([[4., 1., 3., 2.]]), 2, 4)
+    tensor([[False,  True, False,  True]])
+    """
+    rows, cols = scores.shape
+    groups = scores.reshape(rows, cols // m, m)
+    # a stable sort makes ties prune the lower index first; M is tiny, so sorting is cheap.
+    order = torch.argsort(groups, dim=-1, stable=True)[..., : m - n]
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
+    return mask.reshape(rows, cols)
+
+
+def tile_scores(scores: torch.Tensor, b: int) -> torch.Tensor:
+    """Sum scores over ``b x b`` tiles: ``(rows, cols) -> (rows/b, cols/b)``."""
+    rows, cols = scores.shape
+    return scores.reshape(rows // b, b, cols // b, b).sum(dim=(1, 3))
+
+
+def expand_tiles(tile_mask: torch.Tensor, b: int) -> torch.Tensor:
+    return tile_mask.repeat_interleave(b, 0).repeat_interleave(b, 1)
+
+
+def block_mask(scores: torch.Tensor, b: int, sparsity: float, group: str = "row") -> torch.Tensor:
+    """Prune whole ``b x b`` tiles with the lowest summed score, per row of tiles or per matrix."""
+    return expand_tiles(unstructured_mask(tile_scores(scores, b), sparsity, group), b)
+
+
+def build_mask(scores: torch.Tensor, pattern: Pattern, sparsity: float, group: str = "row") -> torch.Tensor:
+    """The single entry point: scores + pattern (+ sparsity, comparison group) -> prune mask."""
+    if pattern.kind == "nm":
+        return nm_mask(scores, pattern.n, pattern.m)
+    if pattern.kind == "block":
+        return block_mask(scores, pattern.block, sparsity, group)
+    return unstructured_mask(scores, sparsity, group)
+
+
+def check_nm(weight: torch.Tensor, n: int, m: int) -> int:
+    """Number of N:M groups of ``weight`` (out, in) holding more than ``n`` non-zeros (0 means valid)."""
+    rows, cols = weight.shape
+    nonzero = (weight.reshape(rows, cols // m, m) != 0).sum(-1)
+    return int((nonzero > n).sum())
+
+
+def check_tiles(mask: torch.Tensor, b: int) -> int:
+    """Number of ``b x b`` tiles of a prune mask that are only partly pruned (0 means valid)."""
+    rows, cols = mask.shape
+    pruned = mask.reshape(rows // b, b, cols // b, b).sum(dim=(1, 3))
+    return int(((pruned > 0) & (pruned < b * b)).sum())

@@ -1,0 +1,50 @@
+"""Tiny random models of every supported family, built from a config: no files, seconds to run."""
+
+import pytest
+import torch
+import transformers as tf
+
+FAMILIES = ["llama", "qwen2", "mistral", "gemma", "gemma3", "opt", "gpt2", "phi"]
+VOCAB = 128
+
+
+def tiny_config(family: str):
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=256)
+    if family == "llama":  # grouped-query attention: 4 query heads share 2 key/value heads
+        return tf.LlamaConfig(**common, num_key_value_heads=2)
+    if family == "qwen2":
+        return tf.Qwen2Config(**common, num_key_value_heads=2)
+    if family == "mistral":
+        return tf.MistralConfig(**common, num_key_value_heads=2, sliding_window=16)
+    if family == "gemma":
+        return tf.GemmaConfig(**common, num_key_value_heads=1, head_dim=16)
+    if family == "gemma3":  # per-layer masks and rotary tables: one sliding, one full attention layer
+        return tf.Gemma3TextConfig(**common, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                                   layer_types=["sliding_attention", "full_attention"])
+    if family == "opt":
+        return tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64)
+    if family == "gpt2":  # Conv1D weights, stored (in, out)
+        return tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    if family == "phi":  # attention and MLP read the same normalised input (parallel block)
+        return tf.PhiConfig(**common)
+    raise ValueError(family)
+
+
+def tiny_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    config = tiny_config(family)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def calib_ids():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, VOCAB, (6, 32), generator=g)

@@ -1,0 +1,115 @@
+import json
+
+import pytest
+import torch
+import transformers as tf
+
+from secateurs.cli import main
+
+SENTENCES = ["the cat sat on the mat.", "a dog ran in the park.", "birds sing at dawn.",
+             "rain falls on the old roof.", "the river runs to the sea."]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama with a real (trained) byte-level BPE tokenizer, saved as a local model folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+
+    root = tmp_path_factory.mktemp("tiny")
+    text = " ".join(SENTENCES[i % 5] for i in range(3000))
+    (root / "train.txt").write_text(text)
+    (root / "test.txt").write_text(" ".join(SENTENCES[(i * 3) % 5] for i in range(600)))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(root / "model")
+    fast.save_pretrained(root / "model")
+    return root
+
+
+def args(tiny_dir, *extra):
+    return ["--model", str(tiny_dir / "model"), "--quiet", "--calib-data", str(tiny_dir / "train.txt"),
+            "--calib-samples", "4", "--calib-seqlen", "32", "--eval-data", str(tiny_dir / "test.txt"),
+            "--eval-seqlen", "32", "--eval-windows", "3", *extra]
+
+
+def test_prune_writes_model_and_report(tiny_dir, tmp_path, capsys):
+    out, report = tmp_path / "pruned", tmp_path / "report.json"
+    code = main(["prune", *args(tiny_dir, "--method", "sparsegpt", "--pattern", "2:4", "--output", str(out),
+                                "--report", str(report))])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "dense perplexity" in printed and "measured sparsity 0.5000" in printed
+    r = json.loads(report.read_text())
+    for key in ("dense_perplexity", "perplexity", "sparsity", "prune_seconds", "peak_rss_bytes", "per_layer",
+                "zero_params", "nonzero_params", "total_params", "config", "seed", "versions", "stage"):
+        assert key in r, key
+    assert r["sparsity"] == pytest.approx(0.5) and r["stage"] == "complete" and r["config"]["pattern"] == "2:4"
+    assert len(r["per_layer"]) == 14 and r["zero_params"] + r["nonzero_params"] == r["total_params"]
+    assert r["dense_perplexity"] > 1 and r["perplexity"] > 1
+    model = tf.AutoModelForCausalLM.from_pretrained(out)  # plain transformers
+    assert (model.model.layers[1].mlp.down_proj.weight == 0).float().mean() == 0.5
+    assert (out / "secateurs_report.json").is_file() and (out / "secateurs_recipe.yaml").is_file()
+
+
+def test_eval_and_compare(tiny_dir, tmp_path, capsys):
+    assert main(["eval", "--model", str(tiny_dir / "model"), "--quiet", "--data", str(tiny_dir / "test.txt"),
+                 "--eval-seqlen", "32", "--eval-windows", "2"]) == 0
+    assert "perplexity:" in capsys.readouterr().out
+    md, js = tmp_path / "t.md", tmp_path / "t.json"
+    code = main(["compare", *args(tiny_dir, "--methods", "magnitude,wanda", "--sparsities", "0.5,2:4",
+                                  "--markdown", str(md), "--report", str(js))])
+    assert code == 0
+    table = json.loads(js.read_text())
+    assert [(r["method"], r["setting"]) for r in table["rows"]] == [
+        ("magnitude", "0.5"), ("magnitude", "2:4"), ("wanda", "0.5"), ("wanda", "2:4")]
+    assert all(abs(r["sparsity"] - 0.5) < 1e-3 for r in table["rows"])
+    text = md.read_text()
+    assert text.startswith("| method | 0.5 | 2:4 |") and "| dense |" in text and "| wanda |" in text
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sparsity", "1.5"], "sparsity must be in [0, 1)"),
+    (["--pattern", "4:4"], "N < M"),
+    (["--pattern", "2:4", "--sparsity", "0.7"], "contradicts pattern 2:4"),
+    (["--method", "obs"], "unknown 'obs'"),
+    (["--pattern", "block:48"], "does not tile"),
+    (["--pattern", "3:6"], "not divisible by M=6"),
+    (["--calib-samples", "5000"], "too little calibration text"),
+    (["--calib-data", "/nonexistent/calib.txt"], "does not exist"),
+])
+def test_bad_input_is_one_line_exit_2_and_no_output(tiny_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    code = main(["prune", *args(tiny_dir, *extra), "--output", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("secateurs: error:") and message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_unreadable_model_and_existing_output(tiny_dir, tmp_path, capsys):
+    code = main(["prune", "--model", str(tmp_path / "nowhere"), "--quiet", "--output", str(tmp_path / "o")])
+    assert code == 2 and "cannot load model" in capsys.readouterr().err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    code = main(["prune", *args(tiny_dir, "--method", "magnitude"), "--output", str(tmp_path / "busy")])
+    assert code == 2 and "not empty" in capsys.readouterr().err
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+
+
+def test_crash_while_saving_leaves_no_output(tiny_dir, tmp_path, monkeypatch):
+    def boom(self, *a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tf.PreTrainedModel, "save_pretrained", boom)
+    with pytest.raises(OSError, match="disk full"):
+        main(["prune", *args(tiny_dir, "--method", "magnitude", "--no-eval"), "--output", str(tmp_path / "o")])
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,81 @@
+import json
+
+import pytest
+
+from secateurs.config import ConfigError, EvalConfig, LayerRule, PruneConfig, Recipe
+
+
+def test_defaults_follow_the_papers():
+    c = PruneConfig()
+    assert (c.method, c.sparsity, c.pattern, c.group) == ("wanda", 0.5, "unstructured", "row")
+    assert (c.calib_samples, c.calib_seqlen, c.propagate) == (128, 2048, "pruned")
+    assert PruneConfig(method="magnitude").group == "layer"
+    assert PruneConfig(method="sparsegpt").needs_calibration and not PruneConfig(method="magnitude").needs_calibration
+
+
+def test_nm_implies_sparsity():
+    assert PruneConfig(pattern="2:4").sparsity == 0.5
+    assert PruneConfig(pattern="1:4").sparsity == 0.75
+    assert PruneConfig(pattern="2:4", sparsity=0.5).pattern == "2:4"
+    with pytest.raises(ConfigError, match="contradicts pattern 2:4"):
+        PruneConfig(pattern="2:4", sparsity=0.6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(sparsity=1.0), r"sparsity must be in \[0, 1\)"),
+    (dict(sparsity=-0.1), r"sparsity must be in \[0, 1\)"),
+    (dict(method="obc"), "unknown 'obc'"),
+    (dict(pattern="4:4"), "pattern"),
+    (dict(pattern="block:0"), "pattern"),
+    (dict(method="sparsegpt", group="global"), "not offered by sparsegpt"),
+    (dict(method="wanda", threshold=0.1), "magnitude-only"),
+    (dict(method="wanda", group="global", propagate="pruned"), "needs propagate=dense"),
+    (dict(layer_sparsity=["mlp=1.5"]), r"\[0, 1\)"),
+    (dict(layer_sparsity=["mlp"]), "REGEX=S"),
+    (dict(pattern="2:4", layer_sparsity=["mlp=0.3"]), "N:M"),
+    (dict(include=["(unclosed"]), "bad regex"),
+    (dict(calib_samples=0), "calib_samples"),
+    (dict(method="sparsegpt", percdamp=0), "percdamp"),
+])
+def test_validation_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        PruneConfig(**kwargs)
+
+
+def test_layer_rules_and_scope():
+    c = PruneConfig(sparsity=0.5, layer_sparsity=["blocks:0-4=0.3", r"mlp\.down_proj=0.7", "blocks:2=0.1"])
+    assert c.sparsity_for("model.layers.1.self_attn.q_proj", 1) == 0.3
+    assert c.sparsity_for("model.layers.2.self_attn.q_proj", 2) == 0.1
+    assert c.sparsity_for("model.layers.3.mlp.down_proj", 3) == 0.7  # last matching rule wins
+    assert c.sparsity_for("model.layers.9.mlp.up_proj", 9) == 0.5
+    assert LayerRule.parse("blocks:5-9=0.6") == LayerRule(0.6, blocks=(5, 9))
+    c = PruneConfig(include=["attention"], exclude=[r"\.v_proj$"])
+    assert c.selects("model.layers.0.self_attn.q_proj", "attention")
+    assert not c.selects("model.layers.0.self_attn.v_proj", "attention")
+    assert not c.selects("model.layers.0.mlp.up_proj", "mlp")
+    assert PruneConfig(include=[r"layers\.1\."]).selects("model.layers.1.mlp.up_proj", "mlp")
+
+
+def test_json_yaml_round_trip(tmp_path):
+    c = PruneConfig(method="sparsegpt", pattern="4:8", layer_sparsity=[], include=["mlp"], calib_samples=16)
+    assert PruneConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    recipe = Recipe([c, c.override(include=["attention"])], EvalConfig(windows=4))
+    for suffix in (".yaml", ".json"):
+        path = tmp_path / f"r{suffix}"
+        recipe.save(path)
+        assert Recipe.load(path).to_dict() == recipe.to_dict()
+
+
+def test_recipe_stages_and_overrides(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("method: wanda\ncalib_samples: 8\nstages:\n  - {include: [attention], sparsity: 0.4}\n"
+                    "  - {include: [mlp], sparsity: 0.6, method: sparsegpt}\neval: {windows: 2}\n")
+    r = Recipe.load(path, overrides={"calib_seqlen": 64})
+    assert [(s.method, s.include, s.sparsity, s.calib_seqlen) for s in r.stages] == [
+        ("wanda", ["attention"], 0.4, 64), ("sparsegpt", ["mlp"], 0.6, 64)]
+    assert r.eval.windows == 2
+    path.write_text("method: wanda\nsparsty: 0.5\n")
+    with pytest.raises(ConfigError, match="unknown config field"):
+        Recipe.load(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        Recipe.load(tmp_path / "missing.yaml")

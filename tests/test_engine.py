@@ -1,0 +1,149 @@
+import pytest
+import torch
+import transformers as tf
+
+from conftest import FAMILIES, tiny_model
+from secateurs import PruneConfig, prune
+from secateurs.engine import capture_inputs, make_plan
+from secateurs.engine.sequential import run_block
+from secateurs.models import ArchitectureError, find_blocks, find_linears, role_of, weight_of
+from secateurs.patterns import check_nm
+
+BLOCKS = {"llama": "model.layers", "qwen2": "model.layers", "mistral": "model.layers", "gemma": "model.layers",
+          "gemma3": "model.layers", "opt": "model.decoder.layers", "gpt2": "transformer.h", "phi": "model.layers"}
+
+
+def test_find_blocks_every_family(family):
+    model = tiny_model(family)
+    name, blocks = find_blocks(model)
+    assert name == BLOCKS[family] and len(blocks) == 2
+    linears = find_linears(blocks[0])
+    assert len(linears) >= 4
+    assert {role_of(n) for n in linears} == {"attention", "mlp"}
+
+
+def test_no_blocks_is_a_clear_error():
+    with pytest.raises(ArchitectureError, match="no repeated blocks"):
+        find_blocks(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+@torch.no_grad()
+def test_captured_calls_reproduce_the_dense_forward(family, calib_ids):
+    """Walking the blocks with the captured per-block arguments gives the model's own hidden states."""
+    model = tiny_model(family)
+    _, blocks = find_blocks(model)
+    hidden, calls = capture_inputs(model, blocks, calib_ids, batch_size=4)
+    assert [h.shape[0] for h in hidden] == [4, 2]
+    ref = model(calib_ids, output_hidden_states=True, use_cache=False).hidden_states
+    h = hidden
+    for i, block in enumerate(blocks[:-1]):  # the last entry of hidden_states has the final norm applied
+        h = run_block(block, h, calls[i], "cpu", keep=True)
+        assert torch.allclose(torch.cat(h), ref[i + 1], atol=1e-5), f"block {i}"
+
+
+@pytest.mark.parametrize("method, pattern", [("magnitude", "unstructured"), ("wanda", "unstructured"),
+                                             ("sparsegpt", "unstructured"), ("wanda", "2:4"),
+                                             ("sparsegpt", "4:8"), ("sparsegpt", "block:8")])
+def test_prune_every_family(family, method, pattern, calib_ids, tmp_path):
+    model = tiny_model(family)
+    cfg = PruneConfig(method=method, pattern=pattern, batch_size=4)
+    x = torch.randint(0, 128, (1, 16))
+    embeddings = model.get_input_embeddings().weight.clone()
+    head = model.get_output_embeddings().weight.clone()
+    result = prune(model, cfg, calib_ids, progress=False)
+    _, blocks = find_blocks(model)
+    expected = {n for i, b in enumerate(blocks) for n in find_linears(b, f"{BLOCKS[family]}.{i}.")}
+    assert set(result.per_layer) == expected
+    for name, module in model.named_modules():
+        if name in expected:
+            W = weight_of(module)
+            assert abs((W == 0).float().mean().item() - 0.5) <= 1 / W.shape[1] + 1e-6, name
+            if pattern != "unstructured" and ":" in pattern and not pattern.startswith("block"):
+                n, m = map(int, pattern.split(":"))
+                assert check_nm(W, n, m) == 0
+    assert abs(result.sparsity - 0.5) < 0.01
+    # embeddings and head untouched, output shape intact
+    assert torch.equal(model.get_input_embeddings().weight, embeddings)
+    assert torch.equal(model.get_output_embeddings().weight, head)
+    logits = model(x).logits
+    assert logits.shape == (1, 16, 128) and torch.isfinite(logits).all()
+    model.save_pretrained(tmp_path)
+    again = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(again(x).logits, logits)
+
+
+def test_global_magnitude_ranks_across_layers():
+    model = tiny_model("llama")
+    with torch.no_grad():  # make block 1 tiny: a global ranking must take most of its weights
+        for m in find_linears(find_blocks(model)[1][1]).values():
+            m.weight.mul_(0.01)
+    result = prune(model, PruneConfig(method="magnitude", group="global", sparsity=0.5), progress=False)
+    by_block = {}
+    for r in result.layers:
+        by_block.setdefault(r.block, []).append(r)
+    frac = {b: sum(r.zeros for r in rs) / sum(r.numel for r in rs) for b, rs in by_block.items()}
+    assert frac[1] > 0.95 and frac[0] < 0.05
+    assert abs(result.sparsity - 0.5) < 1e-3
+
+
+def test_global_wanda_and_threshold(calib_ids):
+    model = tiny_model("qwen2")
+    r = prune(model, PruneConfig(method="wanda", group="global", sparsity=0.4, batch_size=3), calib_ids,
+              progress=False)
+    assert abs(r.sparsity - 0.4) < 1e-3 and r.configs[0].propagate == "dense"
+    model = tiny_model("qwen2")
+    r = prune(model, PruneConfig(method="magnitude", threshold=0.01), progress=False)
+    for name, module in model.named_modules():
+        if name in r.per_layer:
+            W = weight_of(module)
+            assert W[W != 0].abs().min() >= 0.01
+    assert 0 < r.sparsity < 1
+
+
+def test_scope_and_layer_sparsity(calib_ids):
+    model = tiny_model("llama")
+    cfg = PruneConfig(method="wanda", include=["mlp"], layer_sparsity=["blocks:1=0.75", r"down_proj=0.25"])
+    r = prune(model, cfg, calib_ids, progress=False)
+    assert all(role_of(n) == "mlp" for n in r.per_layer)
+    assert r.per_layer["model.layers.0.mlp.up_proj"] == 0.5
+    assert r.per_layer["model.layers.1.mlp.up_proj"] == 0.75
+    assert r.per_layer["model.layers.1.mlp.down_proj"] == 0.25
+    assert (model.model.layers[0].self_attn.q_proj.weight == 0).sum() == 0
+
+
+def test_propagate_and_true_sequential_change_results(calib_ids):
+    def run(**kw):
+        model = tiny_model("llama")
+        prune(model, PruneConfig(method="sparsegpt", **kw), calib_ids, progress=False)
+        return model.model.layers[1].mlp.down_proj.weight.clone(), model.model.layers[0].mlp.down_proj.weight.clone()
+
+    base1, base0 = run()
+    dense1, dense0 = run(propagate="dense")
+    seq1, seq0 = run(true_sequential=True)
+    # block 0 sees identical inputs either way; block 1 sees dense vs pruned outputs of block 0
+    assert torch.equal(base0, dense0) and not torch.equal(base1, dense1)
+    # true-sequential re-observes down_proj's input after up/gate were pruned: block 0 differs already
+    assert not torch.equal(base0, seq0)
+
+
+def test_wanda_needs_calibration():
+    with pytest.raises(ValueError, match="needs calibration data"):
+        prune(tiny_model("llama"), PruneConfig(method="wanda"), None, progress=False)
+
+
+def test_pattern_that_does_not_tile_is_refused_before_pruning():
+    model = tiny_model("gpt2")
+    before = model.transformer.h[0].mlp.c_fc.weight.clone()
+    with pytest.raises(ValueError, match="does not tile"):
+        make_plan(model, PruneConfig(method="magnitude", pattern="block:48"))
+    assert torch.equal(model.transformer.h[0].mlp.c_fc.weight, before)
+
+
+def test_multi_stage_recipe(calib_ids):
+    model = tiny_model("llama")
+    stages = [PruneConfig(method="wanda", include=["attention"], sparsity=0.25),
+              PruneConfig(method="sparsegpt", include=["mlp"], sparsity=0.75)]
+    r = prune(model, stages, calib_ids, progress=False)
+    assert {round(v, 4) for n, v in r.per_layer.items() if role_of(n) == "attention"} == {0.25}
+    assert {round(v, 4) for n, v in r.per_layer.items() if role_of(n) == "mlp"} == {0.75}
+    assert r.stage == "complete" and "calibrating" in r.stage_seconds

