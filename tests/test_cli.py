@@ -113,3 +113,34 @@ def test_crash_while_saving_leaves_no_output(tiny_dir, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         main(["prune", *args(tiny_dir, "--method", "magnitude", "--no-eval"), "--output", str(tmp_path / "o")])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_recipe_with_stages_and_eval_section(tiny_dir, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: wanda\nstages:\n  - {include: [attention], sparsity: 0.25}\n"
+                      "  - {include: [mlp], method: sparsegpt, pattern: '4:8'}\neval: {windows: 2, seqlen: 16}\n")
+    report = tmp_path / "r.json"
+    code = main(["prune", "--model", str(tiny_dir / "model"), "--quiet", "--calib-data", str(tiny_dir / "train.txt"),
+                 "--calib-samples", "4", "--calib-seqlen", "32", "--eval-data", str(tiny_dir / "test.txt"),
+                 "--recipe", str(recipe), "--output", str(tmp_path / "o"), "--report", str(report)])
+    assert code == 0
+    r = json.loads(report.read_text())
+    assert [c["method"] for c in r["config"]] == ["wanda", "sparsegpt"]
+    assert r["eval"]["windows"] == 2 and r["eval"]["seqlen"] == 16 and r["eval"]["data"].endswith("test.txt")
+    attn = {v for k, v in r["per_layer"].items() if "self_attn" in k}
+    mlp = {v for k, v in r["per_layer"].items() if ".mlp." in k}
+    assert attn == {0.25} and mlp == {0.5}
+    saved = (tmp_path / "o" / "secateurs_recipe.yaml").read_text()
+    assert "stages:" in saved and "4:8" in saved
+
+
+def test_model_without_blocks_is_refused(tiny_dir, tmp_path, capsys):
+    folder = tmp_path / "flat"
+    config = tf.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=0,
+                            num_attention_heads=4, num_key_value_heads=2)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tf.AutoTokenizer.from_pretrained(tiny_dir / "model").save_pretrained(folder)
+    code = main(["prune", *args(tiny_dir, "--method", "magnitude", "--no-eval"), "--model", str(folder),
+                 "--output", str(tmp_path / "o")])
+    assert code == 2 and "no repeated blocks" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

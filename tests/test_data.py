@@ -58,3 +58,37 @@ def test_local_files(tmp_path):
         load_text(str(tmp_path / "c.jsonl"), "train")
     with pytest.raises(DataError, match="does not exist"):
         load_text(str(tmp_path / "missing.txt"), "train")
+
+
+def test_eval_windows_with_bos():
+    ids = torch.arange(10, 60)
+    w = eval_windows(ids, 10, bos=1)
+    assert all(x[0, 0] == 1 and x.shape == (1, 10) for x, _ in w)
+    assert torch.equal(w[1][0][0, 1:], torch.arange(19, 28)) and len(w) == 5
+    s = eval_windows(ids, 10, stride=5, bos=1)
+    assert s[1][1] == 5 and torch.equal(s[1][0][0, 1:], torch.arange(15, 24))
+
+
+def test_bos_follows_the_tokenizer():
+    from types import SimpleNamespace
+
+    from secateurs.data.text import bos_id
+
+    class Tok:
+        def __init__(self, bos, adds):
+            self.bos_token_id, self.adds = bos, adds
+
+        def __call__(self, text):
+            return SimpleNamespace(input_ids=([self.bos_token_id] if self.adds else []) + [9])
+
+    assert bos_id(Tok(5, True)) == 5
+    assert bos_id(Tok(5, False)) is None
+    assert bos_id(Tok(None, False)) is None
+
+
+def test_datasets_names_need_the_datasets_package(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    with pytest.raises(DataError, match="pip install datasets"):
+        load_text("wikitext", "train")

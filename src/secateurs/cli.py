@@ -35,10 +35,10 @@ def _add_model(p):
 
 
 def _add_eval(p, data_flag="--eval-data"):
-    p.add_argument(data_flag, dest="eval_data", default="enwiki", help="evaluation data (test split): enwiki, "
+    p.add_argument(data_flag, dest="eval_data", default=None, help="evaluation data (test split): enwiki, "
                    "a .txt/.jsonl file or a datasets name (default: enwiki)")
-    p.add_argument("--eval-seqlen", type=int, default=1024)
-    p.add_argument("--eval-windows", type=int, default=16, help="number of windows; 0 = the whole split (default 16)")
+    p.add_argument("--eval-seqlen", type=int, default=None, help="tokens per window (default 1024)")
+    p.add_argument("--eval-windows", type=int, default=None, help="number of windows; 0 = the whole split (default 16)")
     p.add_argument("--eval-stride", type=int, default=None, help="window stride (default: seqlen, no overlap)")
 
 
@@ -110,11 +110,17 @@ def _overrides(args) -> dict:
     return out
 
 
-def _eval_config(args):
+def _eval_config(args, base=None):
+    """Evaluation settings: command-line flags over the recipe's ``eval`` section over the defaults."""
+    from dataclasses import replace
+
     from .config import EvalConfig
 
-    return EvalConfig(data=args.eval_data, seqlen=args.eval_seqlen, windows=args.eval_windows or None,
-                      stride=args.eval_stride)
+    flags = {"data": args.eval_data, "seqlen": args.eval_seqlen, "stride": args.eval_stride}
+    changes = {k: v for k, v in flags.items() if v is not None}
+    if args.eval_windows is not None:
+        changes["windows"] = args.eval_windows or None
+    return replace(base or EvalConfig(), **changes)
 
 
 def _load(args):
@@ -129,15 +135,15 @@ def _load(args):
 
 def cmd_prune(args) -> int:
     from . import api
-    from .config import EvalConfig, PruneConfig, Recipe
+    from .config import PruneConfig, Recipe
     from .data import load_text, tokenize
     from .models import save_model
     from .progress import Stage, Tracker
 
     overrides = _overrides(args)
     recipe = Recipe.load(args.recipe, overrides) if args.recipe else Recipe([PruneConfig.from_dict(overrides)])
-    eval_config = None if args.no_eval else _eval_config(args)
-    recipe.eval = eval_config or EvalConfig()
+    recipe.eval = _eval_config(args, recipe.eval)
+    eval_config = None if args.no_eval else recipe.eval
     output = Path(args.output)
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         raise FileExistsError(f"output folder {args.output!r} exists and is not empty (use --overwrite)")

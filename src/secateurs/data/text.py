@@ -167,17 +167,35 @@ def calibration_windows(ids: torch.Tensor, samples: int, seqlen: int, seed: int)
     return torch.stack([ids[s : s + seqlen] for s in starts])
 
 
-def eval_windows(ids: torch.Tensor, seqlen: int, windows: "int | None" = None, stride: "int | None" = None):
+def bos_id(tokenizer) -> "int | None":
+    """The BOS id if this tokenizer puts one in front of every text by default (Gemma, Llama 2...), else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a").input_ids
+    return bos if ids and ids[0] == bos else None
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, windows: "int | None" = None, stride: "int | None" = None,
+                 bos: "int | None" = None):
     """Windows for perplexity: ``[(input_ids (1, L), n_context)]``; the first ``n_context`` tokens of each
-    window are context only (not scored).  Non-overlapping by default (``stride = seqlen``)."""
+    window are context only (not scored).  Non-overlapping by default (``stride = seqlen``).
+
+    With ``bos`` (models whose tokenizer starts every text with BOS), every window starts with BOS followed
+    by ``seqlen - 1`` text tokens, as the model saw text in training; ``ids`` must then hold no BOS.
+    """
     stride = stride or seqlen
     if not 0 < stride <= seqlen:
         raise DataError(f"eval stride must be in 1..seqlen ({seqlen}), got {stride}")
-    if len(ids) < seqlen:
+    body = seqlen - (bos is not None)
+    stride = min(stride, body)
+    if len(ids) < body:
         raise DataError(f"too little evaluation text: {len(ids)} tokens for one window of {seqlen}")
+    prefix = torch.tensor([bos], dtype=ids.dtype) if bos is not None else ids[:0]
     out = []
-    for start in range(0, len(ids) - seqlen + 1, stride):
-        out.append((ids[start : start + seqlen].unsqueeze(0), 0 if start == 0 else seqlen - stride))
+    for start in range(0, len(ids) - body + 1, stride):
+        window = torch.cat([prefix, ids[start : start + body]]).unsqueeze(0)
+        out.append((window, 0 if start == 0 else len(prefix) + body - stride))
         if windows is not None and len(out) == windows:
             break
     return out

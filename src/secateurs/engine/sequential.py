@@ -59,16 +59,17 @@ class LayerRecord:
 # --------------------------------------------------------------------------- statistics
 
 
-def gram_lower_(H: torch.Tensor, x: torch.Tensor, chunk: int = 384) -> None:
+def gram_lower_(H: torch.Tensor, x: torch.Tensor, target_chunk: int = 300) -> None:
     """``H += x^T x`` for ``x`` (tokens, in), computing only the chunk pairs on or below the diagonal.
 
-    ``x^T x`` is symmetric, so the strictly upper chunk pairs are skipped (about 40% of the work for wide
-    inputs) and filled in once by :func:`mirror_lower`.
+    ``x^T x`` is symmetric, so the strictly upper chunk pairs are skipped (up to ~40% of the work for
+    wide inputs) and filled in once by :func:`mirror_lower`.  The width is cut into equal chunks of about
+    ``target_chunk`` columns: smaller ones make the matrix products less efficient on a CPU.
     """
     n = x.shape[1]
+    chunk = -(-n // max(1, round(n / target_chunk)))  # ceil(n / number of chunks)
     for i in range(0, n, chunk):
-        xi = x[:, i : i + chunk]
-        H[i : i + chunk, : i + chunk].addmm_(xi.t(), x[:, : i + chunk])
+        H[i : i + chunk, : i + chunk].addmm_(x[:, i : i + chunk].t(), x[:, : i + chunk])
 
 
 def mirror_lower(H: torch.Tensor) -> torch.Tensor:

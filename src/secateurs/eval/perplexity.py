@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import eval_windows, load_text, tokenize
+from ..data.text import bos_id
 
 
 @torch.no_grad()
@@ -30,7 +31,10 @@ def perplexity(model, tokenizer=None, config=None, ids: "torch.Tensor | None" = 
     config = config or EvalConfig()
     if ids is None:
         ids = tokenize(tokenizer, load_text(config.data, "test"))
-    windows = eval_windows(ids, config.seqlen, config.windows, config.stride)
+    bos = bos_id(tokenizer) if tokenizer is not None else None
+    if bos is not None and len(ids) and ids[0] == bos:
+        ids = ids[1:]  # every window gets its own BOS instead
+    windows = eval_windows(ids, config.seqlen, config.windows, config.stride, bos=bos)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

@@ -9,7 +9,8 @@ inverse Hessian of the remaining columns never has to be recomputed.  Updates ar
 blocks of ``blocksize`` columns (two matrix products per block instead of one outer product per column).
 
 Mask selection is adaptive: at the start of every block the ``sparsity`` fraction of weights with the
-lowest ``w^2 / diag(H^-1)^2`` inside that block is chosen; for N:M the choice is made every M columns,
+lowest saliency ``w_q^2 / [H_F^-1]_qq = (w_q / U_qq)^2`` inside that block is chosen (``F`` the columns not
+yet visited, ``U`` the Cholesky factor); for N:M the choice is made every M columns,
 per row, from the weights already updated by earlier columns, as in the paper.  ``block:B`` tiles are
 chosen the same way as unstructured weights, with the scores summed over each tile.
 """
@@ -20,7 +21,7 @@ import logging
 
 import torch
 
-from ..patterns import Pattern, lowest_k_mask, nm_mask, tile_scores, expand_tiles
+from ..patterns import Pattern, expand_tiles, lowest_k_mask, tile_scores
 from .base import InputStats, LayerTarget, Method, register
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def sparsegpt_prune(
     elif pattern.kind == "block":
         blocksize = max(pattern.block, blocksize - blocksize % pattern.block)
 
+    sub = max(pattern.m, 16 - 16 % pattern.m) if pattern.kind == "nm" else 16  # N:M groups never straddle
     mask = torch.zeros_like(W, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -88,26 +90,34 @@ def sparsegpt_prune(
         Err1 = torch.zeros_like(W1)
         U1 = Hinv[i1:i2, i1:i2]
         d = torch.diag(U1)
+        d2 = (d * d).unsqueeze(1)  # [H_F^-1]_qq as a column, (count, 1)
 
         if pattern.kind == "nm":
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         else:
-            score = W1**2 / d.unsqueeze(1) ** 2  # OBS saliency w_q^2 / [H_F^-1]_qq, with [H_F^-1]_qq = U_qq^2
+            score = W1**2 / d2  # OBS saliency w_q^2 / [H_F^-1]_qq, with [H_F^-1]_qq = U_qq^2
             mask1 = torch.cat([_select(part, pattern, frac) for part, frac in
                                zip(score.split([r for r, _ in segments], dim=1), (f for _, f in segments))], dim=1)
         # err_q = w_q / [H^-1]_qq for pruned weights, 0 for kept ones: scale = mask / d
         scale = mask1 / d.unsqueeze(1)
 
-        for i in range(count):
-            if pattern.kind == "nm" and i % pattern.m == 0:
-                # choose this group's mask now, from weights already updated by the columns before it
-                j = slice(i, i + pattern.m)
-                group = W1[j] ** 2 / d[j].unsqueeze(1) ** 2  # (m, rows)
-                mask1[j] = nm_mask(group.t(), pattern.n, pattern.m).t()
-                scale[j] = mask1[j] / d[j].unsqueeze(1)
-            torch.mul(W1[i], scale[i], out=Err1[i])
-            # remove w_q and spread its error over the block's later columns: W1[i:] -= U1[i, i:]^T err
-            W1[i:].addr_(U1[i, i:], Err1[i], alpha=-1)
+        # Inside the block the same laziness applies once more: rank-1 updates stay within a sub-block of
+        # `sub` columns, and one matrix product carries the sub-block's errors to the rest of the block.
+        for s1 in range(0, count, sub):
+            s2 = min(s1 + sub, count)
+            for i in range(s1, s2):
+                if pattern.kind == "nm" and i % pattern.m == 0:
+                    # choose this group's mask now, from weights already updated by the columns before it
+                    j = slice(i, i + pattern.m)
+                    saliency = W1[j] ** 2 / d2[j]  # (m, rows)
+                    order = torch.argsort(saliency, dim=0, stable=True)[: pattern.m - pattern.n]
+                    mask1[j] = torch.zeros_like(mask1[j]).scatter_(0, order, True)
+                    scale[j] = mask1[j] / d[j].unsqueeze(1)
+                torch.mul(W1[i], scale[i], out=Err1[i])
+                # remove w_q and spread its error over the sub-block's later columns
+                W1[i:s2].addr_(U1[i, i:s2], Err1[i], alpha=-1)
+            if s2 < count:
+                W1[s2:].addmm_(U1[s1:s2, s2:].t(), Err1[s1:s2], alpha=-1)
 
         W1.masked_fill_(mask1, 0)  # exact zeros (the update leaves rounding residue on pruned weights)
         W[:, i1:i2] = W1.t()

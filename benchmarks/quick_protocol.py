@@ -1,0 +1,149 @@
+"""The standard quick benchmark protocol (shared/DATA.md) on the built-in model.
+
+    python benchmarks/quick_protocol.py                 # every run below, ~25 min on 2 CPU cores
+    python benchmarks/quick_protocol.py --runs wanda:0.5,sparsegpt:2:4
+
+Protocol: SmolLM2-135M (built-in), fp32, torch.set_num_threads(2), seed 0; calibration = 32 windows of 512
+tokens from enwiki train (random.seed(0), start = randint(0, len - 513)); evaluation = the first 16
+non-overlapping 1024-token windows of enwiki test; every nn.Linear inside the decoder blocks is pruned.
+
+Each run is a fresh subprocess so that its peak RSS is its own.  In the same process it also times one plain
+dense forward of the model over the same calibration tokens (same batch size as pruning) and reports
+``prune_seconds / dense_forward_seconds``.  Results go to ``benchmarks/results/quick_protocol.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RUNS = ["dense", "magnitude:0.5", "wanda:0.5", "sparsegpt:0.5", "magnitude:2:4", "wanda:2:4", "sparsegpt:2:4",
+        "magnitude:4:8", "wanda:4:8", "sparsegpt:4:8"]
+REFERENCE = {  # the official reference code (Wanda's repository), CPU, same protocol -- from the issue
+    "dense": 17.95, "magnitude:0.5": 371.5, "wanda:0.5": 40.81, "sparsegpt:0.5": 36.35, "wanda:2:4": 140.8,
+    "sparsegpt:2:4": 67.16}
+REFERENCE_RATIO = {"wanda:0.5": 1.9, "sparsegpt:0.5": 3.4, "wanda:2:4": 1.9, "sparsegpt:2:4": 3.4}
+TARGET_RATIO = {"wanda": 1.6, "sparsegpt": 2.0}
+CALIB_SAMPLES, CALIB_SEQLEN, BATCH = 32, 512, 8
+
+
+def one(run: str) -> dict:
+    import torch
+
+    from secateurs import EvalConfig, PruneConfig, calibration_data, evaluate, load_model, prune
+    from secateurs.api import environment
+    from secateurs.data import load_text, tokenize
+    from secateurs.eval import peak_rss_bytes
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model, tok = load_model("smollm2-135m")
+    eval_cfg = EvalConfig(data="enwiki", seqlen=1024, windows=16)
+    eval_ids = tokenize(tok, load_text("enwiki", "test"))
+    row = {"run": run}
+    if run != "dense":
+        method, setting = run.split(":", 1)
+        pattern = "unstructured" if ":" not in setting else setting
+        sparsity = float(setting) if ":" not in setting else None
+        cfg = PruneConfig(method=method, pattern=pattern, sparsity=sparsity, calib_data="enwiki",
+                          calib_samples=CALIB_SAMPLES, calib_seqlen=CALIB_SEQLEN, seed=0, batch_size=BATCH)
+        calib = calibration_data(tok, cfg)
+
+        @torch.no_grad()
+        def dense_forward_seconds() -> float:
+            t = time.perf_counter()
+            for i in range(0, len(calib), BATCH):
+                model(calib[i : i + BATCH], use_cache=False)
+            return time.perf_counter() - t
+
+        with torch.no_grad():
+            model(calib[:1, :64], use_cache=False)  # warm-up
+        before = dense_forward_seconds()
+        result = prune(model, cfg, calib, progress=False)
+        # timed again after pruning (dense kernels: zeros cost the same) to average out machine drift
+        dense_forward = (before + dense_forward_seconds()) / 2
+        row.update(method=method, pattern=cfg.pattern, target_sparsity=cfg.sparsity, sparsity=result.sparsity,
+                   prune_seconds=round(result.prune_seconds, 2), dense_forward_seconds=round(dense_forward, 2),
+                   ratio=round(result.prune_seconds / dense_forward, 3), stage_seconds=result.stage_seconds)
+    row["perplexity"] = evaluate(model, tok, eval_cfg, ids=eval_ids, progress=False)
+    row["peak_rss_bytes"] = peak_rss_bytes()
+    row["model_bytes_fp32"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    row.update(environment())
+    return row
+
+
+def markdown(rows: list[dict], command: str) -> str:
+    env = rows[0]
+    lines = [
+        "# Quick protocol on the built-in model (SmolLM2-135M)",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d')} on {env['machine']['cpu']} ({env['machine']['cores']} cores, "
+        f"torch threads 2), torch {env['versions']['torch']}, transformers {env['versions']['transformers']}, "
+        f"secateurs {env['versions']['secateurs']}.",
+        "",
+        "Calibration 32 x 512 tokens of enwiki train (seed 0); perplexity on the first 16 x 1024-token windows of "
+        "enwiki test; fp32; every linear layer inside the 30 decoder blocks pruned. `ratio` = prune wall time "
+        "(calibration capture to end of pruning) / one plain dense forward of the model over the same "
+        "calibration tokens (batch 8, as pruning), timed in the same process just before and just after pruning "
+        "and averaged. Peak RSS is each run's own process (it includes evaluation).",
+        "",
+        f"Reproduce: `{command}`",
+        "",
+        "| method | pattern | perplexity | reference | sparsity | prune s | dense fwd s | ratio | target ratio | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ref = REFERENCE.get(r["run"])
+        ref_s = f"{ref:.2f}" if ref else "–"
+        rss = r["peak_rss_bytes"] / 2**20
+        if r["run"] == "dense":
+            lines.append(f"| dense | – | {r['perplexity']:.2f} | {ref_s} | 0 | – | – | – | – | {rss:.0f} |")
+            continue
+        tgt = TARGET_RATIO.get(r["method"])
+        lines.append(f"| {r['method']} | {r['pattern']} | {r['perplexity']:.2f} | {ref_s} | {r['sparsity']:.4f} | "
+                     f"{r['prune_seconds']:.1f} | {r['dense_forward_seconds']:.1f} | {r['ratio']:.2f} | "
+                     f"{'≤ ' + str(tgt) if tgt else '–'} | {rss:.0f} |")
+    size = rows[0]["model_bytes_fp32"] / 2**20
+    lines += ["", f"The fp32 model alone is {size:.0f} MiB of parameters.", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default=",".join(RUNS), help="comma list of dense | METHOD:SPARSITY | METHOD:N:M")
+    parser.add_argument("--out", default=str(HERE / "results"), help="folder for quick_protocol.{json,md}")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one)))
+        return 0
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    rows = []
+    for run in runs:
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "--one", run], capture_output=True, text=True)
+        if proc.returncode:
+            sys.stderr.write(proc.stderr)
+            raise SystemExit(f"run {run} failed")
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"{run:>16}: perplexity {row['perplexity']:.3f}"
+              + (f", sparsity {row['sparsity']:.4f}, prune {row['prune_seconds']:.1f} s, ratio {row['ratio']:.2f}"
+                 if "ratio" in row else "") + f", peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB "
+              f"({time.perf_counter() - t:.0f} s)", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/quick_protocol.py" + ("" if args.runs == ",".join(RUNS) else f" --runs {args.runs}")
+    (out / "quick_protocol.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "quick_protocol.md").write_text(markdown(rows, command))
+    print(markdown(rows, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
