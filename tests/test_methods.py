@@ -141,3 +141,11 @@ def test_sparsegpt_dead_inputs_and_damping_retry(caplog):
     with caplog.at_level("WARNING"):
         U = damped_inverse_cholesky(bad, 0.01)
     assert "retrying" in caplog.text and torch.isfinite(U).all()
+
+
+def test_inverse_cholesky_factor():
+    _, H = _hessian(n_in=24)
+    U = damped_inverse_cholesky(H, 0.01)
+    Hd = H + 0.01 * torch.diag(H).mean() * torch.eye(24, dtype=H.dtype)
+    assert torch.equal(U, torch.triu(U))
+    assert torch.allclose(U.t() @ U, torch.linalg.inv(Hd), rtol=1e-8, atol=1e-12)

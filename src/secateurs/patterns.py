@@ -87,9 +87,13 @@ def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     thresh = torch.kthvalue(scores, k, dim=1, keepdim=True).values  # (rows, 1)
     below = scores < thresh
-    need = k - below.sum(1, keepdim=True)  # tied-at-threshold entries still to take
     ties = scores == thresh
-    return below | (ties & (ties.cumsum(1) <= need))
+    need = k - torch.count_nonzero(below, dim=1)  # tied-at-threshold entries each row still takes
+    extra = torch.count_nonzero(ties, dim=1) > need
+    if extra.any():  # more ties than needed in some rows: keep only the lowest-index ones there
+        rows = extra.nonzero().squeeze(1)
+        ties[rows] &= ties[rows].cumsum(1) <= need[rows].unsqueeze(1)
+    return below | ties
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "row") -> torch.Tensor:
@@ -143,8 +147,8 @@ def build_mask(scores: torch.Tensor, pattern: Pattern, sparsity: float, group: s
 def check_nm(weight: torch.Tensor, n: int, m: int) -> int:
     """Number of N:M groups of ``weight`` (out, in) holding more than ``n`` non-zeros (0 means valid)."""
     rows, cols = weight.shape
-    nonzero = (weight.reshape(rows, cols // m, m) != 0).sum(-1)
-    return int((nonzero > n).sum())
+    nonzero = torch.count_nonzero(weight.reshape(rows, cols // m, m), dim=-1)
+    return int(torch.count_nonzero(nonzero > n))
 
 
 def check_tiles(mask: torch.Tensor, b: int) -> int:

@@ -175,7 +175,7 @@ def run_block(block: nn.Module, hidden: list, calls: list, device, keep: bool, o
 
 def verify_layer(name: str, W: torch.Tensor, mask: torch.Tensor, target: LayerTarget, exact_fraction: bool) -> None:
     """Fail loudly unless ``W`` obeys the target: masked weights zero, pattern respected, fraction right."""
-    if (W[mask] != 0).any():
+    if torch.count_nonzero(W * mask):
         raise VerificationError(f"{name}: weights selected for pruning are not zero")
     pattern = target.pattern
     if pattern.kind == "nm" and (bad := check_nm(W, pattern.n, pattern.m)):
@@ -183,7 +183,7 @@ def verify_layer(name: str, W: torch.Tensor, mask: torch.Tensor, target: LayerTa
     if pattern.kind == "block" and (bad := check_tiles(mask, pattern.block)):
         raise VerificationError(f"{name}: {bad} tiles are only partly pruned under {pattern}")
     if exact_fraction and target.group != "global":
-        got = mask.float().mean().item()
+        got = int(torch.count_nonzero(mask)) / mask.numel()
         # every selection rounds down once per comparison group: at most one tile row per output row
         tolerance = (pattern.block or pattern.m or 1) / W.shape[1] + 1e-6
         if abs(got - target.sparsity) > tolerance:
@@ -191,7 +191,8 @@ def verify_layer(name: str, W: torch.Tensor, mask: torch.Tensor, target: LayerTa
 
 
 def record(name: str, block: "int | None", W: torch.Tensor, mask: torch.Tensor, target: "float | None") -> LayerRecord:
-    return LayerRecord(name, block, role_of(name), tuple(W.shape), target, int(mask.sum()), int((W == 0).sum()),
+    zeros = W.numel() - int(torch.count_nonzero(W))
+    return LayerRecord(name, block, role_of(name), tuple(W.shape), target, int(torch.count_nonzero(mask)), zeros,
                        W.numel())
 
 
@@ -293,7 +294,7 @@ def prune_without_data(plan: Plan, method: Method, config, tracker: Tracker) -> 
 @torch.no_grad()
 def apply_mask(name: str, block: "int | None", module: nn.Module, mask: torch.Tensor, target: LayerTarget) -> LayerRecord:
     W = weight_of(module)
-    W[mask.to(W.device)] = 0
+    W.masked_fill_(mask.to(W.device), 0)
     verify_layer(name, W, mask, target, exact_fraction=False)
     return record(name, block, W, mask, None)
 

@@ -21,7 +21,7 @@ def parameter_counts(model) -> dict[str, int]:
     total = zeros = 0
     for p in model.parameters():
         total += p.numel()
-        zeros += int((p == 0).sum())
+        zeros += p.numel() - int(torch.count_nonzero(p))
     return {"total_params": total, "zero_params": zeros, "nonzero_params": total - zeros}
 
 

@@ -67,7 +67,7 @@ class Method:
     def prune(self, W: torch.Tensor, stats: InputStats, target: LayerTarget) -> torch.Tensor:
         """Prune ``W`` in place and return the boolean mask of pruned weights."""
         mask = build_mask(self.scores(W, stats), target.pattern, target.sparsity, target.group)
-        W[mask] = 0
+        W.masked_fill_(mask, 0)
         return mask
 
     def prune_many(self, Ws: list, stats: InputStats, targets: list) -> list:

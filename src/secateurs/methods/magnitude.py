@@ -30,5 +30,5 @@ class Magnitude(Method):
         if self.threshold is None:
             return super().prune(W, stats, target)
         mask = W.abs() < self.threshold
-        W[mask] = 0
+        W.masked_fill_(mask, 0)
         return mask
