@@ -111,6 +111,9 @@ def save_model(model, tokenizer, output: "str | os.PathLike", overwrite: bool = 
         raise FileExistsError(f"output folder {str(output)!r} exists and is not empty (use --overwrite)")
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         model.save_pretrained(tmp)
         if tokenizer is not None:
