@@ -178,3 +178,15 @@ def test_layers_reading_the_same_input_share_statistics(calib_ids):
     st = obs.stats_for("mlp.down_proj")
     assert st.tokens == 6 * 32 and st.hessian.shape == (128, 128)
     assert torch.allclose(st.sq_norms, torch.diag(st.hessian))
+
+
+def test_blocks_after_the_last_pruned_one_are_never_run(calib_ids):
+    model = tiny_model("llama")
+    calls = []
+    model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(lambda m, a: calls.append(1))
+    model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: calls.append(0))
+    r = prune(model, PruneConfig(method="sparsegpt", include=[r"layers\.0\."], batch_size=2), calib_ids,
+              progress=False)
+    assert len(r.layers) == 7 and 1 not in calls
+    # block 0 is observed once (3 batches) and not recomputed: its last layer runs 3 times, not 6
+    assert calls.count(0) == 3

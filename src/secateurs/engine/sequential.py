@@ -318,9 +318,12 @@ def prune_with_data(model: nn.Module, plan: Plan, method: Method, config, input_
     collect_global = config.group == "global"
     records: list[LayerRecord] = []
     scores: dict[str, torch.Tensor] = {}
-    bar = tracker.bar(total=len(plan.blocks))
-    for i, block in enumerate(plan.blocks):
+    last = max(i for i, per_block in enumerate(plan.layers) if per_block)  # nothing after it needs inputs
+    last_watched: dict[frozenset, str] = {}  # blocks are alike: the last layer to run, learnt once per layer set
+    bar = tracker.bar(total=last + 1)
+    for i, block in enumerate(plan.blocks[: last + 1]):
         layers = plan.layers[i]
+        prefix = f"{plan.blocks_name}.{i}."
         block.to(device)
         outs = None
         groups: dict[str, int] = {}
@@ -332,12 +335,18 @@ def prune_with_data(model: nn.Module, plan: Plan, method: Method, config, input_
             # while only observing, the block's output is not needed: stop after the last watched layer
             observer = Observer(watch, method.needs, groups)
             keep = first and dense_outputs
+            key = frozenset(n[len(prefix):] for n in watch)
             try:
-                # the first batch runs whole and reveals the execution order of the watched layers
-                got = run_block(block, hidden[:1], calls[i][:1], device, keep=keep, observer=observer)
-                if not keep and observer.order:
-                    observer.stop_after = observer.order[-1]
-                got += run_block(block, hidden[1:], calls[i][1:], device, keep=keep, observer=observer)
+                if key in last_watched and not keep:
+                    observer.stop_after = prefix + last_watched[key]
+                    got = run_block(block, hidden, calls[i], device, keep=False, observer=observer)
+                else:  # the first batch runs whole and reveals the execution order of the watched layers
+                    got = run_block(block, hidden[:1], calls[i][:1], device, keep=keep, observer=observer)
+                    if not keep and observer.order:
+                        observer.stop_after = observer.order[-1]
+                    got += run_block(block, hidden[1:], calls[i][1:], device, keep=keep, observer=observer)
+                if observer.order:
+                    last_watched[key] = observer.order[-1][len(prefix):]
             finally:
                 observer.remove()
             if keep:
@@ -366,7 +375,7 @@ def prune_with_data(model: nn.Module, plan: Plan, method: Method, config, input_
             remaining = [n for n in remaining if n not in now]
             first = False
             del observer
-        if outs is None:
+        if outs is None and i < last:
             tracker.describe(bar, Stage.CALIBRATING)
             outs = run_block(block, hidden, calls[i], device, keep=True)
         block.to("cpu")
