@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import measured_on, run_each
 
 HERE = Path(__file__).resolve().parent
 RUNS = ["dense", "magnitude:0.5", "wanda:0.5", "sparsegpt:0.5", "magnitude:2:4", "wanda:2:4", "sparsegpt:2:4",
@@ -82,9 +83,7 @@ def markdown(rows: list[dict], command: str) -> str:
     lines = [
         "# Quick protocol on the built-in model (SmolLM2-135M)",
         "",
-        f"Measured {time.strftime('%Y-%m-%d')} on {env['machine']['cpu']} ({env['machine']['cores']} cores, "
-        f"torch threads 2), torch {env['versions']['torch']}, transformers {env['versions']['transformers']}, "
-        f"secateurs {env['versions']['secateurs']}.",
+        measured_on(env),
         "",
         "Calibration 32 x 512 tokens of enwiki train (seed 0); perplexity on the first 16 x 1024-token windows of "
         "enwiki test; fp32; every linear layer inside the 30 decoder blocks pruned. `ratio` = prune wall time "
@@ -123,19 +122,15 @@ def main() -> int:
         print(json.dumps(one(args.one)))
         return 0
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    rows = []
-    for run in runs:
-        t = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--one", run], capture_output=True, text=True)
-        if proc.returncode:
-            sys.stderr.write(proc.stderr)
-            raise SystemExit(f"run {run} failed")
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        rows.append(row)
-        print(f"{run:>16}: perplexity {row['perplexity']:.3f}"
+
+    def on_row(rows, seconds):
+        row = rows[-1]
+        print(f"{row['run']:>16}: perplexity {row['perplexity']:.3f}"
               + (f", sparsity {row['sparsity']:.4f}, prune {row['prune_seconds']:.1f} s, ratio {row['ratio']:.2f}"
-                 if "ratio" in row else "") + f", peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB "
-              f"({time.perf_counter() - t:.0f} s)", flush=True)
+                 if "ratio" in row else "") + f", peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB ({seconds:.0f} s)",
+              flush=True)
+
+    rows = run_each(__file__, runs, [], on_row)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/quick_protocol.py" + ("" if args.runs == ",".join(RUNS) else f" --runs {args.runs}")

@@ -48,3 +48,38 @@ def family(request):
 def calib_ids():
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, VOCAB, (6, 32), generator=g)
+
+
+SENTENCES = ["the cat sat on the mat.", "a dog ran in the park.", "birds sing at dawn.",
+             "rain falls on the old roof.", "the river runs to the sea."]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama with a real (trained) byte-level BPE tokenizer, saved as a local model folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+
+    root = tmp_path_factory.mktemp("tiny")
+    text = " ".join(SENTENCES[i % 5] for i in range(3000))
+    (root / "train.txt").write_text(text)
+    (root / "test.txt").write_text(" ".join(SENTENCES[(i * 3) % 5] for i in range(600)))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(root / "model")
+    fast.save_pretrained(root / "model")
+    return root
+
+
+def cli_args(tiny_dir, *extra):
+    """Common flags for CLI runs on the tiny model folder: its own text for calibration and evaluation."""
+    return ["--model", str(tiny_dir / "model"), "--quiet", "--calib-data", str(tiny_dir / "train.txt"),
+            "--calib-samples", "4", "--calib-seqlen", "32", "--eval-data", str(tiny_dir / "test.txt"),
+            "--eval-seqlen", "32", "--eval-windows", "3", *extra]

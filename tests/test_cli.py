@@ -4,40 +4,8 @@ import pytest
 import torch
 import transformers as tf
 
+from conftest import cli_args as args
 from secateurs.cli import main
-
-SENTENCES = ["the cat sat on the mat.", "a dog ran in the park.", "birds sing at dawn.",
-             "rain falls on the old roof.", "the river runs to the sea."]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny Llama with a real (trained) byte-level BPE tokenizer, saved as a local model folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
-
-    root = tmp_path_factory.mktemp("tiny")
-    text = " ".join(SENTENCES[i % 5] for i in range(3000))
-    (root / "train.txt").write_text(text)
-    (root / "test.txt").write_text(" ".join(SENTENCES[(i * 3) % 5] for i in range(600)))
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
-                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = tf.AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(root / "model")
-    fast.save_pretrained(root / "model")
-    return root
-
-
-def args(tiny_dir, *extra):
-    return ["--model", str(tiny_dir / "model"), "--quiet", "--calib-data", str(tiny_dir / "train.txt"),
-            "--calib-samples", "4", "--calib-seqlen", "32", "--eval-data", str(tiny_dir / "test.txt"),
-            "--eval-seqlen", "32", "--eval-windows", "3", *extra]
 
 
 def test_prune_writes_model_and_report(tiny_dir, tmp_path, capsys):

@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .config import ConfigError, EvalConfig, PruneConfig, Recipe
+from .config import ConfigError, EvalConfig, PruneConfig, Recipe, StructuredConfig
 from .data import calibration_windows, load_text, tokenize
 from .engine import LayerRecord, make_plan, prune_with_data, prune_without_data
 from .eval import library_versions, machine, parameter_counts, peak_rss_bytes, perplexity
@@ -29,6 +29,8 @@ class PruneResult:
 
     configs: list
     layers: list = field(default_factory=list)  # LayerRecord, one per pruned weight matrix
+    structured: list = field(default_factory=list)  # StructuredRecord, one per cut block (structured stages)
+    block_scores: "list | None" = None  # blocks stage: the score of every block (or start) before removal
     prune_seconds: float = 0.0  # calibration capture to end of pruning
     stage_seconds: dict = field(default_factory=dict)
     stage: str = Stage.IDLE.value
@@ -61,17 +63,19 @@ class PruneResult:
             "per_layer_detail": [
                 {"name": r.name, "block": r.block, "role": r.role, "shape": list(r.shape), "target": r.target,
                  "pruned": r.pruned, "zeros": r.zeros, "numel": r.numel} for r in self.layers],
+            **({"structured": [r.to_dict() for r in self.structured]} if self.structured else {}),
+            **({"block_scores": self.block_scores} if self.block_scores is not None else {}),
         }
 
 
-def _as_configs(config) -> list[PruneConfig]:
-    if isinstance(config, PruneConfig):
+def _as_configs(config) -> list:
+    if isinstance(config, (PruneConfig, StructuredConfig)):
         return [config]
     if isinstance(config, Recipe):
         return list(config.stages)
     configs = list(config)
-    if not configs or not all(isinstance(c, PruneConfig) for c in configs):
-        raise ConfigError("prune() takes a PruneConfig, a Recipe or a list of PruneConfig")
+    if not configs or not all(isinstance(c, (PruneConfig, StructuredConfig)) for c in configs):
+        raise ConfigError("prune() takes a PruneConfig, a StructuredConfig, a Recipe or a list of them")
     return configs
 
 
@@ -97,9 +101,9 @@ def prune(model, config, calibration: "torch.Tensor | Iterable | None" = None, *
           tracker: "Tracker | None" = None) -> PruneResult:
     """Prune ``model`` in place.
 
-    ``config`` is a :class:`PruneConfig`, a :class:`Recipe` or a list of configs (stages, applied in order).
-    ``calibration`` holds token ids ``(samples, seqlen)`` (see :func:`calibration_data`); methods that need
-    data (Wanda, SparseGPT) refuse to run without it.
+    ``config`` is a :class:`PruneConfig` (weights), a :class:`StructuredConfig` (channels, heads, blocks),
+    a :class:`Recipe` or a list of configs (stages, applied in order).  ``calibration`` holds token ids
+    ``(samples, seqlen)`` (see :func:`calibration_data`); methods that need data refuse to run without it.
     """
     configs = _as_configs(config)
     tracker = tracker or Tracker(show=progress)
@@ -109,11 +113,27 @@ def prune(model, config, calibration: "torch.Tensor | Iterable | None" = None, *
             needs = [c.method for c in configs if c.needs_calibration]
             raise ConfigError(f"method {needs[0]} needs calibration data (token ids), none was given")
         ids = _as_ids(calibration)
-    plans = [make_plan(model, c) for c in configs]  # validates every stage before any weight changes
+    # validate every weight-pruning stage before any weight changes (up to the first structured stage,
+    # after which the shapes are new and the plan is made when the stage is reached)
+    plans: dict[int, object] = {}
+    for k, c in enumerate(configs):
+        if isinstance(c, StructuredConfig):
+            break
+        plans[k] = make_plan(model, c)
     result = PruneResult(configs)
     start = time.perf_counter()
     records: dict[str, LayerRecord] = {}
-    for cfg, plan in zip(configs, plans):
+    for k, cfg in enumerate(configs):
+        if isinstance(cfg, StructuredConfig):
+            from .structured import prune_structured
+
+            cut, scores = prune_structured(model, cfg, ids, tracker)
+            result.structured += cut
+            if scores is not None:
+                result.block_scores = [float(x) for x in scores]
+            records.clear()  # earlier records name weights whose shapes (or blocks) are gone
+            continue
+        plan = plans.get(k) or make_plan(model, cfg)
         method = cfg.build_method()
         if method.needs_calibration:
             done = prune_with_data(model, plan, method, cfg, ids, tracker)

@@ -1,4 +1,4 @@
-"""``secateurs`` command line: ``prune``, ``eval``, ``compare``.
+"""``secateurs`` command line: ``prune``, ``eval``, ``compare``, ``finetune``, ``iterate``.
 
 Every error a user can cause (bad sparsity, pattern, path, data...) ends in one line on stderr and exit
 status 2; nothing is written to the output folder unless the whole run succeeded.
@@ -44,7 +44,8 @@ def _add_eval(p, data_flag="--eval-data"):
 
 def _add_prune(p, single_method=True):
     if single_method:
-        p.add_argument("--method", default=None, help="magnitude | wanda | sparsegpt (default: wanda)")
+        p.add_argument("--method", default=None, help="magnitude | wanda | sparsegpt (weights, default wanda); "
+                       "channels | heads | blocks (structured)")
         p.add_argument("--sparsity", type=float, default=None, help="fraction of weights removed (default 0.5; "
                        "implied by N:M)")
         p.add_argument("--pattern", default=None, help="unstructured | N:M (N kept of every M) | block:B")
@@ -53,6 +54,23 @@ def _add_prune(p, single_method=True):
         p.add_argument("--layer-sparsity", action="append", default=None, metavar="REGEX=S",
                        help="per-layer override, repeatable: 'mlp=0.6', 'blocks:0-4=0.3'")
         p.add_argument("--recipe", default=None, help="YAML/JSON recipe (flags override its top level)")
+        s = p.add_argument_group("structured methods (channels, heads, blocks)")
+        s.add_argument("--ratio", type=float, default=None, help="fraction of each layer's channels / heads "
+                       "(of all of them with --allocation global), or of the blocks, to remove")
+        s.add_argument("--remove-per-layer", type=int, default=None, metavar="N",
+                       help="channels (heads: head units) removed in every block")
+        s.add_argument("--remove-blocks", type=int, default=None, metavar="K", help="blocks: remove K whole blocks")
+        s.add_argument("--score", default=None, help="channels/heads: magnitude | wanda | fluctuation (default); "
+                       "blocks: bi (default) | angular")
+        s.add_argument("--allocation", default=None, help="uniform (default; plain HF config) | global")
+        s.add_argument("--round-to", type=int, default=None, help="kept channels per layer: a multiple of this")
+        s.add_argument("--gqa", default=None, help="heads: per-group (default) | kv-groups")
+        s.add_argument("--refit", action="store_true", default=None,
+                       help="least-squares refit of the output projection on calibration activations")
+        s.add_argument("--bias-compensation", action=argparse.BooleanOptionalAction, default=None,
+                       help="fold removed channels' mean output into the bias (default: with fluctuation)")
+        s.add_argument("--no-speed", action="store_true",
+                       help="structured: skip measuring disk size and CPU speed (dense vs pruned)")
     p.add_argument("--include", action="append", default=None, help="attention | mlp | all | REGEX (repeatable)")
     p.add_argument("--exclude", action="append", default=None, help="REGEX of layers to keep dense (repeatable)")
     p.add_argument("--calib-data", default=None, help="calibration data (train split); default enwiki")
@@ -69,6 +87,68 @@ def _add_prune(p, single_method=True):
     p.add_argument("--device", default=None, help="compute device for each block (default cpu)")
 
 
+def _add_output(p, what: str):
+    p.add_argument("--output", required=True, help=f"folder for {what} (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--report", default=None, help="write the JSON report here (also saved in the output folder)")
+
+
+def _add_train(p, steps_flag="--steps"):
+    t = p.add_argument_group("training")
+    t.add_argument(steps_flag, dest="steps", type=int, required=True, help="optimizer steps")
+    t.add_argument("--train-batch-size", type=int, default=None, help="windows per micro-batch (default 4)")
+    t.add_argument("--train-seqlen", type=int, default=None, help="tokens per training window (default 256)")
+    t.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default 1)")
+    t.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 2e-5)")
+    t.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0)")
+    t.add_argument("--warmup-steps", type=int, default=None)
+    t.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping (default 1.0)")
+    t.add_argument("--precision", default=None, help="fp32 (default) | bf16 (autocast)")
+    t.add_argument("--lora-rank", type=int, default=None, help="train masked LoRA adapters of this rank (0 = full)")
+    t.add_argument("--lora-alpha", type=float, default=None)
+    t.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: start and end)")
+    t.add_argument("--train-seed", type=int, default=None)
+
+
+def _add_schedule(p):
+    s = p.add_argument_group("gradual pruning while training (omit --schedule to keep the mask frozen)")
+    s.add_argument("--schedule", default=None, help="oneshot | gradual | cubic | exponential | geometric")
+    s.add_argument("--final-sparsity", type=float, default=None)
+    s.add_argument("--initial-sparsity", type=float, default=None)
+    s.add_argument("--start-step", type=int, default=None)
+    s.add_argument("--end-step", type=int, default=None, help="default: 3/4 of --steps")
+    s.add_argument("--frequency", type=int, default=None, help="update the mask every N steps (default 1)")
+    s.add_argument("--k", type=float, default=None, help="exponential: steepness (default 5)")
+    s.add_argument("--pattern", default=None, help="unstructured (default) | block:B")
+    s.add_argument("--group", default=None, help="layer (default) | row")
+
+
+_TRAIN_FIELDS = {"steps": "steps", "train_batch_size": "batch_size", "train_seqlen": "seqlen",
+                 "grad_accum": "grad_accum", "lr": "lr", "weight_decay": "weight_decay",
+                 "warmup_steps": "warmup_steps", "max_grad_norm": "max_grad_norm", "precision": "precision",
+                 "lora_rank": "lora_rank", "lora_alpha": "lora_alpha", "eval_every": "eval_every",
+                 "train_seed": "seed"}
+
+
+def _train_config(args):
+    from .training import TrainConfig
+
+    fields = {dst: getattr(args, src) for src, dst in _TRAIN_FIELDS.items() if getattr(args, src, None) is not None}
+    if getattr(args, "schedule", None):
+        sched = {"name": args.schedule, "final_sparsity": args.final_sparsity if args.final_sparsity is not None else 0.5,
+                 "end_step": args.end_step if args.end_step is not None else (3 * args.steps) // 4}
+        for key in ("initial_sparsity", "start_step", "frequency", "k"):
+            if getattr(args, key) is not None:
+                sched[key] = getattr(args, key)
+        fields["schedule"] = sched
+        for key in ("pattern", "group"):
+            if getattr(args, key) is not None:
+                fields[key] = getattr(args, key)
+    elif getattr(args, "final_sparsity", None) is not None and hasattr(args, "end_step"):
+        raise ValueError("--final-sparsity needs --schedule (without one the mask stays frozen)")
+    return TrainConfig(**fields)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="secateurs", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,9 +158,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune(p)
     _add_eval(p)
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity measurements")
-    p.add_argument("--output", required=True, help="folder for the pruned model (written atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--report", default=None, help="write the JSON report here (also saved in the output folder)")
+    _add_output(p, "the pruned model")
+
+    p = sub.add_parser("finetune", help="recovery fine-tuning with the mask frozen (or gradual pruning on a schedule)")
+    _add_model(p)
+    p.add_argument("--data", default=None, help="training text (its train split): enwiki (default), .txt, .jsonl, datasets")
+    _add_train(p)
+    _add_schedule(p)
+    _add_eval(p)
+    _add_output(p, "the trained model")
+
+    p = sub.add_parser("iterate", help="iterative prune-retrain cycles with a checkpoint after each")
+    _add_model(p)
+    p.add_argument("--method", default=None, help="magnitude | wanda | sparsegpt (default: wanda)")
+    p.add_argument("--pattern", default=None, help="unstructured | N:M | block:B")
+    p.add_argument("--group", default=None, help="score comparison group: row | layer | global")
+    _add_prune(p, single_method=False)
+    p.add_argument("--sparsities", default=None, help="comma list of per-cycle targets, e.g. 0.3,0.45,0.5")
+    p.add_argument("--cycles", type=int, default=None, help="number of cycles (with --final-sparsity)")
+    p.add_argument("--final-sparsity", type=float, default=None)
+    p.add_argument("--initial-sparsity", type=float, default=None, help="first cycle's target")
+    p.add_argument("--cycle-schedule", default="geometric", help="geometric (default) | gradual | cubic | exponential")
+    p.add_argument("--train-data", default=None, help="retraining text (train split; default enwiki)")
+    _add_train(p, steps_flag="--steps-per-cycle")
+    _add_eval(p)
+    p.add_argument("--output", required=True, help="folder for cycle-NNN checkpoints and history.json")
+    p.add_argument("--no-resume", action="store_true", help="start from cycle 1 even if checkpoints exist")
 
     p = sub.add_parser("eval", help="perplexity of a model")
     _add_model(p)
@@ -100,13 +203,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 _FLAG_FIELDS = ["method", "sparsity", "pattern", "group", "threshold", "include", "exclude", "calib_data",
                 "calib_samples", "calib_seqlen", "seed", "batch_size", "blocksize", "percdamp", "propagate",
-                "true_sequential", "device"]
+                "true_sequential", "device", "ratio", "score", "allocation", "round_to", "gqa", "refit",
+                "bias_compensation"]
 
 
 def _overrides(args) -> dict:
     out = {k: getattr(args, k) for k in _FLAG_FIELDS if getattr(args, k, None) is not None}
     if getattr(args, "layer_sparsity", None):
         out["layer_sparsity"] = args.layer_sparsity
+    per_layer, blocks = getattr(args, "remove_per_layer", None), getattr(args, "remove_blocks", None)
+    if per_layer is not None and blocks is not None:
+        raise ValueError("give --remove-per-layer (channels, heads) or --remove-blocks (blocks), not both")
+    if blocks is not None:
+        if out.get("method", "blocks") != "blocks":
+            raise ValueError(f"--remove-blocks is for --method blocks, not {out['method']}")
+        out["method"] = "blocks"
+        out["count"] = blocks
+    elif per_layer is not None:
+        out["count"] = per_layer
     return out
 
 
@@ -135,13 +249,13 @@ def _load(args):
 
 def cmd_prune(args) -> int:
     from . import api
-    from .config import PruneConfig, Recipe
+    from .config import Recipe, StructuredConfig, config_from_dict
     from .data import load_text, tokenize
     from .models import save_model
     from .progress import Stage, Tracker
 
     overrides = _overrides(args)
-    recipe = Recipe.load(args.recipe, overrides) if args.recipe else Recipe([PruneConfig.from_dict(overrides)])
+    recipe = Recipe.load(args.recipe, overrides) if args.recipe else Recipe([config_from_dict(overrides)])
     recipe.eval = _eval_config(args, recipe.eval)
     eval_config = None if args.no_eval else recipe.eval
     output = Path(args.output)
@@ -160,10 +274,23 @@ def cmd_prune(args) -> int:
     if dense is not None:
         print(f"dense perplexity: {dense:.3f}", flush=True)
 
+    structured = any(isinstance(c, StructuredConfig) for c in recipe.stages)
+    size_speed = None
+    if structured and not args.no_speed:
+        from .eval import speed
+
+        size_speed = {"dense": {**speed.measure(model), "disk_bytes": speed.saved_bytes(model)}}
+
     tracker = Tracker(show=show)
     result = api.prune(model, recipe, calib, tracker=tracker)
-    print(f"pruned {len(result.layers)} weight matrices in {result.prune_seconds:.1f} s; "
-          f"measured sparsity {result.sparsity:.4f}", flush=True)
+    if result.layers:
+        print(f"pruned {len(result.layers)} weight matrices in {result.prune_seconds:.1f} s; "
+              f"measured sparsity {result.sparsity:.4f}", flush=True)
+    if result.structured:
+        cut = sorted({(r.kind, r.before, r.after) for r in result.structured})
+        print(f"structured: {len(result.structured)} cuts in {result.prune_seconds:.1f} s "
+              f"({', '.join(f'{k} {b}->{a}' for k, b, a in cut[:4])}{' ...' if len(cut) > 4 else ''}); "
+              f"{sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
     ppl = None
     if eval_config:
         tracker.enter(Stage.EVALUATING)
@@ -174,6 +301,21 @@ def cmd_prune(args) -> int:
     report = api.build_report(result, model, dense, ppl, eval_config, model_name=args.model or "smollm2-135m")
     import yaml
 
+    if size_speed is not None:
+        tracker.enter(Stage.EVALUATING)
+        from .eval import speed
+
+        size_speed["pruned"] = {**speed.measure(model), "disk_bytes": speed.saved_bytes(model)}
+        size_speed["ratios"] = {**speed.speed_ratios(size_speed["dense"], size_speed["pruned"]),
+                                "disk_ratio": size_speed["pruned"]["disk_bytes"] / size_speed["dense"]["disk_bytes"]}
+        report["size_speed"] = size_speed
+        r, d, p = size_speed["ratios"], size_speed["dense"], size_speed["pruned"]
+        print(f"parameters {d['params']:,} -> {p['params']:,}; disk {d['disk_bytes'] / 2**20:.1f} -> "
+              f"{p['disk_bytes'] / 2**20:.1f} MiB; prefill {d['prefill_tokens_per_s']['median']:.0f} -> "
+              f"{p['prefill_tokens_per_s']['median']:.0f} tokens/s ({r['prefill_speedup']:.2f}x); decode "
+              f"{d['decode_ms_per_token']['median']:.1f} -> {p['decode_ms_per_token']['median']:.1f} ms/token "
+              f"({r['decode_speedup']:.2f}x)", flush=True)
+        tracker.enter(Stage.EXPORTING)
     save_model(model, tokenizer, output, overwrite=args.overwrite, extra_files={
         "secateurs_report.json": json.dumps(report, indent=2) + "\n",
         "secateurs_recipe.yaml": yaml.safe_dump(recipe.to_dict(), sort_keys=False)})
@@ -184,6 +326,93 @@ def cmd_prune(args) -> int:
     if args.report:
         _write_atomic(args.report, json.dumps(report, indent=2) + "\n")
     print(f"saved to {output}", flush=True)
+    return 0
+
+
+def _evaluator(tokenizer, eval_config, show):
+    from . import api
+    from .data import load_text, tokenize
+
+    ids = tokenize(tokenizer, load_text(eval_config.data, "test"))
+    return lambda model: api.evaluate(model, tokenizer, eval_config, ids=ids, progress=show)
+
+
+def cmd_finetune(args) -> int:
+    from . import api
+    from .data import load_text, tokenize
+    from .eval import peak_rss_bytes
+    from .models import save_model
+    from .training import measured_sparsity, prunable_linears, train
+
+    config = _train_config(args)
+    eval_config = _eval_config(args)
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"output folder {args.output!r} exists and is not empty (use --overwrite)")
+    model, tokenizer = _load(args)
+    show = not args.quiet
+    train_ids = tokenize(tokenizer, load_text(args.data, "train"))
+    names = list(prunable_linears(model))
+    before = measured_sparsity(model, names)
+    print(f"training {config.steps} steps ({'LoRA rank ' + str(config.lora_rank) if config.lora_rank else 'all weights'}"
+          f"{', gradual ' + config.schedule['name'] + ' to ' + str(config.schedule['final_sparsity']) if config.schedule else ', mask frozen'}); "
+          f"sparsity of the block linears now {before:.4f}", flush=True)
+    history = train(model, train_ids, config, evaluate=_evaluator(tokenizer, eval_config, show), progress=show)
+    after = measured_sparsity(model, names)
+    ppl0, ppl1 = history.evals[0]["perplexity"], history.evals[-1]["perplexity"]
+    print(f"perplexity {ppl0:.3f} -> {ppl1:.3f}; sparsity {before:.4f} -> {after:.4f}; "
+          f"{history.seconds:.0f} s", flush=True)
+    report = {"perplexity_before": ppl0, "perplexity_after": ppl1, "sparsity_before": before, "sparsity_after": after,
+              "history": history.to_dict(), "train": config.to_dict(), "eval": eval_config.to_dict(),
+              "peak_rss_bytes": peak_rss_bytes(), "model_name": args.model or "smollm2-135m", **api.environment()}
+    save_model(model, tokenizer, output, overwrite=args.overwrite,
+               extra_files={"secateurs_report.json": json.dumps(report, indent=2) + "\n"})
+    if args.report:
+        _write_atomic(args.report, json.dumps(report, indent=2) + "\n")
+    print(f"saved to {output}", flush=True)
+    return 0
+
+
+def cmd_iterate(args) -> int:
+    from . import api
+    from .config import PruneConfig
+    from .data import load_text, tokenize
+    from .patterns import Pattern
+    from .training import cycle_sparsities, iterate
+
+    if (args.sparsities is None) == (args.cycles is None):
+        raise ValueError("give --sparsities S1,S2,... or --cycles N with --final-sparsity S")
+    if args.sparsities is not None:
+        try:
+            targets = [float(x) for x in args.sparsities.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--sparsities {args.sparsities!r} must be a comma list of numbers") from None
+    else:
+        if args.final_sparsity is None:
+            raise ValueError("--cycles needs --final-sparsity")
+        targets = cycle_sparsities(args.cycles, args.final_sparsity, args.cycle_schedule, args.initial_sparsity)
+    if any(b < a for a, b in zip(targets, targets[1:])):
+        raise ValueError(f"cycle sparsities must not decrease: {targets}")
+    base = _overrides(args)
+    nm = Pattern.parse(base.get("pattern", "unstructured")).kind == "nm"
+    prune_config = PruneConfig.from_dict(base if nm else {**base, "sparsity": targets[0]})
+    if not nm:
+        for t in targets:
+            prune_config.override(sparsity=t)  # validates every cycle's target up front
+    train_config = _train_config(args)
+    eval_config = _eval_config(args)
+    model, tokenizer = _load(args)
+    show = not args.quiet
+    calib = api.calibration_data(tokenizer, prune_config) if prune_config.needs_calibration else None
+    train_ids = tokenize(tokenizer, load_text(args.train_data, "train"))
+    print(f"{len(targets)} cycles to sparsities {', '.join(f'{t:.4f}' for t in targets)}; "
+          f"{train_config.steps} retraining steps each", flush=True)
+    history = iterate(model, tokenizer, prune_config, targets, train_config, args.output, calib, train_ids,
+                      _evaluator(tokenizer, eval_config, show), resume=not args.no_resume, progress=show)
+    for h in history:
+        print(f"cycle {h['cycle']}: sparsity {h['sparsity']:.4f}; perplexity {h.get('perplexity_before', float('nan')):.3f} "
+              f"-> pruned {h.get('perplexity_pruned', float('nan')):.3f} -> retrained "
+              f"{h.get('perplexity_retrained', float('nan')):.3f} ({h['seconds']:.0f} s)", flush=True)
     return 0
 
 
@@ -242,7 +471,8 @@ def main(argv=None) -> int:
 
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
-    commands = {"prune": cmd_prune, "eval": cmd_eval, "compare": cmd_compare}
+    commands = {"prune": cmd_prune, "eval": cmd_eval, "compare": cmd_compare, "finetune": cmd_finetune,
+                "iterate": cmd_iterate}
     try:
         return commands[args.command](args)
     except (ConfigError, DataError, ModelLoadError, ArchitectureError, VerificationError, FileExistsError,

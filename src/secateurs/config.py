@@ -25,6 +25,9 @@ from .patterns import GROUPS, Pattern
 
 SCOPES = ("all", "attention", "mlp")
 PROPAGATE = ("pruned", "dense")
+STRUCTURED = ("channels", "heads", "blocks")  # structured methods: remove whole units, not single weights
+WIDTH_SCORES = ("magnitude", "wanda", "fluctuation")
+DEPTH_SCORES = ("bi", "angular")
 
 
 class ConfigError(ValueError):
@@ -74,8 +77,27 @@ def _check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+class _Serialised:
+    """Dict round trip for the config dataclasses: unknown keys are named in the error, not ignored."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        _check(not unknown, f"unknown config field(s) for method {data.get('method', cls.method)!r}: "
+               f"{', '.join(unknown)}")
+        return cls(**data)
+
+    def override(self, **changes):
+        """A copy with ``changes`` applied, validated again."""
+        return replace(self, **changes)
+
+
 @dataclass
-class PruneConfig:
+class PruneConfig(_Serialised):
     """Everything one pruning run needs. Validated on construction; see the README for each field."""
 
     method: str = "wanda"  # a registered method: magnitude | wanda | sparsegpt | ...
@@ -98,7 +120,8 @@ class PruneConfig:
     device: str = "cpu"  # where each block is computed; activations stay on the CPU
 
     def __post_init__(self):
-        _check(self.method in METHODS, f"method: unknown {self.method!r}; known: {', '.join(sorted(METHODS))}")
+        _check(self.method in METHODS, f"method: unknown {self.method!r}; known: "
+               f"{', '.join(sorted(METHODS) + list(STRUCTURED))}")
         try:
             pattern = Pattern.parse(self.pattern)
         except ValueError as exc:
@@ -175,19 +198,69 @@ class PruneConfig:
                 value = rule.sparsity
         return value
 
-    # ------------------------------------------------------------------ serialisation
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PruneConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        _check(not unknown, f"unknown config field(s): {', '.join(unknown)}")
-        return cls(**data)
 
-    def override(self, **changes) -> "PruneConfig":
-        return replace(self, **changes)
+@dataclass
+class StructuredConfig(_Serialised):
+    """Structured pruning: remove whole MLP channels, attention heads or decoder blocks.
+
+    Give either ``ratio`` (fraction of each layer's channels / heads, or of all of them with
+    ``allocation="global"``, or of the blocks) or ``count`` (channels / head units per layer, or blocks).
+    """
+
+    method: str = "channels"  # channels | heads | blocks
+    ratio: "float | None" = None  # fraction of channels / heads / blocks to remove
+    count: "int | None" = None  # or: channels (heads units) removed per layer, or blocks removed
+    score: "str | None" = None  # width: magnitude | wanda | fluctuation (default); blocks: bi (default) | angular
+    allocation: str = "uniform"  # uniform (same width in every block: a plain HF config) | global
+    round_to: int = 1  # kept channels per layer are a multiple of this (hardware-friendly widths)
+    gqa: str = "per-group"  # heads: per-group (same query heads removed in every KV group) | kv-groups
+    refit: bool = False  # least-squares refit of the output projection on calibration activations
+    bias_compensation: "bool | None" = None  # FLAP's mean-into-bias repair; None = with fluctuation, where possible
+    calib_data: str = "enwiki"
+    calib_samples: int = 128
+    calib_seqlen: int = 2048
+    seed: int = 0
+    batch_size: int = 8
+    device: str = "cpu"
+
+    def __post_init__(self):
+        _check(self.method in STRUCTURED, f"method: {self.method!r} is not structured ({', '.join(STRUCTURED)})")
+        depth = self.method == "blocks"
+        scores = DEPTH_SCORES if depth else WIDTH_SCORES
+        if self.score is None:
+            self.score = "bi" if depth else "fluctuation"
+        _check(self.score in scores, f"score {self.score!r} is not offered for {self.method} ({', '.join(scores)})")
+        _check((self.ratio is None) != (self.count is None),
+               f"{self.method}: give exactly one of ratio or count (--ratio, --remove-per-layer, --remove-blocks)")
+        if self.ratio is not None:
+            _check(isinstance(self.ratio, (int, float)) and 0 < self.ratio < 1,
+                   f"ratio must be in (0, 1): removing everything leaves no model, got {self.ratio}")
+            self.ratio = float(self.ratio)
+        if self.count is not None:
+            _check(isinstance(self.count, int) and self.count >= 1, f"count must be an integer >= 1, got {self.count}")
+        _check(self.allocation in ("uniform", "global"), f"allocation must be uniform or global, got {self.allocation!r}")
+        _check(not (self.allocation == "global" and (depth or self.count is not None)),
+               "allocation=global spreads a ratio over the layers of channels or heads: give --ratio")
+        _check(isinstance(self.round_to, int) and self.round_to >= 1, f"round_to must be >= 1, got {self.round_to}")
+        _check(self.gqa in ("per-group", "kv-groups"), f"gqa must be per-group or kv-groups, got {self.gqa!r}")
+        _check(not (self.refit and self.bias_compensation),
+               "refit and bias_compensation are two repairs of the same projection: choose one")
+        _check(not (depth and (self.refit or self.bias_compensation)), "blocks: refit/bias compensation do not apply")
+        _check(self.calib_samples >= 1 and self.calib_seqlen >= 1, "calib_samples and calib_seqlen must be >= 1")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "blocks" or self.score != "magnitude" or self.refit or bool(self.bias_compensation)
+
+
+
+def config_from_dict(data: dict[str, Any]) -> "PruneConfig | StructuredConfig":
+    """A :class:`StructuredConfig` for channels / heads / blocks, else a :class:`PruneConfig`."""
+    if data.get("method") in STRUCTURED:
+        return StructuredConfig.from_dict(data)
+    return PruneConfig.from_dict(data)
 
 
 @dataclass
@@ -253,7 +326,7 @@ class Recipe:
         _check(isinstance(stages, list) and all(isinstance(s, dict) for s in stages), "stages must be a list of mappings")
         eval_cfg = EvalConfig(**data.pop("eval", {}) or {})
         base = {**data, **(overrides or {})}
-        return cls([PruneConfig.from_dict({**base, **stage}) for stage in stages], eval_cfg)
+        return cls([config_from_dict({**base, **stage}) for stage in stages], eval_cfg)
 
     @classmethod
     def load(cls, path: "str | Path", overrides: "dict[str, Any] | None" = None) -> "Recipe":

@@ -88,15 +88,20 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
         return forward
 
     device = next(model.parameters()).device
+    use_cache = getattr(model.config, "use_cache", None)  # some models read the config, not the argument
     for i, block in enumerate(blocks):
         block.forward = recorder(i)
     try:
+        if use_cache is not None:
+            model.config.use_cache = False
         for start in range(0, len(input_ids), batch_size):
             try:
                 model(input_ids[start : start + batch_size].to(device), use_cache=False)
             except StopForward:
                 pass
     finally:
+        if use_cache is not None:
+            model.config.use_cache = use_cache
         for block in blocks:
             del block.forward  # the class's forward is visible again
     if len(hidden) != math.ceil(len(input_ids) / batch_size) or any(len(c) != len(hidden) for c in calls):

@@ -304,15 +304,8 @@ def prune_with_data(model: nn.Module, plan: Plan, method: Method, config, input_
                     tracker: Tracker) -> list[LayerRecord]:
     """Layer-wise sequential calibration and pruning (see the module docstring)."""
     device = torch.device(config.device)
-    use_cache = getattr(model.config, "use_cache", None)
     tracker.enter(Stage.CALIBRATING)
-    try:
-        if use_cache is not None:
-            model.config.use_cache = False
-        hidden, calls = capture_inputs(model, plan.blocks, input_ids, config.batch_size)
-    finally:
-        if use_cache is not None:
-            model.config.use_cache = use_cache
+    hidden, calls = capture_inputs(model, plan.blocks, input_ids, config.batch_size)
 
     dense_outputs = config.propagate == "dense"
     collect_global = config.group == "global"

@@ -10,6 +10,7 @@ Built-in models ship inside PyPI packages so they work offline (see ``shared/DAT
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -87,7 +88,12 @@ def load_model(spec: "str | os.PathLike | None" = None, dtype: torch.dtype = tor
         elif path.exists():
             if not (path / "config.json").is_file():
                 raise ModelLoadError(f"{spec!r} is not a model folder (no config.json)")
-            model, tokenizer = _from_pretrained(str(path), dtype)
+            if "secateurs_structure" in json.loads((path / "config.json").read_text()):
+                from ..structured import load as load_structured  # per-block widths (non-uniform pruning)
+
+                model, tokenizer = load_structured(path, dtype)
+            else:
+                model, tokenizer = _from_pretrained(str(path), dtype)
         else:  # a hub id: the real from_pretrained path, which needs a reachable hub or a local HF cache
             model, tokenizer = _from_pretrained(spec, dtype)
     except ModelLoadError:

@@ -1,0 +1,15 @@
+"""Structured pruning: remove MLP channels, attention heads and whole blocks; keep the model loadable."""
+
+from .engine import StructuredRecord, prune_depth, prune_width
+from .surgery import STRUCTURE_KEY, check_loadable, load, structure_of
+
+
+def prune_structured(model, config, input_ids, tracker):
+    """Run one :class:`~secateurs.config.StructuredConfig` stage; returns ``(records, block scores or None)``."""
+    if config.method == "blocks":
+        return prune_depth(model, config, input_ids, tracker)
+    return prune_width(model, config, input_ids, tracker)
+
+
+__all__ = ["StructuredRecord", "prune_depth", "prune_width", "prune_structured", "STRUCTURE_KEY",
+           "check_loadable", "load", "structure_of"]

@@ -1,0 +1,381 @@
+"""Structured pruning on the foundation's calibration engine: the same capture, the same block walk.
+
+Width (``channels``, ``heads``), uniform allocation, for each block in turn::
+
+    observe  -- hooks on the output projection's input (MLP intermediate / concatenated heads) gather
+                per-channel sums, squares (and X^T X for a refit) over the calibration batches
+    score    -- pure math (scores.py); choose the units to remove
+    cut      -- slice the weights (surgery.py); repair: bias compensation or least-squares refit
+    recompute the block's outputs with the cut block; they feed the next block
+
+With ``allocation="global"`` every block is scored first (on dense activations), the budget is spread
+over blocks by standardised score, then every block is cut.  Depth (``blocks``) runs every block once,
+dense, measuring how much each changes the hidden states, then removes whole blocks.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..engine.capture import capture_inputs
+from ..engine.sequential import run_block
+from ..models.arch import ArchitectureError, find_blocks, weight_of
+from ..progress import Stage, Tracker
+from . import scores as S
+from .surgery import check_loadable, drop_blocks, keep_channels, keep_heads, sync_config
+from .units import find_attention, find_mlp
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StructuredRecord:
+    """What happened to one block."""
+
+    block: int
+    kind: str  # channels | heads | block
+    before: int  # channels / query heads / 1
+    after: int
+    removed: list = field(default_factory=list)  # indices (channels, query heads) removed in this block
+
+    def to_dict(self) -> dict:
+        return {"block": self.block, "kind": self.kind, "before": self.before, "after": self.after,
+                "removed": self.removed}
+
+
+# ----------------------------------------------------------------------------- removable units
+
+
+def head_units(att, head_scores: torch.Tensor, gqa: str) -> tuple[list, torch.Tensor]:
+    """Removable units of one attention layer as ``([(q_heads, kv_heads)], scores)``.
+
+    ``gqa="kv-groups"``: a unit is one KV head with every query head that reads it (score: their sum).
+    ``gqa="per-group"``: unit ``r`` is the ``r``-th least important query head of *every* group (score:
+    their sum), so every group loses the same number of query heads and GQA stays valid.  Without GQA
+    (as many KV as query heads) both modes remove query and KV heads together.
+    """
+    heads, kv = att.heads, att.kv_heads
+    rep = heads // kv
+    groups = [list(range(g * rep, (g + 1) * rep)) for g in range(kv)]
+    if gqa == "kv-groups" or rep == 1:
+        units = [(groups[g], [g]) for g in range(kv)]
+        return units, torch.stack([head_scores[groups[g]].sum() for g in range(kv)])
+    ranked = [sorted(g, key=lambda h: (float(head_scores[h]), h)) for g in groups]
+    units = [([ranked[g][r] for g in range(kv)], []) for r in range(rep)]
+    return units, torch.stack([head_scores[q].sum() for q, _ in units])
+
+
+def allocate_global(layer_scores: list, fraction: float, round_to: int, min_keep: int) -> list[int]:
+    """Spread one budget (``fraction`` of all units) over layers by **standardised** score.
+
+    Scores are z-scored within each layer (layers' raw scales differ), ranked together, and each layer's
+    removal count is then rounded so that what it keeps is a multiple of ``round_to`` (at least ``min_keep``).
+    """
+    z = []
+    for s in layer_scores:
+        s = s.double()
+        std = s.std() if len(s) > 1 else torch.tensor(1.0, dtype=s.dtype)
+        z.append((s - s.mean()) / (std if std > 0 else 1))
+    flat = torch.cat(z)
+    owner = torch.cat([torch.full((len(s),), i) for i, s in enumerate(layer_scores)])
+    k = round(fraction * len(flat))
+    order = sorted(range(len(flat)), key=lambda j: (float(flat[j]), j))[:k]
+    counts = [0] * len(layer_scores)
+    for j in order:
+        counts[int(owner[j])] += 1
+    out = []
+    for c, s in zip(counts, layer_scores):
+        n = len(s)
+        keep = max(min_keep, round_to * round((n - c) / round_to)) if round_to > 1 else max(min_keep, n - c)
+        out.append(n - min(n, keep))
+    return out
+
+
+def uniform_count(n: int, fraction: "float | None", count: "int | None", round_to: int) -> int:
+    """Units to remove from a layer of ``n``: ``count``, or ``fraction * n`` with the kept number rounded to
+    a multiple of ``round_to``."""
+    remove = count if count is not None else round(fraction * n)
+    if round_to > 1:
+        remove = n - round_to * round((n - remove) / round_to)
+    return remove
+
+
+# ----------------------------------------------------------------------------- observing
+
+
+class ChannelObserver:
+    """Forward pre-hooks on output projections: :class:`~.scores.ChannelStats` of what they read."""
+
+    def __init__(self, modules: dict, gram: bool):
+        self.stats = {name: S.ChannelStats() for name in modules}
+        self.gram = gram
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
+
+    def _hook(self, name):
+        def hook(module, args):
+            self.stats[name].add(args[0].detach(), self.gram)
+
+        return hook
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+
+def _unit_count(kind: str, unit, gqa: str) -> int:
+    """Removable units per block: channels, KV groups, or query heads per group (see :func:`head_units`)."""
+    if kind == "channels":
+        return unit.width
+    rep = unit.heads // unit.kv_heads
+    return unit.kv_heads if gqa == "kv-groups" or rep == 1 else rep
+
+
+def _unit(kind: str, block, prefix: str):
+    return find_mlp(block, prefix) if kind == "channels" else find_attention(block, prefix)
+
+
+def _output_of(kind: str, unit):
+    return unit.output if kind == "channels" else unit.o
+
+
+def _probe_heads(model: nn.Module, att) -> None:
+    """Fail before any weight changes if this family's config cannot describe fewer heads."""
+    from .surgery import _build_empty
+
+    cfg = copy.deepcopy(model.config)
+    heads, kv = (att.kv_heads, att.kv_heads) if att.heads > att.kv_heads else (att.heads - 1, att.kv_heads - 1)
+    cfg.num_attention_heads = heads
+    if hasattr(cfg, "num_key_value_heads"):
+        cfg.num_key_value_heads = kv
+    cfg.head_dim = att.head_dim
+    try:
+        fresh = _build_empty(cfg)
+        name, blocks = find_blocks(fresh)
+        got = find_attention(blocks[0], f"{name}.0.")
+        ok = (got.heads, got.kv_heads, got.head_dim) == (heads, kv, att.head_dim)
+    except Exception:
+        ok = False
+    if not ok:
+        raise ArchitectureError(f"{type(model).__name__}'s config ties the head size to the hidden size: a model with "
+                                "fewer heads could not be saved as a loadable checkpoint, so head pruning is refused")
+
+
+# ----------------------------------------------------------------------------- width
+
+
+@torch.no_grad()
+def prune_width(model: nn.Module, config, input_ids: "torch.Tensor | None", tracker: Tracker) -> tuple:
+    """Remove MLP channels (``config.method == "channels"``) or attention heads (``"heads"``).
+
+    Returns ``(records, None)``: one :class:`StructuredRecord` per block."""
+    kind = config.method
+    blocks_name, blocks = find_blocks(model)
+    prefixes = [f"{blocks_name}.{i}." for i in range(len(blocks))]
+    units = [_unit(kind, b, p) for b, p in zip(blocks, prefixes)]
+    if kind == "heads":
+        _probe_heads(model, units[0])
+    if config.allocation == "uniform":  # refuse an impossible count before any calibration or change
+        n = _unit_count(kind, units[0], config.gqa)
+        count = uniform_count(n, config.ratio, config.count, config.round_to)
+        if count >= n:
+            what = "channels" if kind == "channels" else f"head units ({config.gqa})"
+            raise ValueError(f"removing {count} of {n} {what} per block would remove every one")
+    compensate = _prepare_bias(model, config, units, kind)
+    device = torch.device(config.device)
+    needs_data = config.score != "magnitude" or config.refit or compensate
+    head_dim = units[0].head_dim if kind == "heads" else None
+
+    hidden = calls = None
+    if needs_data:
+        tracker.enter(Stage.CALIBRATING)
+        hidden, calls = capture_inputs(model, blocks, input_ids, config.batch_size)
+
+    def observe(i: int, keep_outputs: bool):
+        out_name, out_module = _output_of(kind, units[i])
+        obs = ChannelObserver({out_name: out_module}, gram=config.refit)
+        try:
+            outs = run_block(blocks[i], hidden, calls[i], device, keep=keep_outputs)
+        finally:
+            obs.remove()
+        return obs.stats[out_name], outs
+
+    def layer_scores(i: int, st):
+        unit = units[i]
+        if kind == "channels":
+            return S.channel_scores(config.score, weight_of(unit.output[1]), [weight_of(m) for _, m in unit.inputs], st), None
+        ins = [] if config.score != "magnitude" else [weight_of(unit.q[1])]
+        ch = S.channel_scores(config.score, weight_of(unit.o[1]), ins, st)
+        hunits, scores = head_units(unit, S.head_scores(ch, unit.head_dim), config.gqa)
+        return scores, hunits
+
+    records = []
+    if config.allocation == "global":
+        tracker.enter(Stage.COMPUTING_IMPORTANCE)
+        all_stats, all_scores, all_units = [], [], []
+        for i in tracker.bar(range(len(blocks))):
+            blocks[i].to(device)
+            st, outs = observe(i, keep_outputs=True) if needs_data else (None, None)
+            blocks[i].to("cpu")
+            if needs_data:
+                hidden = outs
+            scores, hunits = layer_scores(i, st)
+            all_stats.append(st)
+            all_scores.append(scores)
+            all_units.append(hunits)
+        min_keep = config.round_to
+        counts = allocate_global(all_scores, config.ratio, config.round_to, min_keep)
+        tracker.enter(Stage.PRUNING)
+        for i in range(len(blocks)):
+            records.append(_cut(kind, units[i], all_scores[i], all_units[i], counts[i], all_stats[i], config,
+                                compensate, i))
+    else:
+        bar = tracker.bar(total=len(blocks))
+        for i, block in enumerate(blocks):
+            block.to(device)
+            st = None
+            if needs_data:
+                tracker.describe(bar, Stage.CALIBRATING)
+                st, _ = observe(i, keep_outputs=False)
+            tracker.describe(bar, Stage.PRUNING)
+            scores, hunits = layer_scores(i, st)
+            count = uniform_count(len(scores), config.ratio, config.count, config.round_to)
+            records.append(_cut(kind, units[i], scores, hunits, count, st, config, compensate, i))
+            if needs_data and i < len(blocks) - 1:
+                tracker.describe(bar, Stage.CALIBRATING)
+                hidden = run_block(block, hidden, calls[i], device, keep=True)
+            block.to("cpu")
+            bar.update(1)
+        bar.close()
+    structure = sync_config(model, head_dim)
+    check_loadable(model, structure)
+    return records, None
+
+
+def _prepare_bias(model, config, units, kind) -> bool:
+    """Bias compensation needs a bias on the output projection: use it, or switch the config's bias flag on
+    (zero biases on every projection that flag governs), or -- asked for explicitly -- say why not.
+    With ``bias_compensation=None`` (the default) it is used with the fluctuation score wherever possible."""
+    wanted = config.bias_compensation
+    if wanted is None:
+        wanted = config.score == "fluctuation" and not config.refit
+    if not wanted:
+        return False
+    outs = [_output_of(kind, u)[1] for u in units]
+    if all(getattr(m, "bias", None) is not None for m in outs):
+        return True
+    flag = "mlp_bias" if kind == "channels" else "attention_bias"
+    if not hasattr(model.config, flag):
+        if config.bias_compensation is None:
+            log.info("no bias compensation: %s has no bias on the output projection and no %r switch",
+                     type(model).__name__, flag)
+            return False
+        raise ValueError(f"bias compensation needs a bias on the output projection; {type(model).__name__} has none "
+                         f"and its config has no {flag!r} switch (use --no-bias-compensation)")
+    for u in units:
+        members = [m for _, m in u.inputs] + [u.output[1]] if kind == "channels" else [u.q[1], u.k[1], u.v[1], u.o[1]]
+        for m in members:
+            if getattr(m, "bias", None) is None:
+                W = m.weight
+                m.bias = nn.Parameter(torch.zeros(W.shape[0], dtype=W.dtype, device=W.device))
+    setattr(model.config, flag, True)
+    log.info("bias compensation: turned %s on (zero biases added) so the repair has somewhere to go", flag)
+    return True
+
+
+def _cut(kind, unit, scores, hunits, count, st, config, compensate, i) -> StructuredRecord:
+    """Remove ``count`` lowest-scored units of one layer and repair the output projection."""
+    removed_units = S.lowest(scores, count)
+    out_module = _output_of(kind, unit)[1]
+    if kind == "channels":
+        width = unit.width
+        removed = removed_units
+        keep = [j for j in range(width) if j not in set(removed)]
+        before, after = width, len(keep)
+    else:
+        q_removed = sorted(h for u in removed_units for h in hunits[u][0])
+        kv_removed = sorted(g for u in removed_units for g in hunits[u][1])
+        q_keep = [h for h in range(unit.heads) if h not in set(q_removed)]
+        kv_keep = [g for g in range(unit.kv_heads) if g not in set(kv_removed)]
+        from .surgery import head_channels
+
+        removed = q_removed
+        keep = head_channels(q_keep, unit.head_dim)
+        before, after = unit.heads, len(q_keep)
+    W = weight_of(out_module)
+    removed_ch = [j for j in range(W.shape[1]) if j not in set(keep)]
+    new_W = None
+    if config.refit and removed_ch:
+        new_W = S.least_squares_refit(W, st.gram, keep)
+    if compensate and removed_ch:
+        out_module.bias.add_(S.bias_compensation(W, st.mean, removed_ch).to(out_module.bias.dtype))
+    if kind == "channels":
+        keep_channels(unit, keep)
+    else:
+        keep_heads(unit, q_keep, kv_keep)
+    if new_W is not None:
+        weight_of(out_module).copy_(new_W.to(W.dtype))
+    return StructuredRecord(i, kind, before, after, removed)
+
+
+# ----------------------------------------------------------------------------- depth
+
+
+@torch.no_grad()
+def block_scores(model: nn.Module, input_ids: torch.Tensor, score: str, n: int, batch_size: int, device,
+                 tracker: Tracker) -> torch.Tensor:
+    """Run the dense blocks once over the calibration tokens.
+
+    ``score="bi"``: Block Influence of every block, ``(blocks,)``.  ``score="angular"``: for every start
+    ``l``, the mean angular distance between the inputs of block ``l`` and block ``l + n``, ``(blocks - n + 1,)``.
+    """
+    blocks_name, blocks = find_blocks(model)
+    L = len(blocks)
+    tracker.enter(Stage.CALIBRATING)
+    hidden, calls = capture_inputs(model, blocks, input_ids, batch_size)
+    tokens = sum(h.shape[0] * h.shape[1] for h in hidden)
+    if score == "bi":
+        sums = torch.zeros(L, dtype=torch.float64)
+    else:
+        sums = torch.zeros(L - n + 1, dtype=torch.float64)
+        history = [hidden]  # inputs of the last n+1 blocks
+    bar = tracker.bar(total=L)
+    for i, block in enumerate(blocks):
+        block.to(device)
+        outs = run_block(block, hidden, calls[i], device, keep=True)
+        block.to("cpu")
+        if score == "bi":
+            sums[i] = sum(S.cosine_per_token(a, b).sum() for a, b in zip(hidden, outs))
+        else:
+            history.append(outs)
+            if len(history) > n + 1:
+                history.pop(0)
+            if i + 1 >= n:  # history[0] is block (i+1-n)'s input, history[-1] block (i+1)'s input
+                sums[i + 1 - n] = sum(S.angular_distance(S.cosine_per_token(a, b)).sum()
+                                      for a, b in zip(history[0], history[-1]))
+        hidden = outs
+        bar.update(1)
+    bar.close()
+    return S.block_influence(sums, tokens) if score == "bi" else sums / tokens
+
+
+@torch.no_grad()
+def prune_depth(model: nn.Module, config, input_ids: torch.Tensor, tracker: Tracker) -> tuple:
+    """Remove ``config.count`` (or ``ratio`` of the) blocks; returns ``(records, block scores)``."""
+    _, blocks = find_blocks(model)
+    L = len(blocks)
+    k = config.count if config.count is not None else round(config.ratio * L)
+    if not 0 < k < L:
+        raise ValueError(f"cannot remove {k} of the model's {L} blocks (at least one must go, one must stay)")
+    scores = block_scores(model, input_ids, config.score, k, config.batch_size, torch.device(config.device), tracker)
+    tracker.enter(Stage.PRUNING)
+    remove = S.blocks_to_remove(config.score, scores, k)
+    log.info("removing blocks %s (%s scores %s)", remove, config.score, [round(float(s), 4) for s in scores])
+    drop_blocks(model, remove)
+    check_loadable(model, None)
+    return [StructuredRecord(i, "block", 1, 0, [i]) for i in remove], scores

@@ -1,0 +1,134 @@
+"""Sparsity schedules: pure functions of the step, registered by name.
+
+Every schedule maps a training step ``t`` to a target sparsity.  Schedules that ramp (``gradual``, ``cubic``,
+``exponential``) change value only at update steps ``start_step + k * frequency`` and hold it in between;
+before ``start_step`` the target is 0, from ``end_step`` on it is ``final_sparsity``.  With ``p`` the progress
+``(t_u - start_step) / (end_step - start_step)`` at the last update step ``t_u``:
+
+* ``oneshot``      -- 0 before ``start_step``, ``final_sparsity`` at and after it;
+* ``gradual``      -- linear: ``s_i + (s_f - s_i) p``;
+* ``cubic``        -- Zhu & Gupta (2017): ``s_f + (s_i - s_f)(1 - p)^3`` (fast early, gentle late);
+* ``exponential``  -- saturating: ``s_f (1 - e^(-k p))`` (it ends at ``s_f (1 - e^(-k))``: 99.3% of ``s_f``
+  for the default ``k = 5``);
+* ``geometric``    -- ``s_0 (s_f / s_0)^p``: the sparsity grows by the same factor at every update, the usual
+  choice for iterative prune-retrain cycles (``s_0 = initial_sparsity > 0``).
+
+Going from sparsity ``s`` to ``s'`` removes :func:`increment` ``= (s' - s) / (1 - s)`` of the remaining weights,
+so the measured sparsity equals the schedule's value at every update.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+SCHEDULES: dict[str, Callable] = {}
+
+
+def register_schedule(name: str):
+    def wrap(fn):
+        if name in SCHEDULES:
+            raise ValueError(f"schedule {name!r} is registered twice")
+        SCHEDULES[name] = fn
+        return fn
+
+    return wrap
+
+
+def increment(current: float, target: float) -> float:
+    """Fraction of the *remaining* weights to prune to go from sparsity ``current`` to ``target``."""
+    if target <= current:
+        return 0.0
+    return (target - current) / (1 - current)
+
+
+def _progress(step: int, start: int, end: int, frequency: int) -> float:
+    """Progress in [0, 1] at the last update step at or before ``step`` (updates every ``frequency`` steps)."""
+    if end <= start:
+        return 1.0
+    t = min(step, end)
+    t = start + ((t - start) // frequency) * frequency if t < end else end
+    return (t - start) / (end - start)
+
+
+@register_schedule("oneshot")
+def oneshot(step, *, start_step=0, final_sparsity, **_):
+    return final_sparsity if step >= start_step else 0.0
+
+
+@register_schedule("gradual")
+def gradual(step, *, start_step, end_step, initial_sparsity, final_sparsity, frequency=1, **_):
+    if step < start_step:
+        return 0.0
+    p = _progress(step, start_step, end_step, frequency)
+    return initial_sparsity + (final_sparsity - initial_sparsity) * p
+
+
+@register_schedule("cubic")
+def cubic(step, *, start_step, end_step, initial_sparsity, final_sparsity, frequency=1, **_):
+    if step < start_step:
+        return 0.0
+    p = _progress(step, start_step, end_step, frequency)
+    return final_sparsity + (initial_sparsity - final_sparsity) * (1 - p) ** 3
+
+
+@register_schedule("exponential")
+def exponential(step, *, start_step, end_step, final_sparsity, frequency=1, k=5.0, **_):
+    if step < start_step:
+        return 0.0
+    p = _progress(step, start_step, end_step, frequency)
+    return final_sparsity * (1 - math.exp(-k * p))
+
+
+@register_schedule("geometric")
+def geometric(step, *, start_step, end_step, initial_sparsity, final_sparsity, frequency=1, **_):
+    if step < start_step:
+        return 0.0
+    p = _progress(step, start_step, end_step, frequency)
+    return initial_sparsity * (final_sparsity / initial_sparsity) ** p
+
+
+@dataclass
+class Schedule:
+    """A named schedule with its parameters, validated; ``schedule(step)`` gives the target sparsity."""
+
+    name: str = "cubic"
+    final_sparsity: float = 0.5
+    initial_sparsity: float = 0.0
+    start_step: int = 0
+    end_step: "int | None" = None  # None = start_step (a oneshot schedule needs no end)
+    frequency: int = 1
+    k: float = 5.0  # exponential: steepness
+
+    def __post_init__(self):
+        from ..config import ConfigError
+
+        def check(cond, msg):
+            if not cond:
+                raise ConfigError(msg)
+
+        if self.end_step is None:
+            self.end_step = self.start_step
+        check(self.name in SCHEDULES, f"schedule: unknown {self.name!r}; known: {', '.join(sorted(SCHEDULES))}")
+        check(0 <= self.initial_sparsity < 1 and 0 < self.final_sparsity < 1,
+              "schedule sparsities must be in [0, 1) (final > 0)")
+        check(self.initial_sparsity <= self.final_sparsity, "initial_sparsity must not exceed final_sparsity")
+        check(self.start_step >= 0 and self.end_step >= self.start_step, "need 0 <= start_step <= end_step")
+        check(self.frequency >= 1, "frequency must be >= 1")
+        check(self.k > 0, "k must be > 0")
+        check(self.name != "geometric" or self.initial_sparsity > 0, "geometric needs initial_sparsity > 0")
+
+    def __call__(self, step: int) -> float:
+        params = asdict(self)
+        return SCHEDULES[params.pop("name")](step, **params)
+
+    def is_update_step(self, step: int) -> bool:
+        """Steps at which the target may change (masks are recomputed only there)."""
+        if self.name == "oneshot":
+            return step == self.start_step
+        return self.start_step <= step <= self.end_step and (
+            (step - self.start_step) % self.frequency == 0 or step == self.end_step)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
