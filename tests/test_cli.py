@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 import transformers as tf
 
 from conftest import cli_args as args

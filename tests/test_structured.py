@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers as tf
 
-from conftest import FAMILIES, cli_args, tiny_model
+from conftest import cli_args, tiny_model
 from secateurs import StructuredConfig, load, prune
 from secateurs.cli import main
 from secateurs.config import ConfigError

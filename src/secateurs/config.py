@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .methods import METHODS, get_method
-from .patterns import GROUPS, Pattern
+from .patterns import Pattern
 
 SCOPES = ("all", "attention", "mlp")
 PROPAGATE = ("pruned", "dense")

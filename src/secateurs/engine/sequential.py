@@ -19,7 +19,6 @@ Calibration activations live on the CPU; only one block and one batch at a time 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +28,7 @@ from ..methods.base import InputStats, LayerTarget, Method
 from ..models.arch import find_blocks, find_linears, role_of, set_weight_of, weight_of
 from ..patterns import Pattern, check_nm, check_tiles, lowest_k_mask, tile_scores, expand_tiles
 from ..progress import Stage, Tracker
-from .capture import BlockCall, StopForward, capture_inputs
+from .capture import StopForward, capture_inputs
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 
 from ..progress import Stage, Tracker
 from .finetune import TrainConfig, train
