@@ -11,6 +11,9 @@ def test_defaults_follow_the_papers():
     assert (c.calib_samples, c.calib_seqlen, c.propagate) == (128, 2048, "pruned")
     assert PruneConfig(method="magnitude").group == "layer"
     assert PruneConfig(method="sparsegpt").needs_calibration and not PruneConfig(method="magnitude").needs_calibration
+    # true-sequential: the SparseGPT LLaMA script's option, on by default for sparsegpt only
+    assert PruneConfig(method="sparsegpt").true_sequential and not PruneConfig(method="wanda").true_sequential
+    assert not PruneConfig(method="wanda", group="global", propagate="dense").true_sequential
 
 
 def test_nm_implies_sparsity():
@@ -30,6 +33,7 @@ def test_nm_implies_sparsity():
     (dict(method="sparsegpt", group="global"), "not offered by sparsegpt"),
     (dict(method="wanda", threshold=0.1), "magnitude-only"),
     (dict(method="wanda", group="global", propagate="pruned"), "needs propagate=dense"),
+    (dict(method="wanda", group="global", propagate="dense", true_sequential=True), "true_sequential does not apply"),
     (dict(layer_sparsity=["mlp=1.5"]), r"\[0, 1\)"),
     (dict(layer_sparsity=["mlp"]), "REGEX=S"),
     (dict(pattern="2:4", layer_sparsity=["mlp=0.3"]), "N:M"),

@@ -1,10 +1,13 @@
+import dataclasses
+
 import pytest
 import torch
 import transformers as tf
 
-from conftest import FAMILIES, tiny_model
+from conftest import tiny_model
 from secateurs import PruneConfig, prune
 from secateurs.engine import capture_inputs, make_plan
+from secateurs.engine import layout as layout_module, sequential
 from secateurs.engine.sequential import run_block
 from secateurs.models import ArchitectureError, find_blocks, find_linears, role_of, weight_of
 from secateurs.patterns import check_nm
@@ -117,13 +120,66 @@ def test_propagate_and_true_sequential_change_results(calib_ids):
         prune(model, PruneConfig(method="sparsegpt", **kw), calib_ids, progress=False)
         return model.model.layers[1].mlp.down_proj.weight.clone(), model.model.layers[0].mlp.down_proj.weight.clone()
 
-    base1, base0 = run()
-    dense1, dense0 = run(propagate="dense")
+    base1, base0 = run(true_sequential=False)
+    dense1, dense0 = run(propagate="dense", true_sequential=False)
     seq1, seq0 = run(true_sequential=True)
     # block 0 sees identical inputs either way; block 1 sees dense vs pruned outputs of block 0
     assert torch.equal(base0, dense0) and not torch.equal(base1, dense1)
     # true-sequential re-observes down_proj's input after up/gate were pruned: block 0 differs already
     assert not torch.equal(base0, seq0)
+
+
+EXPECTED_GROUPS = {  # input groups in execution order, as learnt from one call of block 0
+    "llama": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+              ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]],
+    "opt": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"], ["fc1"], ["fc2"]],
+    "gpt2": [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]],
+    # Phi runs attention and MLP side by side on one normalised input: q, k, v and fc1 share it
+    "phi": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1"], ["self_attn.dense"], ["mlp.fc2"]],
+}
+
+
+@pytest.mark.parametrize("family", sorted(EXPECTED_GROUPS))
+def test_layout_groups_and_replayable_children(family, calib_ids):
+    model = tiny_model(family)
+    name, blocks = find_blocks(model)
+    hidden, calls = capture_inputs(model, blocks, calib_ids, 2)
+    prefix = f"{name}.0."
+    layout = layout_module.learn_layout(blocks[0], prefix, find_linears(blocks[0], prefix), calls[0][0], hidden[0],
+                                        "cpu")
+    assert layout.groups == EXPECTED_GROUPS[family]
+    attention = {"llama": "self_attn", "opt": "self_attn", "gpt2": "attn", "phi": "self_attn"}[family]
+    assert layout.children[attention].linear == EXPECTED_GROUPS[family][1][0]  # returns o_proj's output as is
+
+
+def test_true_sequential_replay_is_exact(family, calib_ids, monkeypatch):
+    """Replaying finished children from their last linear's cached input changes no bit of the result."""
+    def run(replay: bool):
+        model = tiny_model(family)
+        with monkeypatch.context() as m:
+            if not replay:
+                learn = layout_module.learn_layout
+                m.setattr(sequential, "learn_layout", lambda *a: dataclasses.replace(learn(*a), children={}))
+            prune(model, PruneConfig(method="sparsegpt", true_sequential=True, batch_size=2), calib_ids,
+                  progress=False)
+        return model.state_dict()
+
+    replayed, recomputed = run(True), run(False)
+    assert all(torch.equal(replayed[k], recomputed[k]) for k in replayed)
+
+
+@pytest.mark.parametrize("replay, expected", [(True, 1 + 3 + 3), (False, 1 + 3 * 5)])
+def test_true_sequential_replays_attention_instead_of_recomputing_it(calib_ids, monkeypatch, replay, expected):
+    model = tiny_model("llama")
+    if not replay:
+        learn = layout_module.learn_layout
+        monkeypatch.setattr(sequential, "learn_layout", lambda *a: dataclasses.replace(learn(*a), children={}))
+    calls = []
+    model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, a: calls.append(1))
+    prune(model, PruneConfig(method="sparsegpt", true_sequential=True, batch_size=2), calib_ids, progress=False)
+    # block 0, 3 batches: one learns the layout, q/k/v are observed (stopping at q_proj), o_proj is observed
+    # (attention runs); observing gate/up and down_proj and computing the outputs replay o_proj instead
+    assert len(calls) == expected
 
 
 def test_wanda_needs_calibration():
@@ -188,5 +244,5 @@ def test_blocks_after_the_last_pruned_one_are_never_run(calib_ids):
     r = prune(model, PruneConfig(method="sparsegpt", include=[r"layers\.0\."], batch_size=2), calib_ids,
               progress=False)
     assert len(r.layers) == 7 and 1 not in calls
-    # block 0 is observed once (3 batches) and not recomputed: its last layer runs 3 times, not 6
-    assert calls.count(0) == 3
+    # block 0: one batch learns the layout, three are observed, and nothing is recomputed (it would be 7)
+    assert calls.count(0) == 1 + 3

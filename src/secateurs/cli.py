@@ -82,8 +82,9 @@ def _add_prune(p, single_method=True):
     p.add_argument("--percdamp", type=float, default=None, help="sparsegpt damping (default 0.01)")
     p.add_argument("--propagate", choices=["pruned", "dense"], default=None,
                    help="next block sees pruned (default) or dense outputs")
-    p.add_argument("--true-sequential", action="store_true", default=None,
-                   help="re-observe each sub-group of a block after pruning the previous one")
+    p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="prune a block's input groups one at a time, each observed after the previous one was "
+                        "pruned (default: on for sparsegpt, off for wanda)")
     p.add_argument("--device", default=None, help="compute device for each block (default cpu)")
 
 

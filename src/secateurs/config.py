@@ -116,7 +116,7 @@ class PruneConfig(_Serialised):
     seed: int = 0
     batch_size: int = 8  # calibration samples per block forward
     propagate: "str | None" = None  # pruned (reference default) | dense; None = pruned (dense for group=global)
-    true_sequential: bool = False  # re-observe each sub-group (q/k/v -> o -> up/gate -> down) after pruning the last
+    true_sequential: "bool | None" = None  # prune q/k/v -> o -> up/gate -> down one after the other; None = method's default
     device: str = "cpu"  # where each block is computed; activations stay on the CPU
 
     def __post_init__(self):
@@ -162,6 +162,10 @@ class PruneConfig(_Serialised):
         _check(not (self.group == "global" and self.propagate == "pruned" and cls.needs != "none"),
                "group=global ranks every layer before any is pruned, so it needs propagate=dense")
         _check(not (self.group == "global" and pattern.kind == "nm"), "an N:M pattern has no global ranking")
+        if self.true_sequential is None:
+            self.true_sequential = cls.true_sequential and self.group != "global"
+        _check(not (self.true_sequential and self.group == "global"),
+               "group=global ranks every layer before any is pruned, so true_sequential does not apply")
         try:
             self.build_method()
         except (TypeError, ValueError) as exc:

@@ -11,8 +11,10 @@ For each decoder block in turn::
     move the block back; its outputs are the next block's inputs
 
 Linears that are fed the *same tensor object* (q/k/v; gate/up) form one input group: they share a single
-statistics accumulator (one ``X^T X``, not three), and with ``true_sequential`` each group is pruned
-before the next one is observed (attention inputs -> attention output -> MLP in -> MLP out).
+statistics accumulator (one ``X^T X``, not three); the groups are learnt from one call of the block
+(:mod:`.layout`).  With ``true_sequential`` each group is pruned before the next one is observed
+(attention inputs -> attention output -> MLP in -> MLP out), and finished parts of the block are replayed
+from cached inputs rather than recomputed.
 Calibration activations live on the CPU; only one block and one batch at a time visit the device.
 """
 
@@ -29,6 +31,7 @@ from ..models.arch import find_blocks, find_linears, role_of, set_weight_of, wei
 from ..patterns import Pattern, check_nm, check_tiles, lowest_k_mask, tile_scores, expand_tiles
 from ..progress import Stage, Tracker
 from .capture import StopForward, capture_inputs
+from .layout import BlockLayout, Replay, learn_layout
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +88,9 @@ class Observer:
     """
 
     def __init__(self, layers: dict[str, nn.Module], needs: str, groups: "dict[str, int] | None" = None,
-                 stop_after: "str | None" = None):
+                 stop_after: "str | None" = None, keep_inputs: bool = False):
         self.needs = needs
+        self.inputs: "dict[int, list] | None" = {} if keep_inputs else None  # group id -> its input per batch (CPU)
         self.group_of: dict[str, int] = dict(groups or {})  # layer name -> input group id
         self.stats: dict[int, InputStats] = {}
         self.order: list[str] = []  # execution order of the hooked layers (first batch)
@@ -127,6 +131,8 @@ class Observer:
 
     @torch.no_grad()
     def _accumulate(self, gid: int, x: torch.Tensor) -> None:
+        if self.inputs is not None:
+            self.inputs.setdefault(gid, []).append(x.detach().to("cpu"))
         if self.needs == "none":
             return
         x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
@@ -154,10 +160,13 @@ class Observer:
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, hidden: list, calls: list, device, keep: bool, observer: "Observer | None" = None):
+def run_block(block: nn.Module, hidden: list, calls: list, device, keep: bool, observer: "Observer | None" = None,
+              replays: tuple = ()):
     """Run every calibration batch through ``block``; return the outputs (on CPU) if ``keep``."""
     outs = []
-    for h, call in zip(hidden, calls):
+    for b, (h, call) in enumerate(zip(hidden, calls)):
+        for r in replays:
+            r.batch = b
         if observer is not None:
             observer.start_batch()
         try:
@@ -306,70 +315,26 @@ def prune_with_data(model: nn.Module, plan: Plan, method: Method, config, input_
     tracker.enter(Stage.CALIBRATING)
     hidden, calls = capture_inputs(model, plan.blocks, input_ids, config.batch_size)
 
-    dense_outputs = config.propagate == "dense"
     collect_global = config.group == "global"
     records: list[LayerRecord] = []
     scores: dict[str, torch.Tensor] = {}
     last = max(i for i, per_block in enumerate(plan.layers) if per_block)  # nothing after it needs inputs
-    last_watched: dict[frozenset, str] = {}  # blocks are alike: the last layer to run, learnt once per layer set
+    layouts: dict[frozenset, BlockLayout] = {}  # blocks are alike: learnt once per set of hooked layers
     bar = tracker.bar(total=last + 1)
     for i, block in enumerate(plan.blocks[: last + 1]):
-        layers = plan.layers[i]
         prefix = f"{plan.blocks_name}.{i}."
+        layers = plan.layers[i]
+        key = frozenset(n[len(prefix):] for n in layers)
         block.to(device)
-        outs = None
-        groups: dict[str, int] = {}
-        remaining = list(layers)
-        first = True
-        while remaining:
-            tracker.describe(bar, Stage.CALIBRATING)
-            watch = {n: layers[n][0] for n in remaining}
-            # while only observing, the block's output is not needed: stop after the last watched layer
-            observer = Observer(watch, method.needs, groups)
-            keep = first and dense_outputs
-            key = frozenset(n[len(prefix):] for n in watch)
-            try:
-                if key in last_watched and not keep:
-                    observer.stop_after = prefix + last_watched[key]
-                    got = run_block(block, hidden, calls[i], device, keep=False, observer=observer)
-                else:  # the first batch runs whole and reveals the execution order of the watched layers
-                    got = run_block(block, hidden[:1], calls[i][:1], device, keep=keep, observer=observer)
-                    if not keep and observer.order:
-                        observer.stop_after = observer.order[-1]
-                    got += run_block(block, hidden[1:], calls[i][1:], device, keep=keep, observer=observer)
-                if observer.order:
-                    last_watched[key] = observer.order[-1][len(prefix):]
-            finally:
-                observer.remove()
-            if keep:
-                outs = got
-            groups = observer.group_of
-            unseen = [n for n in remaining if n not in groups]
-            if unseen:  # hooked but never called by the block's forward: nothing to calibrate on
-                log.warning("block %d: %s never ran during calibration; left dense", i, ", ".join(unseen))
-                remaining = [n for n in remaining if n in groups]
-            if config.true_sequential:  # the first input group in execution order, then re-observe
-                gid = groups[observer.order[0]]
-                now = [n for n in observer.order if groups[n] == gid]
-            else:
-                now = list(remaining)
-            tracker.describe(bar, Stage.COMPUTING_IMPORTANCE if collect_global else Stage.PRUNING)
-            for gid in dict.fromkeys(groups[n] for n in now):  # input groups, in execution order
-                names = [n for n in now if groups[n] == gid]
-                stats = observer.stats_for(names[0])
-                if collect_global:
-                    for name in names:
-                        W = weight_of(layers[name][0]).to(device, torch.float32)
-                        scores[name] = method.scores(W, stats).cpu()
-                else:
-                    records += prune_layers(names, [layers[n][0] for n in names], method, stats,
-                                            [layers[n][1] for n in names], i, device, True)
-            remaining = [n for n in remaining if n not in now]
-            first = False
-            del observer
-        if outs is None and i < last:
-            tracker.describe(bar, Stage.CALIBRATING)
-            outs = run_block(block, hidden, calls[i], device, keep=True)
+        tracker.describe(bar, Stage.CALIBRATING)
+        if layers and key not in layouts:
+            watch = {n: m for n, (m, _) in layers.items()}
+            layouts[key] = learn_layout(block, prefix, watch, calls[i][0], hidden[0], device)
+        walk = _walk_true_sequential if config.true_sequential and not collect_global else _walk_at_once
+        recs, outs = walk(i, block, prefix, layers, layouts.get(key), hidden, calls[i], method, config, device,
+                          need_outputs=i < last, scores=scores if collect_global else None,
+                          describe=lambda stage: tracker.describe(bar, stage))
+        records += recs
         block.to("cpu")
         hidden = outs
         bar.update(1)
@@ -382,3 +347,101 @@ def prune_with_data(model: nn.Module, plan: Plan, method: Method, config, input_
         for i, name, module, target in plan.all_layers:
             records.append(apply_mask(name, i, module, masks.pop(name), target))
     return records
+
+
+def _layout_names(layout: "BlockLayout | None", prefix: str, layers: dict) -> list[list[str]]:
+    """The block's input groups as qualified names; hooked layers the block never ran are left dense."""
+    groups = [[prefix + r for r in g] for g in layout.groups] if layout else []
+    seen = {n for g in groups for n in g}
+    unseen = [n for n in layers if n not in seen]
+    if unseen:
+        log.warning("%s never ran during calibration; left dense", ", ".join(unseen))
+    return groups
+
+
+def _ran(groups: list, observer: Observer, block: int) -> list:
+    """The groups whose input the observer saw; the others (never called in this block) stay dense."""
+    ran = [g for g in groups if g[0] in observer.order]
+    for g in groups:
+        if g not in ran:
+            log.warning("block %d: %s never ran during calibration; left dense", block, ", ".join(g))
+    return ran
+
+
+def _walk_at_once(i, block, prefix, layers, layout, hidden, calls, method, config, device, need_outputs, scores,
+                  describe):
+    """Observe every layer in one pass over the unchanged block, then prune them all (the reference way)."""
+    records = []
+    groups = _layout_names(layout, prefix, layers)
+    dense_outputs = config.propagate == "dense"
+    outs = None
+    if groups:
+        members = [n for g in groups for n in g]
+        observer = Observer({n: layers[n][0] for n in members}, method.needs,
+                            {n: k for k, g in enumerate(groups) for n in g},
+                            stop_after=None if dense_outputs else groups[-1][0])
+        try:  # while only observing, the block's output is not needed: stop at the last group's input
+            got = run_block(block, hidden, calls, device, keep=dense_outputs, observer=observer)
+        finally:
+            observer.remove()
+        outs = got if dense_outputs else None
+        describe(Stage.PRUNING if scores is None else Stage.COMPUTING_IMPORTANCE)
+        for names in _ran(groups, observer, i):
+            stats = observer.stats_for(names[0])
+            if scores is not None:
+                for name in names:
+                    W = weight_of(layers[name][0]).to(device, torch.float32)
+                    scores[name] = method.scores(W, stats).cpu()
+            else:
+                records += prune_layers(names, [layers[n][0] for n in names], method, stats,
+                                        [layers[n][1] for n in names], i, device, True)
+        del observer
+    if outs is None and need_outputs:
+        describe(Stage.CALIBRATING)
+        outs = run_block(block, hidden, calls, device, keep=True)
+    return records, outs
+
+
+def _walk_true_sequential(i, block, prefix, layers, layout, hidden, calls, method, config, device, need_outputs,
+                          scores, describe):
+    """Observe and prune one input group at a time, each seeing the outputs of the groups pruned before it.
+
+    Each observing pass stops at its group's input, and children of the block that are finished are
+    replayed from their last linear's cached input (see :mod:`.layout`), so the whole walk costs about
+    one forward of the block more than observing does.
+    """
+    records = []
+    groups = _layout_names(layout, prefix, layers)
+    outs = run_block(block, hidden, calls, device, keep=True) if config.propagate == "dense" else None
+    replay_inputs = {prefix + c.linear for c in layout.children.values()} if layout else set()
+    pruned: set[str] = set()
+    replays: list[Replay] = []
+    try:
+        for names in groups:
+            describe(Stage.CALIBRATING)
+            observer = Observer({n: layers[n][0] for n in names}, method.needs, {n: 0 for n in names},
+                                stop_after=names[0], keep_inputs=bool(replay_inputs.intersection(names)))
+            try:
+                run_block(block, hidden, calls, device, keep=False, observer=observer, replays=tuple(replays))
+            finally:
+                observer.remove()
+            if not _ran([names], observer, i):
+                continue
+            describe(Stage.PRUNING)
+            records += prune_layers(names, [layers[n][0] for n in names], method, observer.stats_for(names[0]),
+                                    [layers[n][1] for n in names], i, device, True)
+            pruned.update(n[len(prefix):] for n in names)
+            for child, spec in layout.children.items():
+                if prefix + spec.linear in names and spec.members <= pruned:
+                    linear = layers[prefix + spec.linear][0]
+                    replay = Replay(block.get_submodule(child), linear, observer.inputs[0], spec.tuple_len, device)
+                    replay.install()
+                    replays.append(replay)
+            del observer
+        if outs is None and need_outputs:
+            describe(Stage.CALIBRATING)
+            outs = run_block(block, hidden, calls, device, keep=True, replays=tuple(replays))
+    finally:
+        for replay in replays:
+            replay.remove()
+    return records, outs

@@ -50,6 +50,7 @@ class Method:
     default_group: ClassVar[str] = "row"
     groups: ClassVar[tuple[str, ...]] = ("row", "layer", "global")
     patterns: ClassVar[tuple[str, ...]] = ("unstructured", "nm", "block")
+    true_sequential: ClassVar[bool] = False  # default for PruneConfig.true_sequential
 
     def __init__(self, **options):
         if options:
