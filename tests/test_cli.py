@@ -19,11 +19,19 @@ def test_prune_writes_model_and_report(tiny_dir, tmp_path, capsys):
                 "zero_params", "nonzero_params", "total_params", "config", "seed", "versions", "stage"):
         assert key in r, key
     assert r["sparsity"] == pytest.approx(0.5) and r["stage"] == "complete" and r["config"]["pattern"] == "2:4"
+    assert r["config"]["true_sequential"] is True  # sparsegpt's default
     assert len(r["per_layer"]) == 14 and r["zero_params"] + r["nonzero_params"] == r["total_params"]
     assert r["dense_perplexity"] > 1 and r["perplexity"] > 1
     model = tf.AutoModelForCausalLM.from_pretrained(out)  # plain transformers
     assert (model.model.layers[1].mlp.down_proj.weight == 0).float().mean() == 0.5
     assert (out / "secateurs_report.json").is_file() and (out / "secateurs_recipe.yaml").is_file()
+
+
+def test_no_true_sequential_flag(tiny_dir, tmp_path):
+    report = tmp_path / "r.json"
+    assert main(["prune", *args(tiny_dir, "--method", "sparsegpt", "--no-true-sequential", "--no-eval",
+                                "--output", str(tmp_path / "o"), "--report", str(report))]) == 0
+    assert json.loads(report.read_text())["config"]["true_sequential"] is False
 
 
 def test_eval_and_compare(tiny_dir, tmp_path, capsys):
