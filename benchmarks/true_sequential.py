@@ -1,8 +1,8 @@
 """True-sequential or at once: which calibration order prunes the built-in model better, and how fast.
 
-    python benchmarks/true_sequential.py          # 10 runs, ~30 min on 2 CPU cores
+    python benchmarks/true_sequential.py          # 10 runs, ~25 min on 2 CPU cores
 
-Quick protocol (shared/DATA.md; see quick_protocol.py) for Wanda and SparseGPT at 50%, 2:4 and 4:8, each with
+Quick protocol (shared/DATA.md; see quick_protocol.py) for SparseGPT at 50%, 2:4 and 4:8 and Wanda at 50% and 2:4, each with
 ``true_sequential`` off (every layer of a block observed on the unpruned block, as the reference code) and on
 (q/k/v, then o, then gate/up, then down, each observed after the previous group was pruned).  Perplexity is
 measured on the protocol's windows (the first 16 x 1024 tokens of enwiki test) and, so that the choice of
