@@ -224,7 +224,8 @@ def test_layers_reading_the_same_input_share_statistics(calib_ids):
     _, blocks = find_blocks(model)
     hidden, calls = capture_inputs(model, blocks, calib_ids, batch_size=3)
     layers = find_linears(blocks[0])
-    obs = Observer(layers, "hessian")
+    layout = layout_module.learn_layout(blocks[0], "", layers, calls[0][0], hidden[0], "cpu")
+    obs = Observer(layers, "hessian", {n: k for k, g in enumerate(layout.groups) for n in g})
     run_block(blocks[0], hidden, calls[0], "cpu", keep=False, observer=obs)
     obs.remove()
     g = obs.group_of

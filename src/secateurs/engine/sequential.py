@@ -82,45 +82,32 @@ def mirror_lower(H: torch.Tensor) -> torch.Tensor:
 class Observer:
     """Forward pre-hooks that accumulate :class:`InputStats` for a set of linear layers.
 
-    Layers whose input is the identical tensor in the first batch share one accumulator (the grouping
-    is then fixed).  With ``stop_after`` set, the forward is cut short with :class:`StopForward` as soon
-    as that layer's input has been seen -- the block's output is not needed while only observing.
+    ``groups`` maps every layer to its input group (from :func:`.layout.learn_layout`): layers of one
+    group read the same tensor and share one accumulator, fed once per batch.  With ``stop_after`` set,
+    the forward is cut short with :class:`StopForward` as soon as that layer's input has been seen -- the
+    block's output is not needed while only observing.
     """
 
-    def __init__(self, layers: dict[str, nn.Module], needs: str, groups: "dict[str, int] | None" = None,
+    def __init__(self, layers: dict[str, nn.Module], needs: str, groups: dict[str, int],
                  stop_after: "str | None" = None, keep_inputs: bool = False):
         self.needs = needs
         self.inputs: "dict[int, list] | None" = {} if keep_inputs else None  # group id -> its input per batch (CPU)
-        self.group_of: dict[str, int] = dict(groups or {})  # layer name -> input group id
+        self.group_of = dict(groups)  # layer name -> input group id
         self.stats: dict[int, InputStats] = {}
-        self.order: list[str] = []  # execution order of the hooked layers (first batch)
+        self.order: list[str] = []  # the hooked layers seen, in execution order
         self.stop_after = stop_after
-        self._seen: list[tuple[torch.Tensor, int]] = []
         self._done: set[int] = set()
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in layers.items()]
 
     def start_batch(self) -> None:
-        self._seen.clear()
         self._done.clear()
-
-    def _group(self, name: str, x: torch.Tensor) -> int:
-        if name not in self.group_of:
-            for tensor, gid in self._seen:
-                if tensor is x:
-                    self.group_of[name] = gid
-                    break
-            else:
-                self.group_of[name] = max(self.group_of.values(), default=-1) + 1
-        gid = self.group_of[name]
-        self._seen.append((x, gid))
-        return gid
 
     def _hook(self, name: str):
         def hook(module, args):
             x = args[0]
             if name not in self.order:
                 self.order.append(name)
-            gid = self._group(name, x)
+            gid = self.group_of[name]
             if gid not in self._done:
                 self._done.add(gid)
                 self._accumulate(gid, x)
@@ -320,6 +307,7 @@ def prune_with_data(model: nn.Module, plan: Plan, method: Method, config, input_
     scores: dict[str, torch.Tensor] = {}
     last = max(i for i, per_block in enumerate(plan.layers) if per_block)  # nothing after it needs inputs
     layouts: dict[frozenset, BlockLayout] = {}  # blocks are alike: learnt once per set of hooked layers
+    walk = _walk_true_sequential if config.true_sequential and not collect_global else _walk_at_once
     bar = tracker.bar(total=last + 1)
     for i, block in enumerate(plan.blocks[: last + 1]):
         prefix = f"{plan.blocks_name}.{i}."
@@ -330,7 +318,6 @@ def prune_with_data(model: nn.Module, plan: Plan, method: Method, config, input_
         if layers and key not in layouts:
             watch = {n: m for n, (m, _) in layers.items()}
             layouts[key] = learn_layout(block, prefix, watch, calls[i][0], hidden[0], device)
-        walk = _walk_true_sequential if config.true_sequential and not collect_global else _walk_at_once
         recs, outs = walk(i, block, prefix, layers, layouts.get(key), hidden, calls[i], method, config, device,
                           need_outputs=i < last, scores=scores if collect_global else None,
                           describe=lambda stage: tracker.describe(bar, stage))
