@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def run_each(script: str, runs: list, extra: list, on_row) -> list[dict]:
@@ -28,3 +29,75 @@ def measured_on(env: dict) -> str:
     return (f"Measured {time.strftime('%Y-%m-%d')} on {env['machine']['cpu']} ({env['machine']['cores']} cores, "
             f"torch threads 2), torch {env['versions']['torch']}, transformers {env['versions']['transformers']}, "
             f"secateurs {env['versions']['secateurs']}.")
+
+
+PROTOCOL_WINDOWS, HELD_OUT_WINDOWS, SEQLEN = 16, 24, 1024
+
+
+def prune_and_score(method: str, setting: str, **options) -> dict:
+    """Quick protocol (shared/DATA.md) for ``method`` at ``setting`` (``0.5`` or ``N:M``) with extra
+    :class:`PruneConfig` ``options``; perplexity on the protocol's windows (the first 16 x 1024 tokens of
+    enwiki test) and on the next 24 windows, held out so that no choice is made on the reported figures."""
+    import torch
+
+    from secateurs import EvalConfig, PruneConfig, calibration_data, evaluate, load_model, prune
+    from secateurs.api import environment
+    from secateurs.data import load_text, tokenize
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model, tok = load_model("smollm2-135m")
+    ids = tokenize(tok, load_text("enwiki", "test"))
+    nm = ":" in setting
+    cfg = PruneConfig(method=method, pattern=setting if nm else "unstructured", sparsity=None if nm else float(setting),
+                      calib_data="enwiki", calib_samples=32, calib_seqlen=512, seed=0, batch_size=8, **options)
+    result = prune(model, cfg, calibration_data(tok, cfg), progress=False)
+    return {"method": method, "pattern": cfg.pattern, "true_sequential": cfg.true_sequential, "refine": cfg.refine,
+            "sparsity": result.sparsity, "prune_seconds": round(result.prune_seconds, 2),
+            "perplexity": evaluate(model, tok, EvalConfig(seqlen=SEQLEN, windows=PROTOCOL_WINDOWS), ids=ids,
+                                   progress=False),
+            "held_out_perplexity": evaluate(model, tok, EvalConfig(seqlen=SEQLEN, windows=HELD_OUT_WINDOWS),
+                                            ids=ids[PROTOCOL_WINDOWS * SEQLEN:], progress=False),
+            **environment()}
+
+
+def held_out_markdown(script: str, rows: list[dict], title: str, intro: str, column: str, cell) -> str:
+    """The results page of ``script``: ``| method | pattern | <column> | protocol ppl | held-out ppl | prune s |``,
+    with ``cell(row)`` filling ``column``."""
+    lines = [f"# {title} (SmolLM2-135M, quick protocol)", "", measured_on(rows[0]), "",
+             "Calibration 32 x 512 tokens of enwiki train (seed 0), batch 8, fp32. `protocol` = perplexity on the "
+             "first 16 x 1024-token windows of enwiki test (the quick protocol); `held out` = the next 24 windows. "
+             + intro, "", f"Reproduce: `python benchmarks/{Path(script).name}`", "",
+             f"| method | pattern | {column} | protocol ppl | held-out ppl | prune s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['pattern']} | {cell(r)} | {r['perplexity']:.2f} | "
+                     f"{r['held_out_perplexity']:.2f} | {r['prune_seconds']:.1f} |")
+    return "\n".join(lines + [""])
+
+
+def held_out_main(script: str, doc: str, runs: list, stem: str, one, markdown) -> int:
+    """The command line of a benchmark whose rows come from :func:`prune_and_score`: ``--runs`` (comma list),
+    ``--out`` (folder for ``<stem>.json`` and ``<stem>.md``); each run in its own process via ``--one``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--runs", default=",".join(runs), help="comma list of runs (default: all of them)")
+    parser.add_argument("--out", default=str(Path(script).resolve().parent / "results"))
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one)))
+        return 0
+
+    def on_row(rows, seconds):
+        r = rows[-1]
+        print(f"{r['run']:>28}: ppl {r['perplexity']:.3f}, held out {r['held_out_perplexity']:.3f}, "
+              f"prune {r['prune_seconds']:.1f} s ({seconds:.0f} s)", flush=True)
+
+    rows = run_each(script, [r for r in args.runs.split(",") if r], [], on_row)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(rows))
+    print(markdown(rows))
+    return 0

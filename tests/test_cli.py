@@ -34,6 +34,15 @@ def test_no_true_sequential_flag(tiny_dir, tmp_path):
     assert json.loads(report.read_text())["config"]["true_sequential"] is False
 
 
+def test_refine_flags(tiny_dir, tmp_path):
+    report = tmp_path / "r.json"
+    assert main(["prune", *args(tiny_dir, "--method", "magnitude", "--refine", "admm", "--refine-iters", "5",
+                                "--no-eval", "--output", str(tmp_path / "o"), "--report", str(report))]) == 0
+    r = json.loads(report.read_text())
+    assert (r["config"]["refine"], r["config"]["refine_iters"], r["config"]["refine_damp"]) == ("admm", 5, 0.1)
+    assert abs(r["sparsity"] - 0.5) < 1e-3
+
+
 def test_eval_and_compare(tiny_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(tiny_dir / "model"), "--quiet", "--data", str(tiny_dir / "test.txt"),
                  "--eval-seqlen", "32", "--eval-windows", "2"]) == 0
@@ -59,6 +68,7 @@ def test_eval_and_compare(tiny_dir, tmp_path, capsys):
     (["--pattern", "3:6"], "not divisible by M=6"),
     (["--calib-samples", "5000"], "too little calibration text"),
     (["--calib-data", "/nonexistent/calib.txt"], "does not exist"),
+    (["--refine", "admm", "--refine-iters", "0"], "refine_iters must be >= 1"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_output(tiny_dir, tmp_path, capsys, extra, message):
     out = tmp_path / "out"

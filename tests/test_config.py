@@ -14,6 +14,10 @@ def test_defaults_follow_the_papers():
     # true-sequential: the SparseGPT LLaMA script's option, on by default for sparsegpt only
     assert PruneConfig(method="sparsegpt").true_sequential and not PruneConfig(method="wanda").true_sequential
     assert not PruneConfig(method="wanda", group="global", propagate="dense").true_sequential
+    # weight reconstruction is opt-in; asking for it makes even magnitude gather X^T X from calibration data
+    assert (c.refine, c.refine_iters, c.refine_damp, c.needs) == ("none", 20, 0.1, "norms")
+    refined = PruneConfig(method="magnitude", refine="admm")
+    assert refined.needs_calibration and refined.needs == "hessian"
 
 
 def test_nm_implies_sparsity():
@@ -40,6 +44,10 @@ def test_nm_implies_sparsity():
     (dict(include=["(unclosed"]), "bad regex"),
     (dict(calib_samples=0), "calib_samples"),
     (dict(method="sparsegpt", percdamp=0), "percdamp"),
+    (dict(refine="obs"), "refine must be one of"),
+    (dict(refine="admm", refine_iters=0), "refine_iters must be >= 1"),
+    (dict(refine="admm", refine_damp=-1), "refine_damp must be >= 0"),
+    (dict(method="magnitude", group="global", refine="admm"), "no layer can be refined"),
 ])
 def test_validation_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message):

@@ -34,17 +34,21 @@ def test_builtin_model_facts(real):
 def test_pruning_a_few_blocks_moves_perplexity_the_right_way(real):
     model, tok, eval_cfg, eval_ids, train_ids, dense_state, dense = real
     ppl = {}
-    for method in ("magnitude", "wanda", "sparsegpt"):
+    for method, refine in (("magnitude", "none"), ("wanda", "none"), ("sparsegpt", "none"), ("magnitude", "admm")):
         model.load_state_dict(dense_state)
         cfg = PruneConfig(method=method, sparsity=0.5, include=[r"layers\.([0-3])\."], calib_samples=8,
-                          calib_seqlen=256)
+                          calib_seqlen=256, refine=refine)
         result = prune(model, cfg, calibration_data(tok, cfg, ids=train_ids), progress=False)
         assert len(result.layers) == 4 * 7 and abs(result.sparsity - 0.5) < 1e-3
-        ppl[method] = evaluate(model, tok, eval_cfg, ids=eval_ids, progress=False)
+        ppl[method if refine == "none" else f"{method}+{refine}"] = evaluate(model, tok, eval_cfg, ids=eval_ids,
+                                                                             progress=False)
     model.load_state_dict(dense_state)
     # pruning costs perplexity; calibration-aware methods lose less than magnitude
     assert dense < ppl["sparsegpt"] and dense < ppl["wanda"]
     assert ppl["wanda"] < ppl["magnitude"] and ppl["sparsegpt"] < ppl["magnitude"]
+    # re-fitting the kept weights on magnitude's own mask wins back a large part of what magnitude lost
+    # (here 36.0 -> 30.6 against 24.4 dense)
+    assert dense < ppl["magnitude+admm"] < ppl["magnitude"] - 0.35 * (ppl["magnitude"] - dense)
 
 
 def test_gguf_file_loads_like_the_cached_builtin(real):

@@ -110,8 +110,9 @@ def prune(model, config, calibration: "torch.Tensor | Iterable | None" = None, *
     ids = None
     if any(c.needs_calibration for c in configs):
         if calibration is None:
-            needs = [c.method for c in configs if c.needs_calibration]
-            raise ConfigError(f"method {needs[0]} needs calibration data (token ids), none was given")
+            c = next(c for c in configs if c.needs_calibration)
+            what = f"method {c.method}" + (f" with refine={c.refine}" if c.refine != "none" else "")
+            raise ConfigError(f"{what} needs calibration data (token ids), none was given")
         ids = _as_ids(calibration)
     # validate every weight-pruning stage before any weight changes (up to the first structured stage,
     # after which the shapes are new and the plan is made when the stage is reached)
@@ -135,7 +136,7 @@ def prune(model, config, calibration: "torch.Tensor | Iterable | None" = None, *
             continue
         plan = plans.get(k) or make_plan(model, cfg)
         method = cfg.build_method()
-        if method.needs_calibration:
+        if cfg.needs_calibration:
             done = prune_with_data(model, plan, method, cfg, ids, tracker)
         else:
             done = prune_without_data(plan, method, cfg, tracker)
@@ -226,7 +227,7 @@ def markdown_table(table: dict) -> str:
     methods = list(dict.fromkeys(r["method"] for r in table["rows"]))
     cell = {(r["method"], r["setting"]): r for r in table["rows"]}
     head = "| method | " + " | ".join(settings) + " |"
-    lines = [head, "|" + "---|" * (len(settings) + 1), f"| dense | " + " | ".join(
+    lines = [head, "|" + "---|" * (len(settings) + 1), "| dense | " + " | ".join(
         f"{table['dense_perplexity']:.2f}" for _ in settings) + " |"]
     for m in methods:
         lines.append(f"| {m} | " + " | ".join(

@@ -80,6 +80,10 @@ def _add_prune(p, single_method=True):
     p.add_argument("--batch-size", type=int, default=None, help="calibration samples per block forward (default 8)")
     p.add_argument("--blocksize", type=int, default=None, help="sparsegpt lazy-update block (default 128)")
     p.add_argument("--percdamp", type=float, default=None, help="sparsegpt damping (default 0.01)")
+    p.add_argument("--refine", choices=["none", "admm"], default=None,
+                   help="after masking, re-fit the kept weights to the dense layer's outputs (admm; default none)")
+    p.add_argument("--refine-iters", type=int, default=None, help="admm iterations (default 20)")
+    p.add_argument("--refine-damp", type=float, default=None, help="admm damping per channel (default 0.1)")
     p.add_argument("--propagate", choices=["pruned", "dense"], default=None,
                    help="next block sees pruned (default) or dense outputs")
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None,
@@ -203,9 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _FLAG_FIELDS = ["method", "sparsity", "pattern", "group", "threshold", "include", "exclude", "calib_data",
-                "calib_samples", "calib_seqlen", "seed", "batch_size", "blocksize", "percdamp", "propagate",
-                "true_sequential", "device", "ratio", "score", "allocation", "round_to", "gqa", "refit",
-                "bias_compensation"]
+                "calib_samples", "calib_seqlen", "seed", "batch_size", "blocksize", "percdamp", "refine",
+                "refine_iters", "refine_damp", "propagate", "true_sequential", "device", "ratio", "score",
+                "allocation", "round_to", "gqa", "refit", "bias_compensation"]
 
 
 def _overrides(args) -> dict:

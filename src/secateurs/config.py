@@ -25,6 +25,7 @@ from .patterns import Pattern
 
 SCOPES = ("all", "attention", "mlp")
 PROPAGATE = ("pruned", "dense")
+REFINE = ("none", "admm")  # weight reconstruction on the chosen mask, after the method (methods/reconstruct.py)
 STRUCTURED = ("channels", "heads", "blocks")  # structured methods: remove whole units, not single weights
 WIDTH_SCORES = ("magnitude", "wanda", "fluctuation")
 DEPTH_SCORES = ("bi", "angular")
@@ -110,6 +111,9 @@ class PruneConfig(_Serialised):
     threshold: "float | None" = None  # magnitude only: prune |w| < threshold instead of a fraction
     blocksize: int = 128  # sparsegpt: columns per lazy update block
     percdamp: float = 0.01  # sparsegpt: damping as a fraction of mean(diag H)
+    refine: str = "none"  # none | admm: re-fit the kept weights to the dense layer's outputs after masking
+    refine_iters: int = 20  # admm iterations
+    refine_damp: float = 0.1  # admm: each input channel damped by this fraction of its diag(H)
     calib_data: str = "enwiki"
     calib_samples: int = 128  # the papers' setting; the README's quick demo uses fewer
     calib_seqlen: int = 2048
@@ -166,6 +170,11 @@ class PruneConfig(_Serialised):
             self.true_sequential = cls.true_sequential and self.group != "global"
         _check(not (self.true_sequential and self.group == "global"),
                "group=global ranks every layer before any is pruned, so true_sequential does not apply")
+        _check(self.refine in REFINE, f"refine must be one of {REFINE}, got {self.refine!r}")
+        _check(self.refine_iters >= 1, f"refine_iters must be >= 1, got {self.refine_iters}")
+        _check(self.refine_damp >= 0, f"refine_damp must be >= 0, got {self.refine_damp}")
+        _check(not (self.refine != "none" and self.group == "global"),
+               "group=global masks every layer after the walk, when no layer can be refined any more")
         try:
             self.build_method()
         except (TypeError, ValueError) as exc:
@@ -183,7 +192,12 @@ class PruneConfig(_Serialised):
     @property
     def needs_calibration(self) -> bool:
         """Said up front: does this config need calibration data?"""
-        return METHODS[self.method].needs != "none"
+        return METHODS[self.method].needs != "none" or self.refine != "none"
+
+    @property
+    def needs(self) -> str:
+        """The statistics the engine gathers: the method's own, or ``X^T X`` when the weights are refined."""
+        return "hessian" if self.refine != "none" else METHODS[self.method].needs
 
     def build_method(self):
         options = {"magnitude": {"threshold": self.threshold},

@@ -10,6 +10,9 @@ For each decoder block in turn::
                 behaviour) or keep the dense outputs seen while observing (``propagate="dense"``)
     move the block back; its outputs are the next block's inputs
 
+With ``refine="admm"`` the statistics are always ``X^T X`` and, after the method has chosen a layer's mask,
+the kept weights are re-fitted to the dense layer's outputs (:mod:`..methods.reconstruct`).
+
 Linears that are fed the *same tensor object* (q/k/v; gate/up) form one input group: they share a single
 statistics accumulator (one ``X^T X``, not three); the groups are learnt from one call of the block
 (:mod:`.layout`).  With ``true_sequential`` each group is pruned before the next one is observed
@@ -27,6 +30,7 @@ import torch
 from torch import nn
 
 from ..methods.base import InputStats, LayerTarget, Method
+from ..methods.reconstruct import admm_reconstruct
 from ..models.arch import find_blocks, find_linears, role_of, set_weight_of, weight_of
 from ..patterns import Pattern, check_nm, check_tiles, lowest_k_mask, tile_scores, expand_tiles
 from ..progress import Stage, Tracker
@@ -191,10 +195,21 @@ def record(name: str, block: "int | None", W: torch.Tensor, mask: torch.Tensor, 
                        W.numel())
 
 
+def refiner(config):
+    """The weight reconstruction a config asks for, as ``f(W, W0, H, keep) -> W``, or None."""
+    if config.refine == "none":
+        return None
+    return lambda W, W0, H, keep: admm_reconstruct(W, W0, H, keep, config.refine_iters, config.refine_damp)
+
+
 @torch.no_grad()
 def prune_layers(names: list, modules: list, method: Method, stats: InputStats, targets: list,
-                 block: "int | None", device, exact_fraction: bool) -> list[LayerRecord]:
-    """Prune layers that share one input; weights are written back only once every one verified."""
+                 block: "int | None", device, exact_fraction: bool, refine=None) -> list[LayerRecord]:
+    """Prune layers that share one input; weights are written back only once every one verified.
+
+    ``refine`` (see :func:`refiner`) re-fits the kept weights of all of them in one pass over their
+    stacked rows: they share ``H``, and each row is its own least-squares problem.
+    """
     originals = [weight_of(m) for m in modules]
     Ws = []
     for W0 in originals:
@@ -202,6 +217,10 @@ def prune_layers(names: list, modules: list, method: Method, stats: InputStats, 
         # the method edits in place: never let a failure leave a half-pruned weight in the model
         Ws.append(W.clone() if W.data_ptr() == W0.data_ptr() else W)
     masks = method.prune_many(Ws, stats, targets)
+    if refine is not None:
+        W0 = torch.cat([w.to(device=device, dtype=torch.float32) for w in originals])
+        W = refine(torch.cat(Ws), W0, stats.hessian, ~torch.cat(masks))
+        Ws = list(W.split([w.shape[0] for w in Ws]))
     for name, W, mask, target in zip(names, Ws, masks, targets):
         verify_layer(name, W, mask, target, exact_fraction)
     out = []
@@ -364,7 +383,7 @@ def _walk_at_once(i, block, prefix, layers, layout, hidden, calls, method, confi
     outs = None
     if groups:
         members = [n for g in groups for n in g]
-        observer = Observer({n: layers[n][0] for n in members}, method.needs,
+        observer = Observer({n: layers[n][0] for n in members}, config.needs,
                             {n: k for k, g in enumerate(groups) for n in g},
                             stop_after=None if dense_outputs else groups[-1][0])
         try:  # while only observing, the block's output is not needed: stop at the last group's input
@@ -381,7 +400,8 @@ def _walk_at_once(i, block, prefix, layers, layout, hidden, calls, method, confi
                     scores[name] = method.scores(W, stats).cpu()
             else:
                 records += prune_layers(names, [layers[n][0] for n in names], method, stats,
-                                        [layers[n][1] for n in names], i, device, True)
+                                        [layers[n][1] for n in names], i, device, config.threshold is None,
+                                        refiner(config))
         del observer
     if outs is None and need_outputs:
         describe(Stage.CALIBRATING)
@@ -406,7 +426,7 @@ def _walk_true_sequential(i, block, prefix, layers, layout, hidden, calls, metho
     try:
         for names in groups:
             describe(Stage.CALIBRATING)
-            observer = Observer({n: layers[n][0] for n in names}, method.needs, {n: 0 for n in names},
+            observer = Observer({n: layers[n][0] for n in names}, config.needs, {n: 0 for n in names},
                                 stop_after=names[0], keep_inputs=bool(replay_inputs.intersection(names)))
             try:
                 run_block(block, hidden, calls, device, keep=False, observer=observer, replays=tuple(replays))
@@ -416,7 +436,8 @@ def _walk_true_sequential(i, block, prefix, layers, layout, hidden, calls, metho
                 continue
             describe(Stage.PRUNING)
             records += prune_layers(names, [layers[n][0] for n in names], method, observer.stats_for(names[0]),
-                                    [layers[n][1] for n in names], i, device, True)
+                                    [layers[n][1] for n in names], i, device, config.threshold is None,
+                                    refiner(config))
             pruned.update(n[len(prefix):] for n in names)
             for child, spec in layout.children.items():
                 if prefix + spec.linear in names and spec.members <= pruned:
