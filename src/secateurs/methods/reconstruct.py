@@ -30,7 +30,7 @@ def admm_reconstruct(W: torch.Tensor, W0: torch.Tensor, H: torch.Tensor, keep: t
     """Kept weights re-fitted to ``W0``'s outputs; returns a new (out, in) tensor, zero where ``~keep``.
 
     ``W`` (the method's result) is the starting point, ``W0`` the dense weights, ``H = X^T X`` (in, in),
-    ``keep`` the boolean mask of weights that may be non-zero.  All float32, one device.
+    ``keep`` the boolean mask of weights that may be non-zero.  One dtype (float32 or float64), one device.
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
