@@ -6,7 +6,8 @@ Quick protocol (shared/DATA.md; see quick_protocol.py) for magnitude at 50% and 
 at 50%, 2:4 and 4:8, each without (``none``) and with ADMM weight reconstruction on the method's own mask
 (iterations 20, damping 0.1: the defaults of Boza 2024's code, kept after damping 0.01 and 5 or 10 iterations
 did worse on SparseGPT 2:4).  Each method keeps its own default calibration order (SparseGPT true-sequential,
-the others at once).  Perplexity on the protocol's windows and on the next 24 held-out windows.  Results go to ``benchmarks/results/refine.{json,md}``.
+the others at once).  Perplexity on the protocol's windows and on the next 24 held-out windows.  Results go to
+``benchmarks/results/refine.{json,md}``.
 """
 
 from __future__ import annotations
