@@ -48,15 +48,18 @@ def test_eval_and_compare(tiny_dir, tmp_path, capsys):
                  "--eval-seqlen", "32", "--eval-windows", "2"]) == 0
     assert "perplexity:" in capsys.readouterr().out
     md, js = tmp_path / "t.md", tmp_path / "t.json"
-    code = main(["compare", *args(tiny_dir, "--methods", "magnitude,wanda", "--sparsities", "0.5,2:4",
-                                  "--markdown", str(md), "--report", str(js))])
+    code = main(["compare", *args(tiny_dir, "--methods", "magnitude,wanda,magnitude+admm", "--sparsities",
+                                  "0.5,2:4", "--markdown", str(md), "--report", str(js))])
     assert code == 0
     table = json.loads(js.read_text())
     assert [(r["method"], r["setting"]) for r in table["rows"]] == [
-        ("magnitude", "0.5"), ("magnitude", "2:4"), ("wanda", "0.5"), ("wanda", "2:4")]
+        ("magnitude", "0.5"), ("magnitude", "2:4"), ("wanda", "0.5"), ("wanda", "2:4"),
+        ("magnitude+admm", "0.5"), ("magnitude+admm", "2:4")]
     assert all(abs(r["sparsity"] - 0.5) < 1e-3 for r in table["rows"])
+    ppl = {(r["method"], r["setting"]): r["perplexity"] for r in table["rows"]}
+    assert ppl[("magnitude+admm", "0.5")] != ppl[("magnitude", "0.5")]  # the row really was refined
     text = md.read_text()
-    assert text.startswith("| method | 0.5 | 2:4 |") and "| dense |" in text and "| wanda |" in text
+    assert text.startswith("| method | 0.5 | 2:4 |") and "| dense |" in text and "| magnitude+admm |" in text
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -129,3 +132,9 @@ def test_model_without_blocks_is_refused(tiny_dir, tmp_path, capsys):
                  "--output", str(tmp_path / "o")])
     assert code == 2 and "no repeated blocks" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_compare_refuses_an_unknown_refinement_before_loading(tiny_dir, capsys):
+    code = main(["compare", "--model", str(tiny_dir / "missing-model"), "--methods", "wanda,wanda+obs", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "refine must be one of" in err and len(err.splitlines()) == 1

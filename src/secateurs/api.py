@@ -189,16 +189,24 @@ def parse_setting(text: str) -> dict:
     return {"pattern": pattern, "sparsity": float(sparsity) if sparsity else None}
 
 
+def parse_method(text: str) -> dict:
+    """A compare row: ``"sparsegpt"`` or ``"sparsegpt+admm"`` (the method with ``refine="admm"``)."""
+    method, plus, refine = text.strip().partition("+")
+    return {"method": method, "refine": refine} if plus else {"method": method}
+
+
 @torch.no_grad()
 def compare(model, tokenizer, methods: Sequence[str], settings: Sequence[str], base: "PruneConfig | None" = None,
             eval_config: "EvalConfig | None" = None, progress: bool = True, on_row=None) -> dict:
     """Dense plus every method x setting on one model, same calibration windows and evaluation windows.
 
+    A method may carry a weight reconstruction, ``"wanda+admm"``; without one it keeps ``base.refine``.
+
     The model is restored to its dense weights between runs.  Returns ``{"rows": [...], "dense_perplexity"}``.
     """
     base = base or PruneConfig()
     eval_config = eval_config or EvalConfig()
-    grid = [(m, s, base.override(method=m, **parse_setting(s), group=None, threshold=None)) for m in methods
+    grid = [(m, s, base.override(**parse_method(m), **parse_setting(s), group=None, threshold=None)) for m in methods
             for s in settings]  # validates every cell up front
     eval_ids = tokenize(tokenizer, load_text(eval_config.data, "test"))
     needs_data = any(c.needs_calibration for _, _, c in grid)

@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="dense + every method x sparsity: the researcher's table")
     _add_model(p)
-    p.add_argument("--methods", default="magnitude,wanda,sparsegpt")
+    p.add_argument("--methods", default="magnitude,wanda,sparsegpt",
+                   help="comma list of methods; METHOD+admm adds weight reconstruction to that row")
     p.add_argument("--sparsities", default="0.5,2:4,4:8", help="comma list of 0.5 (unstructured), N:M, block:B@S")
     _add_prune(p, single_method=False)
     _add_eval(p)
@@ -444,7 +445,7 @@ def cmd_compare(args) -> int:
     eval_config = _eval_config(args)
     for m in methods:  # validate the whole grid before loading anything
         for s in settings:
-            base.override(method=m, **api.parse_setting(s), group=None, threshold=None)
+            base.override(**api.parse_method(m), **api.parse_setting(s), group=None, threshold=None)
     model, tokenizer = _load(args)
 
     def on_row(row):
