@@ -138,3 +138,17 @@ def test_compare_refuses_an_unknown_refinement_before_loading(tiny_dir, capsys):
     code = main(["compare", "--model", str(tiny_dir / "missing-model"), "--methods", "wanda,wanda+obs", "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "refine must be one of" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--refine", "obs"], "argument --refine: invalid choice: 'obs'"),
+    (["--sparsity", "abc"], "argument --sparsity: invalid float value: 'abc'"),
+])
+def test_argument_errors_are_one_line_too(tiny_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", *args(tiny_dir, *extra), "--output", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2
+    assert err.startswith("secateurs: error:") and message in err and len(err.splitlines()) == 1
+    assert not out.exists()

@@ -154,8 +154,16 @@ def _train_config(args):
     return TrainConfig(**fields)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors (a bad choice, a value that is not a number) read like every other error: one line
+    ``secateurs: error: ...`` and exit status 2, without argparse's usage block; ``--help`` still has it."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"secateurs: error: {self.prog}: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="secateurs", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="secateurs", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="prune a model, measure perplexity, save it")
