@@ -152,3 +152,37 @@ def test_argument_errors_are_one_line_too(tiny_dir, tmp_path, capsys, extra, mes
     assert exit_info.value.code == 2
     assert err.startswith("secateurs: error:") and message in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_hub_id_loads_through_from_pretrained_from_the_local_hub_cache(tiny_dir, tmp_path):
+    """A hub id takes the real ``from_pretrained`` path; offline it resolves from the HF cache, laid out here by
+    hand as the hub client writes it (``models--org--name/snapshots/<rev>`` + ``refs/main``)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_dir / "model", repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+
+    def command(model: str, report):
+        return ["eval", "--model", model, "--quiet", "--data", str(tiny_dir / "test.txt"), "--eval-seqlen", "32",
+                "--eval-windows", "2", "--report", str(report)]
+
+    def eval_report(model: str, name: str):  # in a fresh process: the hub client reads its settings on import
+        report = tmp_path / f"{name}.json"
+        code = f"from secateurs.cli import main; raise SystemExit(main({command(model, report)!r}))"
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        return done, (json.loads(report.read_text()) if report.exists() else None)
+
+    done, by_id = eval_report("tiny-org/tiny-llama", "hub")
+    assert done.returncode == 0, done.stderr
+    assert main(command(str(tiny_dir / "model"), tmp_path / "folder.json")) == 0
+    assert by_id["perplexity"] == json.loads((tmp_path / "folder.json").read_text())["perplexity"] > 1
+    done, _ = eval_report("tiny-org/not-cached", "missing")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert done.stderr.startswith("secateurs: error: cannot load model 'tiny-org/not-cached'")

@@ -92,3 +92,71 @@ def test_datasets_names_need_the_datasets_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
     with pytest.raises(DataError, match="pip install datasets"):
         load_text("wikitext", "train")
+
+
+# --------------------------------------------------------------------------- Hugging Face datasets, offline
+
+@pytest.fixture
+def datasets_cache(tmp_path, monkeypatch):
+    """The real ``datasets`` package, with its cache in a temporary folder."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    return datasets
+
+
+WIKI_ROWS = {"train": ["", " = Train article = \n", " Some train text .\n"],
+             "test": ["", " = Test article = \n", " First test line .\n", " Second test line .\n"]}
+
+
+def test_dataset_repository_by_name_through_load_dataset(tmp_path, monkeypatch, datasets_cache):
+    """`wikitext` goes through ``load_dataset(path, name=config, split=...)`` exactly as against the hub; here
+    the repository is a local copy with the hub's layout (parquet files per config, configs named in README)."""
+    from secateurs.data import text
+
+    repo = tmp_path / "wikitext"
+    for split, rows in WIKI_ROWS.items():
+        datasets_cache.Dataset.from_dict({"text": rows}).to_parquet(
+            repo / "wikitext-2-raw-v1" / f"{split}-00000-of-00001.parquet")
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n- config_name: wikitext-2-raw-v1\n  data_files:\n"
+        "  - split: train\n    path: wikitext-2-raw-v1/train-*\n"
+        "  - split: test\n    path: wikitext-2-raw-v1/test-*\n---\n")
+    monkeypatch.setitem(text.HF_ALIASES, "wikitext", dict(text.HF_ALIASES["wikitext"], path=str(repo)))
+    assert load_text("wikitext", "test") == "\n\n".join(WIKI_ROWS["test"])  # the papers' join, empty rows kept
+    assert load_text("wikitext", "train") == "\n\n".join(WIKI_ROWS["train"])
+
+
+def test_dataset_name_with_data_files_and_a_missing_test_split(tmp_path, monkeypatch, datasets_cache):
+    """A name without an alias learns its splits first: `test` falls back to `validation` (C4's layout)."""
+    from secateurs.data import text
+
+    repo = tmp_path / "c4like"
+    repo.mkdir()
+    (repo / "train.jsonl").write_text('{"text": "t1", "url": "u"}\n{"text": "t2", "url": "u"}\n')
+    (repo / "validation.jsonl").write_text('{"text": "v1", "url": "u"}\n')
+    assert load_text(str(repo), "train") == "t1\n\nt2"  # a folder on disk: load_dataset infers the splits
+    assert load_text(str(repo), "test") == "v1"
+    monkeypatch.setitem(text.HF_ALIASES, "c4mini", dict(path=str(repo), column="text", splits={},
+                                                         data_files={"train": "train.jsonl"}))
+    with pytest.raises(DataError, match=r"dataset 'c4mini' has no 'test' split \(splits: train\)"):
+        load_text("c4mini", "test")
+    assert load_text("c4mini", "train") == "t1\n\nt2"
+
+
+def test_saved_datasets_and_their_errors(tmp_path, datasets_cache):
+    ds = datasets_cache
+    ds.DatasetDict({"train": ds.Dataset.from_dict({"text": ["a", "b"]}),
+                    "test": ds.Dataset.from_dict({"text": ["c", None, "d"]})}).save_to_disk(tmp_path / "dict")
+    assert load_text(tmp_path / "dict", "test") == "c\n\nd"  # None rows are skipped
+    ds.Dataset.from_dict({"text": ["only"]}).save_to_disk(tmp_path / "one")
+    assert load_text(tmp_path / "one", "train") == load_text(tmp_path / "one", "test") == "only"
+    ds.Dataset.from_dict({"body": ["x"]}).save_to_disk(tmp_path / "nocol")
+    with pytest.raises(DataError, match=r"has no 'text' column \(columns: body\)"):
+        load_text(tmp_path / "nocol", "train")
+    ds.DatasetDict({"train": ds.Dataset.from_dict({"text": ["a"]})}).save_to_disk(tmp_path / "trainonly")
+    with pytest.raises(DataError, match=r"has no 'test' split \(splits: train\)"):
+        load_text(tmp_path / "trainonly", "test")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="cannot load dataset folder"):
+        load_text(tmp_path / "empty", "train")

@@ -7,14 +7,21 @@ A data spec is one of:
   after 75% of the characters: ``train`` (83 articles) for calibration, ``test`` (22) for perplexity.
   Byte-identical to ``shared/data/enwiki``; cached under ``$SECATEURS_CACHE/data/enwiki``.
 * a local ``.txt`` file (used as is) or ``.jsonl`` file (the ``"text"`` field of every line);
+* a local folder holding a Hugging Face dataset: a dataset repository on disk (its data files, and the
+  ``README.md`` that names its configs, read by ``datasets.load_dataset``) or a ``save_to_disk`` folder
+  (``datasets.load_from_disk``);
 * ``wikitext`` / ``c4`` or any other Hugging Face ``datasets`` name -- the real ``load_dataset`` path,
   which needs the ``datasets`` package and a reachable hub (or its local cache).
+
+Hugging Face sources give the ``text`` column of the split asked for, rows joined by a blank line.  A
+dataset without a ``test`` split (C4 has ``train`` and ``validation``) is evaluated on ``validation``.
 """
 
 from __future__ import annotations
 
 import bz2
 import json
+import logging
 import os
 import random
 import re
@@ -24,10 +31,12 @@ import torch
 
 from ..models.load import cache_dir
 
+log = logging.getLogger(__name__)
+
 DEFAULT_DATA = "enwiki"
 BUILTIN_DATA = ("enwiki",)
 HF_ALIASES = {
-    "wikitext": dict(path="wikitext", name="wikitext-2-raw-v1", column="text", splits={"train": "train", "test": "test"}),
+    "wikitext": dict(path="Salesforce/wikitext", name="wikitext-2-raw-v1", column="text", splits={"train": "train", "test": "test"}),
     "c4": dict(path="allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz",
                                                  "test": "en/c4-validation.00000-of-00008.json.gz"},
                column="text", splits={"train": "train", "test": "test"}),
@@ -105,19 +114,71 @@ def _enwiki(split: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def _hf_dataset(name: str, split: str) -> str:
+def _datasets_module(name: str):
     try:
         import datasets
     except ImportError as exc:
-        raise DataError(f"data {name!r} is a Hugging Face dataset name and needs: pip install datasets") from exc
+        raise DataError(f"data {name!r} is a Hugging Face dataset and needs: pip install datasets") from exc
+    return datasets
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _column_text(ds, name: str, split: str, column: str) -> str:
+    if column not in ds.column_names:
+        raise DataError(f"dataset {name!r} split {split!r} has no {column!r} column (columns: "
+                        f"{', '.join(ds.column_names)})")
+    return "\n\n".join(t for t in ds[column] if t is not None)
+
+
+def _pick_split(splits, name: str, split: str) -> str:
+    """``split`` itself, or ``validation`` standing in for a missing ``test`` split."""
+    if split in splits:
+        return split
+    if split == "test" and "validation" in splits:
+        log.info("dataset %s has no test split; evaluating on its validation split", name)
+        return "validation"
+    raise DataError(f"dataset {name!r} has no {split!r} split (splits: {', '.join(splits)})")
+
+
+def _hf_dataset(name: str, split: str) -> str:
+    """A dataset by hub name (or an alias of one) through ``datasets.load_dataset``."""
+    datasets = _datasets_module(name)
     alias = HF_ALIASES.get(name, dict(path=name, column="text", splits={}))
     kwargs = {k: alias[k] for k in ("name", "data_files") if k in alias}
     try:
-        ds = datasets.load_dataset(alias["path"], split=alias["splits"].get(split, split), **kwargs)
+        chosen = alias["splits"].get(split)
+        if chosen is None:  # learn the splits first, so that `test` can fall back to `validation`
+            splits = datasets.get_dataset_split_names(alias["path"], kwargs.get("name"),
+                                                       data_files=kwargs.get("data_files"))
+            chosen = _pick_split(splits, name, split)
+        ds = datasets.load_dataset(alias["path"], split=chosen, **kwargs)
+    except DataError:
+        raise
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"cannot load dataset {name!r} split {split!r}: {first}") from exc
-    return "\n\n".join(ds[alias["column"]])
+        raise DataError(f"cannot load dataset {name!r} split {split!r}: {_first_line(exc)}") from exc
+    return _column_text(ds, name, split, alias["column"])
+
+
+def _dataset_folder(folder: Path, split: str) -> str:
+    """A dataset on disk: a ``save_to_disk`` folder, or a dataset repository's files (``load_dataset``)."""
+    name = str(folder)
+    datasets = _datasets_module(name)
+    try:
+        if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+            loaded = datasets.load_from_disk(name)
+            if isinstance(loaded, datasets.DatasetDict):
+                loaded = loaded[_pick_split(list(loaded), name, split)]
+            ds = loaded  # a single saved Dataset has no splits: it is used whole
+        else:
+            ds = datasets.load_dataset(name, split=_pick_split(datasets.get_dataset_split_names(name), name, split))
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"cannot load dataset folder {name!r} split {split!r}: {_first_line(exc)}") from exc
+    return _column_text(ds, name, split, "text")
 
 
 def load_text(spec: "str | os.PathLike | None", split: str) -> str:
@@ -127,6 +188,8 @@ def load_text(spec: "str | os.PathLike | None", split: str) -> str:
     if spec in BUILTIN_DATA:
         return _enwiki(split)
     path = Path(spec).expanduser()
+    if path.is_dir():
+        return _dataset_folder(path, split)
     if path.suffix in (".txt", ".jsonl") or path.exists():
         if not path.is_file():
             raise DataError(f"data file {spec!r} does not exist")
