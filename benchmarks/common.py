@@ -25,8 +25,10 @@ def run_each(script: str, runs: list, extra: list, on_row) -> list[dict]:
 
 
 def measured_on(env: dict) -> str:
-    """``Measured <date> on <cpu> (...), torch ..., transformers ..., secateurs ...``."""
-    return (f"Measured {time.strftime('%Y-%m-%d')} on {env['machine']['cpu']} ({env['machine']['cores']} cores, "
+    """``Measured <date> on <cpu> (...), torch ..., transformers ..., secateurs ...``; the date is the run's
+    own (``measured_at``), or today's for rows saved before runs recorded it."""
+    date = env.get("measured_at", time.strftime("%Y-%m-%d"))[:10]
+    return (f"Measured {date} on {env['machine']['cpu']} ({env['machine']['cores']} cores, "
             f"torch threads 2), torch {env['versions']['torch']}, transformers {env['versions']['transformers']}, "
             f"secateurs {env['versions']['secateurs']}.")
 

@@ -1,4 +1,5 @@
 import json
+from datetime import datetime
 
 import pytest
 import transformers as tf
@@ -16,8 +17,9 @@ def test_prune_writes_model_and_report(tiny_dir, tmp_path, capsys):
     assert "dense perplexity" in printed and "measured sparsity 0.5000" in printed
     r = json.loads(report.read_text())
     for key in ("dense_perplexity", "perplexity", "sparsity", "prune_seconds", "peak_rss_bytes", "per_layer",
-                "zero_params", "nonzero_params", "total_params", "config", "seed", "versions", "stage"):
+                "zero_params", "nonzero_params", "total_params", "config", "seed", "versions", "stage", "measured_at"):
         assert key in r, key
+    assert datetime.fromisoformat(r["measured_at"]).tzinfo is not None
     assert r["sparsity"] == pytest.approx(0.5) and r["stage"] == "complete" and r["config"]["pattern"] == "2:4"
     assert r["config"]["true_sequential"] is True  # sparsegpt's default
     assert len(r["per_layer"]) == 14 and r["zero_params"] + r["nonzero_params"] == r["total_params"]

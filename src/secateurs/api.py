@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Iterable, Sequence
 
 import torch
@@ -158,7 +159,9 @@ def evaluate(model, tokenizer, config: "EvalConfig | None" = None, ids: "torch.T
 
 
 def environment() -> dict:
-    return {"versions": library_versions(), "machine": machine()}
+    """Where and when a figure was measured: library versions, the machine, and the UTC time of measurement."""
+    return {"versions": library_versions(), "machine": machine(),
+            "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def build_report(result: PruneResult, model, dense_ppl, ppl, eval_config: "EvalConfig | None", **extra) -> dict:
