@@ -171,6 +171,8 @@ def test_admm_reaches_the_exact_masked_least_squares(damp):
     got = admm_reconstruct(W0 * keep, W0, H, keep, iters=400, damp=damp)
     assert (got[~keep] == 0).all()
     assert torch.allclose(got, masked_least_squares(W0, H, keep, damp), atol=1e-6)
+    chunked = admm_reconstruct(W0 * keep, W0, H, keep, iters=400, damp=damp, chunk_rows=4)  # rows 0-3, then 4-5
+    assert torch.allclose(chunked, got, rtol=0, atol=1e-12)
 
 
 def test_admm_lowers_sparsegpt_reconstruction_error():

@@ -26,26 +26,34 @@ import torch
 
 @torch.no_grad()
 def admm_reconstruct(W: torch.Tensor, W0: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, iters: int = 20,
-                     damp: float = 0.1, rho: float = 1.0) -> torch.Tensor:
+                     damp: float = 0.1, rho: float = 1.0, chunk_rows: int = 4096) -> torch.Tensor:
     """Kept weights re-fitted to ``W0``'s outputs; returns a new (out, in) tensor, zero where ``~keep``.
 
     ``W`` (the method's result) is the starting point, ``W0`` the dense weights, ``H = X^T X`` (in, in),
     ``keep`` the boolean mask of weights that may be non-zero.  One dtype (float32 or float64), one device.
+    Rows are independent problems sharing one inverse, so they are solved ``chunk_rows`` at a time: the
+    working copies (target, V, Z, U) then take ``chunk_rows x in`` each, not the whole stacked weight's size.
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     scale = torch.diag(H).sqrt()
     scale[scale == 0] = 1  # channels never active: nothing to scale (their weights do not matter)
-    Hs = H / scale.unsqueeze(0) / scale.unsqueeze(1)  # unit diagonal
-    Hs.diagonal().add_(damp)
-    target = (W0 * scale) @ Hs  # V0 H_d, fixed
-    Hs.diagonal().add_(rho)
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(Hs))
-    keep = keep.to(W.dtype)
-    Z = W * scale
-    U = torch.zeros_like(Z)
-    for _ in range(iters):
-        V = (target + rho * (Z - U)) @ inverse
-        Z = (V + U) * keep
-        U += V - Z
-    return Z / scale
+    Hd = H / scale.unsqueeze(0) / scale.unsqueeze(1)  # unit diagonal
+    Hd.diagonal().add_(damp)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(Hd + rho * torch.eye(len(Hd), dtype=H.dtype,
+                                                                                    device=H.device)))
+    out = torch.empty_like(W)
+    for first in range(0, W.shape[0], chunk_rows):
+        rows = slice(first, first + chunk_rows)
+        target = (W0[rows] * scale) @ Hd  # V0 H_d, fixed
+        kept = keep[rows].to(W.dtype)
+        Z = W[rows] * scale
+        U = torch.zeros_like(Z)
+        for _ in range(iters):
+            V = (target + rho * (Z - U)) @ inverse
+            Z = (V + U) * kept
+            U += V - Z
+        out[rows] = Z / scale
+    return out

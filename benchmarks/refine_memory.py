@@ -1,0 +1,110 @@
+"""Working memory of ADMM weight reconstruction (``refine="admm"``) on layer shapes of a 7B Llama.
+
+    python benchmarks/refine_memory.py          # 4 runs, ~3 min on 2 CPU cores
+
+Each run is a fresh process that builds one stacked weight group in float32 -- the dense weights ``W0``, the
+method's result ``W``, the mask and ``H = X^T X`` from 2048 random tokens -- and then calls
+:func:`secateurs.methods.reconstruct.admm_reconstruct` for 2 iterations (memory does not grow with
+iterations), once solving all rows together (``chunk_rows`` = every row) and once 4096 rows at a time (the
+default).  A thread samples the resident set every 5 ms; ``extra`` is its peak during the call minus the
+resident set just before it, i.e. what reconstruction adds on top of what the engine already holds.
+Results go to ``benchmarks/results/refine_memory.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+from common import measured_on, run_each
+
+SHAPES = {"gate+up (7B)": (2 * 11008, 4096), "q+k+v (7B)": (3 * 4096, 4096)}
+RUNS = [f"{name}/{chunk}" for name in SHAPES for chunk in ("all", "4096")]
+MIB = 2**20
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def one(run: str) -> dict:
+    import torch
+
+    from secateurs.api import environment
+    from secateurs.methods.reconstruct import admm_reconstruct
+
+    torch.set_num_threads(2)
+    name, chunk = run.split("/")
+    rows, cols = SHAPES[name]
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2048, cols, generator=g)
+    H = X.t() @ X
+    del X
+    W0 = torch.randn(rows, cols, generator=g)
+    keep = torch.rand(rows, cols, generator=g) > 0.5
+    W = W0 * keep
+    before = rss_bytes()
+    peak, running = [before], [True]
+
+    def sample():
+        while running[0]:
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    t = time.perf_counter()
+    out = admm_reconstruct(W, W0, H, keep, iters=2, chunk_rows=rows if chunk == "all" else int(chunk))
+    seconds = time.perf_counter() - t
+    running[0] = False
+    sampler.join()
+    peak[0] = max(peak[0], rss_bytes())
+    return {"run": run, "shape": name, "rows": rows, "cols": cols, "chunk_rows": rows if chunk == "all" else int(chunk),
+            "weight_mib": round(rows * cols * 4 / MIB, 1), "before_mib": round(before / MIB, 1),
+            "extra_mib": round((peak[0] - before) / MIB, 1), "seconds": round(seconds, 2),
+            "zeros_ok": bool((out[~keep] == 0).all()), **environment()}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["# ADMM reconstruction: working memory on 7B-sized layer groups", "", measured_on(rows[0]), "",
+             "float32; one stacked group per fresh process, 2 ADMM iterations. `extra` = peak resident set during "
+             "`admm_reconstruct` minus the resident set just before it (which already holds W0, W, the mask and H). "
+             "The result itself (one weight's size) is part of `extra`.", "",
+             f"Reproduce: `python benchmarks/{Path(__file__).name}`", "",
+             "| group | shape | rows per chunk | one weight MiB | extra MiB | extra / weight | seconds (2 iterations) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['rows']} x {r['cols']} | {r['chunk_rows']} | {r['weight_mib']:.0f} | "
+                     f"{r['extra_mib']:.0f} | {r['extra_mib'] / r['weight_mib']:.2f} | {r['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one)))
+        return 0
+    results = Path(__file__).parent / "results"
+
+    def on_row(rows, seconds):
+        r = rows[-1]
+        print(f"{r['run']}: extra {r['extra_mib']:.0f} MiB over {r['before_mib']:.0f} MiB, {r['seconds']:.1f} s "
+              f"({seconds:.0f} s)", flush=True)
+
+    rows = run_each(__file__, RUNS, [], on_row)
+    (results / "refine_memory.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (results / "refine_memory.md").write_text(markdown(rows))
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
