@@ -77,29 +77,38 @@ def held_out_markdown(script: str, rows: list[dict], title: str, intro: str, col
     return "\n".join(lines + [""])
 
 
-def held_out_main(script: str, doc: str, runs: list, stem: str, one, markdown) -> int:
-    """The command line of a benchmark whose rows come from :func:`prune_and_score`: ``--runs`` (comma list),
-    ``--out`` (folder for ``<stem>.json`` and ``<stem>.md``); each run in its own process via ``--one``."""
+def benchmark_main(script: str, doc: str, runs: list, stem: str, one, markdown, describe) -> int:
+    """The command line the benchmarks share: ``--runs`` (comma list, default all), ``--out`` (folder for
+    ``<stem>.json`` and ``<stem>.md``) and the hidden ``--one RUN``, which measures one row in this process.
+    Each row runs in a fresh process; both files are rewritten after every row, so a crash loses nothing
+    measured.  ``markdown(rows, command)`` renders the page, ``describe(row)`` the progress line."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--runs", default=",".join(runs), help="comma list of runs (default: all of them)")
-    parser.add_argument("--out", default=str(Path(script).resolve().parent / "results"))
+    parser.add_argument("--out", default=str(Path(script).resolve().parent / "results"),
+                        help=f"folder for {stem}.json and {stem}.md")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one(args.one)))
         return 0
-
-    def on_row(rows, seconds):
-        r = rows[-1]
-        print(f"{r['run']:>28}: ppl {r['perplexity']:.3f}, held out {r['held_out_perplexity']:.3f}, "
-              f"prune {r['prune_seconds']:.1f} s ({seconds:.0f} s)", flush=True)
-
-    rows = run_each(script, [r for r in args.runs.split(",") if r], [], on_row)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(rows))
-    print(markdown(rows))
+    command = f"python benchmarks/{Path(script).name}" + ("" if args.runs == ",".join(runs) else f" --runs {args.runs}")
+
+    def on_row(rows, seconds):
+        print(f"{describe(rows[-1])} ({seconds:.0f} s)", flush=True)
+        (out / f"{stem}.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (out / f"{stem}.md").write_text(markdown(rows, command))
+
+    rows = run_each(script, [r.strip() for r in args.runs.split(",") if r.strip()], [], on_row)
+    print(markdown(rows, command))
     return 0
+
+
+def held_out_main(script: str, doc: str, runs: list, stem: str, one, markdown) -> int:
+    """:func:`benchmark_main` for rows from :func:`prune_and_score`; ``markdown(rows)`` renders the page."""
+    return benchmark_main(script, doc, runs, stem, one, lambda rows, command: markdown(rows),
+                          lambda r: f"{r['run']:>28}: ppl {r['perplexity']:.3f}, held out "
+                                    f"{r['held_out_perplexity']:.3f}, prune {r['prune_seconds']:.1f} s")

@@ -14,15 +14,11 @@ dense forward of the model over the same calibration tokens (same batch size as 
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
-from common import measured_on, run_each
+from common import benchmark_main, measured_on
 
-HERE = Path(__file__).resolve().parent
 RUNS = ["dense", "magnitude:0.5", "wanda:0.5", "sparsegpt:0.5", "sparsegpt:0.5/at-once",
         "magnitude:2:4", "wanda:2:4", "sparsegpt:2:4", "sparsegpt:2:4/at-once",
         "magnitude:4:8", "wanda:4:8", "sparsegpt:4:8", "sparsegpt:4:8/at-once"]
@@ -121,32 +117,14 @@ def markdown(rows: list[dict], command: str) -> str:
     return "\n".join(lines)
 
 
+def describe(row: dict) -> str:
+    return (f"{row['run']:>16}: perplexity {row['perplexity']:.3f}"
+            + (f", sparsity {row['sparsity']:.4f}, prune {row['prune_seconds']:.1f} s, ratio {row['ratio']:.2f}"
+               if "ratio" in row else "") + f", peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB")
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default=",".join(RUNS), help="comma list of dense | METHOD:SPARSITY | METHOD:N:M")
-    parser.add_argument("--out", default=str(HERE / "results"), help="folder for quick_protocol.{json,md}")
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.one:
-        print(json.dumps(one(args.one)))
-        return 0
-    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-
-    def on_row(rows, seconds):
-        row = rows[-1]
-        print(f"{row['run']:>16}: perplexity {row['perplexity']:.3f}"
-              + (f", sparsity {row['sparsity']:.4f}, prune {row['prune_seconds']:.1f} s, ratio {row['ratio']:.2f}"
-                 if "ratio" in row else "") + f", peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB ({seconds:.0f} s)",
-              flush=True)
-
-    rows = run_each(__file__, runs, [], on_row)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/quick_protocol.py" + ("" if args.runs == ",".join(RUNS) else f" --runs {args.runs}")
-    (out / "quick_protocol.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out / "quick_protocol.md").write_text(markdown(rows, command))
-    print(markdown(rows, command))
-    return 0
+    return benchmark_main(__file__, __doc__, RUNS, "quick_protocol", one, markdown, describe)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,12 @@ Results go to ``benchmarks/results/refine_memory.{json,md}``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import threading
 import time
-from pathlib import Path
 
-from common import measured_on, run_each
+from common import benchmark_main, measured_on
 
 SHAPES = {"gate+up (7B)": (2 * 11008, 4096), "q+k+v (7B)": (3 * 4096, 4096)}
 RUNS = [f"{name}/{chunk}" for name in SHAPES for chunk in ("all", "4096")]
@@ -71,12 +68,12 @@ def one(run: str) -> dict:
             "zeros_ok": bool((out[~keep] == 0).all()), **environment()}
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], command: str) -> str:
     lines = ["# ADMM reconstruction: working memory on 7B-sized layer groups", "", measured_on(rows[0]), "",
              "float32; one stacked group per fresh process, 2 ADMM iterations. `extra` = peak resident set during "
              "`admm_reconstruct` minus the resident set just before it (which already holds W0, W, the mask and H). "
              "The result itself (one weight's size) is part of `extra`.", "",
-             f"Reproduce: `python benchmarks/{Path(__file__).name}`", "",
+             f"Reproduce: `{command}`", "",
              "| group | shape | rows per chunk | one weight MiB | extra MiB | extra / weight | seconds (2 iterations) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -86,24 +83,9 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.one:
-        print(json.dumps(one(args.one)))
-        return 0
-    results = Path(__file__).parent / "results"
-
-    def on_row(rows, seconds):
-        r = rows[-1]
-        print(f"{r['run']}: extra {r['extra_mib']:.0f} MiB over {r['before_mib']:.0f} MiB, {r['seconds']:.1f} s "
-              f"({seconds:.0f} s)", flush=True)
-
-    rows = run_each(__file__, RUNS, [], on_row)
-    (results / "refine_memory.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (results / "refine_memory.md").write_text(markdown(rows))
-    print(markdown(rows))
-    return 0
+    return benchmark_main(__file__, __doc__, RUNS, "refine_memory", one, markdown,
+                          lambda r: f"{r['run']}: extra {r['extra_mib']:.0f} MiB over {r['before_mib']:.0f} MiB, "
+                                    f"{r['seconds']:.1f} s")
 
 
 if __name__ == "__main__":

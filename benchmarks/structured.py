@@ -21,15 +21,11 @@ drift hits both alike: prefill tokens/s on 1 x 512, decode ms/token over 64 toke
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import sys
-from pathlib import Path
 
-from common import measured_on, run_each
+from common import benchmark_main, measured_on
 
-HERE = Path(__file__).resolve().parent
 RUNS = ["dense", "channels:0.1", "channels:0.2", "channels:0.25", "channels:0.3", "channels:0.25:wanda",
         "channels:0.25:magnitude", "channels:0.25:wanda+refit", "heads:1", "blocks:2", "blocks:4", "blocks:6",
         "blocks:8", "blocks:8:angular", "wanda:0.1", "wanda:0.2", "wanda:0.25", "wanda:0.3"]
@@ -156,31 +152,13 @@ def markdown(rows: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def progress_line(row: dict) -> str:
+    extra = f", prefill x{row['ratios']['prefill_speedup']:.2f}" if "ratios" in row else ""
+    return f"{row['run']:>28}: perplexity {row['perplexity']:.3f}, removed {row['removed_block_fraction']:.1%}{extra}"
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default=",".join(RUNS), help="comma list (see the module docstring)")
-    parser.add_argument("--out", default=str(HERE / "results"), help="folder for structured.{json,md}")
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.one:
-        print(json.dumps(one(args.one)))
-        return 0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/structured.py" + ("" if args.runs == ",".join(RUNS) else f" --runs {args.runs}")
-
-    def on_row(rows, seconds):
-        row = rows[-1]
-        extra = f", prefill x{row['ratios']['prefill_speedup']:.2f}" if "ratios" in row else ""
-        print(f"{row['run']:>28}: perplexity {row['perplexity']:.3f}, removed {row['removed_block_fraction']:.1%}"
-              f"{extra} ({seconds:.0f} s)", flush=True)
-        # written after every row: a crash later on loses nothing measured so far
-        (out / "structured.json").write_text(json.dumps(rows, indent=2) + "\n")
-        (out / "structured.md").write_text(markdown(rows, command))
-
-    rows = run_each(__file__, [r.strip() for r in args.runs.split(",") if r.strip()], [], on_row)
-    print(markdown(rows, command))
-    return 0
+    return benchmark_main(__file__, __doc__, RUNS, "structured", one, markdown, progress_line)
 
 
 if __name__ == "__main__":
