@@ -242,8 +242,10 @@ def markdown(rows: list[dict], command: str) -> str:
     for spec, group in groups.items():
         method, setting = spec.split(":", 1)
         by = {r["accumulation"]: r["replica_perplexity"] for r in group}
-        cells = [f"{by[a]:.2f}" if a in by else "–" for a in ACCUMULATIONS] if None not in by else \
-                [f"{by[None]:.2f} (no statistics)", "–", "–"]
+        if None in by:  # magnitude gathers no statistics: one run
+            cells = [f"{by[None]:.2f} (no statistics)", "–", "–"]
+        else:
+            cells = [f"{by[a]:.2f}" if a in by else "–" for a in ACCUMULATIONS]
         values = list(by.values())
         spread = f"{max(values) / min(values) - 1:.1%}" if len(values) > 1 else "–"
         issue = f"{ISSUE[spec]:.2f}" if spec in ISSUE else "–"

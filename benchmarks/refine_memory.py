@@ -39,6 +39,7 @@ def one(run: str) -> dict:
     torch.set_num_threads(2)
     name, chunk = run.split("/")
     rows, cols = SHAPES[name]
+    chunk_rows = rows if chunk == "all" else int(chunk)
     g = torch.Generator().manual_seed(0)
     X = torch.randn(2048, cols, generator=g)
     H = X.t() @ X
@@ -57,12 +58,12 @@ def one(run: str) -> dict:
     sampler = threading.Thread(target=sample)
     sampler.start()
     t = time.perf_counter()
-    out = admm_reconstruct(W, W0, H, keep, iters=2, chunk_rows=rows if chunk == "all" else int(chunk))
+    out = admm_reconstruct(W, W0, H, keep, iters=2, chunk_rows=chunk_rows)
     seconds = time.perf_counter() - t
     running[0] = False
     sampler.join()
     peak[0] = max(peak[0], rss_bytes())
-    return {"run": run, "shape": name, "rows": rows, "cols": cols, "chunk_rows": rows if chunk == "all" else int(chunk),
+    return {"run": run, "shape": name, "rows": rows, "cols": cols, "chunk_rows": chunk_rows,
             "weight_mib": round(rows * cols * 4 / MIB, 1), "before_mib": round(before / MIB, 1),
             "extra_mib": round((peak[0] - before) / MIB, 1), "seconds": round(seconds, 2),
             "zeros_ok": bool((out[~keep] == 0).all()), **environment()}

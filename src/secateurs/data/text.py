@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.load import cache_dir
+from ..models.load import cache_dir, first_line
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +122,6 @@ def _datasets_module(name: str):
     return datasets
 
 
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
 def _column_text(ds, name: str, split: str, column: str) -> str:
     if column not in ds.column_names:
         raise DataError(f"dataset {name!r} split {split!r} has no {column!r} column (columns: "
@@ -158,7 +154,7 @@ def _hf_dataset(name: str, split: str) -> str:
     except DataError:
         raise
     except Exception as exc:
-        raise DataError(f"cannot load dataset {name!r} split {split!r}: {_first_line(exc)}") from exc
+        raise DataError(f"cannot load dataset {name!r} split {split!r}: {first_line(exc)}") from exc
     return _column_text(ds, name, split, alias["column"])
 
 
@@ -168,16 +164,15 @@ def _dataset_folder(folder: Path, split: str) -> str:
     datasets = _datasets_module(name)
     try:
         if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
-            loaded = datasets.load_from_disk(name)
-            if isinstance(loaded, datasets.DatasetDict):
-                loaded = loaded[_pick_split(list(loaded), name, split)]
-            ds = loaded  # a single saved Dataset has no splits: it is used whole
+            ds = datasets.load_from_disk(name)  # a single saved Dataset has no splits: it is used whole
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[_pick_split(list(ds), name, split)]
         else:
             ds = datasets.load_dataset(name, split=_pick_split(datasets.get_dataset_split_names(name), name, split))
     except DataError:
         raise
     except Exception as exc:
-        raise DataError(f"cannot load dataset folder {name!r} split {split!r}: {_first_line(exc)}") from exc
+        raise DataError(f"cannot load dataset folder {name!r} split {split!r}: {first_line(exc)}") from exc
     return _column_text(ds, name, split, "text")
 
 

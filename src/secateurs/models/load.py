@@ -31,6 +31,11 @@ class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message says what was tried."""
 
 
+def first_line(exc: Exception) -> str:
+    """The first line of an exception's message (or its type's name), for one-line errors."""
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("SECATEURS_CACHE", Path.home() / ".cache" / "secateurs"))
 
@@ -99,9 +104,8 @@ def load_model(spec: "str | os.PathLike | None" = None, dtype: torch.dtype = tor
     except ModelLoadError:
         raise
     except Exception as exc:  # transformers raises many types; the user needs one clear line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         known = ", ".join(BUILTIN_MODELS)
-        raise ModelLoadError(f"cannot load model {spec!r}: {first} (built-in models: {known})") from exc
+        raise ModelLoadError(f"cannot load model {spec!r}: {first_line(exc)} (built-in models: {known})") from exc
     model.eval()
     return model, tokenizer
 
