@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from secateurs.patterns import (Pattern, block_mask, build_mask, check_nm, check_tiles, lowest_k_mask, nm_mask,
-                                unstructured_mask)
+from secateurs.patterns import (Pattern, block_mask, build_mask, check_nm, check_tiles, lowest_in_groups,
+                                lowest_k_mask, nm_mask, unstructured_mask)
 
 
 def test_parse_patterns():
@@ -56,6 +56,25 @@ def test_nm_mask_exact():
     # 1:4 keeps only the largest
     assert nm_mask(s, 1, 4).sum(1).tolist() == [6, 6]
     assert nm_mask(s, 1, 4)[0].tolist() == [False, True, True, True, True, True, False, True]
+
+
+def test_lowest_in_groups_exact():
+    g = torch.tensor([[4.0, 1.0, 0.0], [1.0, 1.0, 0.0], [3.0, 5.0, 0.0], [2.0, 0.0, 0.0]])  # one group per column
+    assert lowest_in_groups(g, 2).t().tolist() == [[False, True, False, True],   # 1 and 2
+                                                   [True, False, False, True],   # 0, then the first of the tied 1s
+                                                   [True, True, False, False]]   # all tied: the lowest indices
+
+
+@pytest.mark.parametrize("m", [2, 4, 8, 16])
+def test_lowest_in_groups_equals_a_stable_sort(m):
+    # the pairwise counting (m <= 8) and the sort (m > 8) must both give the stable sort's choice, ties included
+    torch.manual_seed(m)
+    for scores in (torch.rand(m, 500), torch.randint(0, 3, (m, 500)).float()):
+        for k in range(m + 1):
+            order = torch.argsort(scores, dim=0, stable=True)[:k]
+            expect = torch.zeros_like(scores, dtype=torch.bool).scatter_(0, order, True)
+            assert torch.equal(lowest_in_groups(scores, k), expect)
+            assert torch.equal(lowest_in_groups(scores.t().contiguous().t(), k), expect)  # strided, as nm_mask uses
 
 
 def test_block_mask_exact():

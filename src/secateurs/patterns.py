@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Pattern", "lowest_k_mask", "unstructured_mask", "nm_mask", "block_mask", "build_mask", "check_nm", "check_tiles"]
+__all__ = ["Pattern", "lowest_k_mask", "lowest_in_groups", "unstructured_mask", "nm_mask", "block_mask", "build_mask", "check_nm", "check_tiles"]
 
 GROUPS = ("row", "layer", "global")
 
@@ -106,6 +106,33 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "row")
     raise ValueError(f"group {group!r} is not a per-matrix group (row, layer)")
 
 
+def lowest_in_groups(groups: torch.Tensor, k: int) -> torch.Tensor:
+    """Mark the ``k`` lowest entries of every column of ``groups`` (m, G); ties: lower index first.
+
+    Each entry counts how many of its group go before it -- a lower score, or an equal score at a lower
+    index -- and is marked when fewer than ``k`` do.  For the small groups of N:M patterns these
+    ``m (m - 1) / 2`` comparisons of whole rows are several times faster than sorting every group; wide
+    groups (m > 8) are sorted instead.  Both give the same mask.
+
+    >>> lowest_in_groups(torch.tensor([[4., 1.], [1., 1.], [3., 5.], [2., 0.]]), 2)
+    tensor([[False,  True],
+            [ True, False],
+            [False, False],
+            [ True,  True]])
+    """
+    m = groups.shape[0]
+    if m > 8:
+        order = torch.argsort(groups, dim=0, stable=True)[:k]
+        return torch.zeros_like(groups, dtype=torch.bool).scatter_(0, order, True)
+    before = torch.zeros_like(groups, dtype=torch.uint8)  # same strides as groups
+    for i in range(m):
+        for j in range(i + 1, m):
+            i_first = groups[i] <= groups[j]
+            before[j] += i_first
+            before[i] += ~i_first
+    return before < k
+
+
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """In every ``m`` consecutive input weights of each row, prune the ``m - n`` lowest scores.
 
@@ -113,11 +140,8 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     tensor([[False,  True, False,  True]])
     """
     rows, cols = scores.shape
-    groups = scores.reshape(rows, cols // m, m)
-    # a stable sort makes ties prune the lower index first; M is tiny, so sorting is cheap.
-    order = torch.argsort(groups, dim=-1, stable=True)[..., : m - n]
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
-    return mask.reshape(rows, cols)
+    groups = scores.reshape(rows * cols // m, m).t()  # (m, groups): a view, one group per column
+    return lowest_in_groups(groups, m - n).t().reshape(rows, cols)
 
 
 def tile_scores(scores: torch.Tensor, b: int) -> torch.Tensor:

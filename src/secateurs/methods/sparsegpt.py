@@ -21,7 +21,7 @@ import logging
 
 import torch
 
-from ..patterns import Pattern, expand_tiles, lowest_k_mask, tile_scores
+from ..patterns import Pattern, expand_tiles, lowest_in_groups, lowest_k_mask, tile_scores
 from .base import InputStats, LayerTarget, Method, register
 
 log = logging.getLogger(__name__)
@@ -109,8 +109,7 @@ def sparsegpt_prune(
                     # choose this group's mask now, from weights already updated by the columns before it
                     j = slice(i, i + pattern.m)
                     saliency = W1[j] ** 2 / d2[j]  # (m, rows)
-                    order = torch.argsort(saliency, dim=0, stable=True)[: pattern.m - pattern.n]
-                    mask1[j] = torch.zeros_like(mask1[j]).scatter_(0, order, True)
+                    mask1[j] = lowest_in_groups(saliency, pattern.m - pattern.n)
                     scale[j] = mask1[j] / d[j].unsqueeze(1)
                 torch.mul(W1[i], scale[i], out=Err1[i])
                 # remove w_q and spread its error over the sub-block's later columns
