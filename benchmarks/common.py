@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +24,37 @@ def run_each(script: str, runs: list, extra: list, on_row) -> list[dict]:
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         on_row(rows, time.perf_counter() - t)
     return rows
+
+
+def rss_bytes() -> int:
+    """This process's resident set now (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """``with PeakRSS() as m: ...`` -- a thread samples the resident set every ``interval`` seconds while the
+    block runs; ``m.before`` is the resident set on entry and ``m.peak`` the largest seen (bytes)."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+
+    def __enter__(self) -> "PeakRSS":
+        self.before = self.peak = rss_bytes()
+        self._running = True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self._running:
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc) -> None:
+        self._running = False
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
 
 
 def measured_on(env: dict) -> str:

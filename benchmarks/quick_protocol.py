@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 import time
 
-from common import benchmark_main, measured_on
+from common import PeakRSS, benchmark_main, measured_on
 
 RUNS = ["dense", "magnitude:0.5", "wanda:0.5", "sparsegpt:0.5", "sparsegpt:0.5/at-once",
         "magnitude:2:4", "wanda:2:4", "sparsegpt:2:4", "sparsegpt:2:4/at-once",
@@ -66,18 +66,31 @@ def one(run: str) -> dict:
         with torch.no_grad():
             model(calib[:1, :64], use_cache=False)  # warm-up
         before = dense_forward_seconds()
-        result = prune(model, cfg, calib, progress=False)
+        with PeakRSS() as rss:  # pruning's own memory, apart from the timing forwards' logits
+            result = prune(model, cfg, calib, progress=False)
         # timed again after pruning (dense kernels: zeros cost the same) to average out machine drift
         dense_forward = (before + dense_forward_seconds()) / 2
         row.update(method=method + (" (at once)" if variant else ""), true_sequential=cfg.true_sequential,
                    pattern=cfg.pattern, target_sparsity=cfg.sparsity, sparsity=result.sparsity,
                    prune_seconds=round(result.prune_seconds, 2), dense_forward_seconds=round(dense_forward, 2),
-                   ratio=round(result.prune_seconds / dense_forward, 3), stage_seconds=result.stage_seconds)
+                   ratio=round(result.prune_seconds / dense_forward, 3), stage_seconds=result.stage_seconds,
+                   rss_before_prune_bytes=rss.before, prune_peak_rss_bytes=rss.peak)
     row["perplexity"] = evaluate(model, tok, eval_cfg, ids=eval_ids, progress=False)
     row["peak_rss_bytes"] = peak_rss_bytes()
     row["model_bytes_fp32"] = sum(p.numel() * p.element_size() for p in model.parameters())
     row.update(environment())
     return row
+
+
+def mib(nbytes: "int | None") -> str:
+    return "–" if nbytes is None else f"{nbytes / 2**20:.0f}"
+
+
+def prune_rss(row: dict) -> str:
+    """``peak (+added)`` in MiB, or a dash for rows measured before pruning's own memory was sampled."""
+    if "prune_peak_rss_bytes" not in row:
+        return "–"
+    return f"{mib(row['prune_peak_rss_bytes'])} (+{mib(row['prune_peak_rss_bytes'] - row['rss_before_prune_bytes'])})"
 
 
 def markdown(rows: list[dict], command: str) -> str:
@@ -91,27 +104,31 @@ def markdown(rows: list[dict], command: str) -> str:
         "enwiki test; fp32; every linear layer inside the 30 decoder blocks pruned. `ratio` = prune wall time "
         "(calibration capture to end of pruning) / one plain dense forward of the model over the same "
         "calibration tokens (batch 8, as pruning), timed in the same process just before and just after pruning "
-        "and averaged. Peak RSS is each run's own process (it includes evaluation). `sparsegpt` is true-sequential "
+        "and averaged. `prune peak RSS` is the resident set sampled every 5 ms while `prune()` runs, and in brackets "
+        "what pruning added to the resident set it started from (which already holds the model, the tokenized "
+        "text and the runtime); `process peak RSS` is the whole run's process, which also holds the timing "
+        "forwards' logits (8 x 512 x 49152 fp32 = 768 MiB) and evaluation's. `sparsegpt` is true-sequential "
         "(its default: q/k/v, then o, then gate/up, then down, each observed after the previous was pruned); "
         "`sparsegpt (at once)` observes every layer of a block on the unpruned block, as the reference code does "
         "(`--no-true-sequential`).",
         "",
         f"Reproduce: `{command}`",
         "",
-        "| method | pattern | perplexity | reference | sparsity | prune s | dense fwd s | ratio | target ratio | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | pattern | perplexity | reference | sparsity | prune s | dense fwd s | ratio | target ratio "
+        "| prune peak RSS MiB | process peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ref = REFERENCE.get(r["run"])
         ref_s = f"{ref:.2f}" if ref else "–"
         rss = r["peak_rss_bytes"] / 2**20
         if r["run"] == "dense":
-            lines.append(f"| dense | – | {r['perplexity']:.2f} | {ref_s} | 0 | – | – | – | – | {rss:.0f} |")
+            lines.append(f"| dense | – | {r['perplexity']:.2f} | {ref_s} | 0 | – | – | – | – | – | {rss:.0f} |")
             continue
         tgt = TARGET_RATIO.get(r["method"].split()[0])
         lines.append(f"| {r['method']} | {r['pattern']} | {r['perplexity']:.2f} | {ref_s} | {r['sparsity']:.4f} | "
                      f"{r['prune_seconds']:.1f} | {r['dense_forward_seconds']:.1f} | {r['ratio']:.2f} | "
-                     f"{'≤ ' + str(tgt) if tgt else '–'} | {rss:.0f} |")
+                     f"{'≤ ' + str(tgt) if tgt else '–'} | {prune_rss(r)} | {rss:.0f} |")
     size = rows[0]["model_bytes_fp32"] / 2**20
     lines += ["", f"The fp32 model alone is {size:.0f} MiB of parameters.", ""]
     return "\n".join(lines)
@@ -120,7 +137,9 @@ def markdown(rows: list[dict], command: str) -> str:
 def describe(row: dict) -> str:
     return (f"{row['run']:>16}: perplexity {row['perplexity']:.3f}"
             + (f", sparsity {row['sparsity']:.4f}, prune {row['prune_seconds']:.1f} s, ratio {row['ratio']:.2f}"
-               if "ratio" in row else "") + f", peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB")
+               if "ratio" in row else "")
+            + (f", prune peak RSS {prune_rss(row)} MiB" if "prune_peak_rss_bytes" in row else "")
+            + f", process peak RSS {mib(row['peak_rss_bytes'])} MiB")
 
 
 def main() -> int:

@@ -13,21 +13,14 @@ Results go to ``benchmarks/results/refine_memory.{json,md}``.
 
 from __future__ import annotations
 
-import os
 import sys
-import threading
 import time
 
-from common import benchmark_main, measured_on
+from common import PeakRSS, benchmark_main, measured_on
 
 SHAPES = {"gate+up (7B)": (2 * 11008, 4096), "q+k+v (7B)": (3 * 4096, 4096)}
 RUNS = [f"{name}/{chunk}" for name in SHAPES for chunk in ("all", "4096")]
 MIB = 2**20
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def one(run: str) -> dict:
@@ -47,25 +40,13 @@ def one(run: str) -> dict:
     W0 = torch.randn(rows, cols, generator=g)
     keep = torch.rand(rows, cols, generator=g) > 0.5
     W = W0 * keep
-    before = rss_bytes()
-    peak, running = [before], [True]
-
-    def sample():
-        while running[0]:
-            peak[0] = max(peak[0], rss_bytes())
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    t = time.perf_counter()
-    out = admm_reconstruct(W, W0, H, keep, iters=2, chunk_rows=chunk_rows)
-    seconds = time.perf_counter() - t
-    running[0] = False
-    sampler.join()
-    peak[0] = max(peak[0], rss_bytes())
+    with PeakRSS() as rss:
+        t = time.perf_counter()
+        out = admm_reconstruct(W, W0, H, keep, iters=2, chunk_rows=chunk_rows)
+        seconds = time.perf_counter() - t
     return {"run": run, "shape": name, "rows": rows, "cols": cols, "chunk_rows": chunk_rows,
-            "weight_mib": round(rows * cols * 4 / MIB, 1), "before_mib": round(before / MIB, 1),
-            "extra_mib": round((peak[0] - before) / MIB, 1), "seconds": round(seconds, 2),
+            "weight_mib": round(rows * cols * 4 / MIB, 1), "before_mib": round(rss.before / MIB, 1),
+            "extra_mib": round((rss.peak - rss.before) / MIB, 1), "seconds": round(seconds, 2),
             "zeros_ok": bool((out[~keep] == 0).all()), **environment()}
 
 

@@ -189,6 +189,15 @@ def test_wanda_needs_calibration():
         prune(tiny_model("llama"), PruneConfig(method="magnitude", refine="admm"), None, progress=False)
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_non_finite_calibration_inputs_are_a_clear_error(method, calib_ids):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")  # block 1's down_proj input overflows
+    with pytest.raises(sequential.CalibrationError, match=r"layers\.1\.mlp\.down_proj: .*inf or NaN"):
+        prune(model, PruneConfig(method=method), calib_ids, progress=False)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])  # GPT-2: Conv1D stores the transposed weight
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_refine_keeps_the_mask_and_brings_the_model_closer_to_dense(family, pattern, calib_ids):

