@@ -124,9 +124,10 @@ def lowest_in_groups(groups: torch.Tensor, k: int) -> torch.Tensor:
     """Mark the ``k`` lowest entries of every column of ``groups`` (m, G); ties: lower index first.
 
     Each entry counts how many of its group go before it -- a lower score, or an equal score at a lower
-    index -- and is marked when fewer than ``k`` do.  For the small groups of N:M patterns these
-    ``m (m - 1) / 2`` comparisons of whole rows are several times faster than sorting every group; wide
-    groups (m > 8) are sorted instead.  Both give the same mask.
+    index -- and is marked when fewer than ``k`` do.  That is ``m (m - 1) / 2`` comparisons of whole rows,
+    several times faster than sorting every group when there are many groups; each comparison has a fixed
+    cost, so few groups (fewer than ``250 (m - 1)``, the crossover measured on a CPU) or wide ones (m > 8) are
+    sorted instead.  Both give the same mask.
 
     >>> lowest_in_groups(torch.tensor([[4., 1.], [1., 1.], [3., 5.], [2., 0.]]), 2)
     tensor([[False,  True],
@@ -134,8 +135,8 @@ def lowest_in_groups(groups: torch.Tensor, k: int) -> torch.Tensor:
             [False, False],
             [ True,  True]])
     """
-    m = groups.shape[0]
-    if m > 8:
+    m, count = groups.shape
+    if m > 8 or count < 250 * (m - 1):
         order = torch.argsort(groups, dim=0, stable=True)[:k]
         return torch.zeros_like(groups, dtype=torch.bool).scatter_(0, order, True)
     before = torch.zeros_like(groups, dtype=torch.uint8)  # same strides as groups
