@@ -136,6 +136,24 @@ def test_model_without_blocks_is_refused(tiny_dir, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_non_finite_activations_are_refused_with_the_layer_named(tiny_dir, tmp_path, capsys):
+    import torch
+
+    folder = tmp_path / "overflowing"
+    model = tf.AutoModelForCausalLM.from_pretrained(tiny_dir / "model")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("inf")
+    model.save_pretrained(folder)
+    tf.AutoTokenizer.from_pretrained(tiny_dir / "model").save_pretrained(folder)
+    capsys.readouterr()  # the loading above wrote progress bars
+    code = main(["prune", *args(tiny_dir, "--method", "wanda", "--no-eval"), "--model", str(folder),
+                 "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "layers.0.mlp.down_proj: its calibration inputs hold inf or NaN" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_compare_refuses_an_unknown_refinement_before_loading(tiny_dir, capsys):
     code = main(["compare", "--model", str(tiny_dir / "missing-model"), "--methods", "wanda,wanda+obs", "--quiet"])
     err = capsys.readouterr().err.strip()

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Pattern", "kth_smallest", "lowest_k_mask", "lowest_in_groups", "unstructured_mask", "nm_mask", "block_mask", "build_mask", "check_nm", "check_tiles"]
+__all__ = ["Pattern", "kth_smallest", "lowest_k_mask", "lowest_in_groups", "unstructured_mask", "nm_mask", "block_mask",
+           "build_mask", "check_nm", "check_tiles"]
 
 GROUPS = ("row", "layer", "global")
 
@@ -79,9 +80,9 @@ class Pattern:
 def kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k``-th smallest value (1-based) of every row of ``scores`` (rows, cols), as ``(rows, 1)``.
 
-    On the CPU this is NumPy's introselect (``np.partition``), which moves values only and is about 4x
-    faster than ``torch.kthvalue``, which also tracks their indices; elsewhere, and for dtypes NumPy lacks
-    (bfloat16), ``torch.kthvalue``.  Both return the same value.
+    On the CPU this is NumPy's introselect (``np.partition``), which moves values only and is several
+    times faster than ``torch.kthvalue``, which also tracks their indices; elsewhere, and for dtypes NumPy
+    lacks (bfloat16), ``torch.kthvalue``.  Both return the same value.
     """
     if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
         part = np.partition(scores.detach().numpy(), k - 1, axis=1)
