@@ -82,8 +82,8 @@ def one(run: str) -> dict:
     return row
 
 
-def mib(nbytes: "int | None") -> str:
-    return "–" if nbytes is None else f"{nbytes / 2**20:.0f}"
+def mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.0f}"
 
 
 def prune_rss(row: dict) -> str:
@@ -121,14 +121,14 @@ def markdown(rows: list[dict], command: str) -> str:
     for r in rows:
         ref = REFERENCE.get(r["run"])
         ref_s = f"{ref:.2f}" if ref else "–"
-        rss = r["peak_rss_bytes"] / 2**20
+        rss = mib(r["peak_rss_bytes"])
         if r["run"] == "dense":
-            lines.append(f"| dense | – | {r['perplexity']:.2f} | {ref_s} | 0 | – | – | – | – | – | {rss:.0f} |")
+            lines.append(f"| dense | – | {r['perplexity']:.2f} | {ref_s} | 0 | – | – | – | – | – | {rss} |")
             continue
         tgt = TARGET_RATIO.get(r["method"].split()[0])
         lines.append(f"| {r['method']} | {r['pattern']} | {r['perplexity']:.2f} | {ref_s} | {r['sparsity']:.4f} | "
                      f"{r['prune_seconds']:.1f} | {r['dense_forward_seconds']:.1f} | {r['ratio']:.2f} | "
-                     f"{'≤ ' + str(tgt) if tgt else '–'} | {prune_rss(r)} | {rss:.0f} |")
+                     f"{'≤ ' + str(tgt) if tgt else '–'} | {prune_rss(r)} | {rss} |")
     size = rows[0]["model_bytes_fp32"] / 2**20
     lines += ["", f"The fp32 model alone is {size:.0f} MiB of parameters.", ""]
     return "\n".join(lines)
