@@ -64,6 +64,60 @@ def test_eval_and_compare(tiny_dir, tmp_path, capsys):
     assert text.startswith("| method | 0.5 | 2:4 |") and "| dense |" in text and "| magnitude+admm |" in text
 
 
+def test_an_interrupted_compare_keeps_its_cells_and_resumes(tiny_dir, tmp_path, capsys, monkeypatch):
+    import secateurs.api as api
+
+    grid = ["--methods", "magnitude,wanda", "--sparsities", "0.5,2:4"]
+    whole, part, md = tmp_path / "whole.json", tmp_path / "part.json", tmp_path / "part.md"
+    assert main(["compare", *args(tiny_dir, *grid, "--report", str(whole))]) == 0
+    expected = json.loads(whole.read_text())
+    assert expected["complete"] is True
+
+    real_prune, calls = api.prune, []
+
+    def prune_then_stop(*a, **k):  # Ctrl-C during the third cell
+        calls.append(a[1].method)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_prune(*a, **k)
+
+    monkeypatch.setattr(api, "prune", prune_then_stop)
+    assert main(["compare", *args(tiny_dir, *grid, "--report", str(part), "--markdown", str(md))]) == 130
+    assert "add --resume" in capsys.readouterr().err
+    saved = json.loads(part.read_text())
+    assert saved["complete"] is False and saved["dense_perplexity"] == expected["dense_perplexity"]
+    assert [(r["method"], r["setting"]) for r in saved["rows"]] == [("magnitude", "0.5"), ("magnitude", "2:4")]
+    assert "| wanda | – | – |" in md.read_text()
+
+    calls.clear()
+    assert main(["compare", *args(tiny_dir, *grid, "--report", str(part), "--resume")]) == 0
+    assert calls == ["wanda", "wanda"]  # only the missing cells were measured
+    resumed = json.loads(part.read_text())
+    assert resumed["complete"] is True
+    assert [(r["method"], r["setting"], r["perplexity"], r["sparsity"]) for r in resumed["rows"]] == [
+        (r["method"], r["setting"], r["perplexity"], r["sparsity"]) for r in expected["rows"]]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--calib-samples", "3"], "calib_samples=4 there, 3 here"),
+    (["--eval-windows", "2"], "windows=3 there, 2 here"),
+    (["--model", "elsewhere"], "is a table of model"),
+])
+def test_resume_refuses_a_table_made_otherwise(tiny_dir, tmp_path, capsys, extra, message):
+    report = tmp_path / "t.json"
+    grid = ["--methods", "magnitude", "--sparsities", "0.5", "--report", str(report)]
+    assert main(["compare", *args(tiny_dir, *grid)]) == 0
+    capsys.readouterr()
+    assert main(["compare", *args(tiny_dir, *grid, "--resume", *extra)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("secateurs: error: cannot resume") and message in err and "\n" not in err
+
+
+def test_resume_needs_a_report(tiny_dir, capsys):
+    assert main(["compare", *args(tiny_dir, "--methods", "magnitude", "--resume")]) == 2
+    assert "--resume needs --report" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--sparsity", "1.5"], "sparsity must be in [0, 1)"),
     (["--pattern", "4:4"], "N < M"),

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -105,6 +106,10 @@ def prune(model, config, calibration: "torch.Tensor | Iterable | None" = None, *
     ``config`` is a :class:`PruneConfig` (weights), a :class:`StructuredConfig` (channels, heads, blocks),
     a :class:`Recipe` or a list of configs (stages, applied in order).  ``calibration`` holds token ids
     ``(samples, seqlen)`` (see :func:`calibration_data`); methods that need data refuse to run without it.
+
+    Every config and layer is validated before any weight changes.  An error found part-way (a
+    :class:`~secateurs.engine.CalibrationError` at block 5, say) leaves the blocks before it pruned in
+    ``model``: reload the model before trying again.  (The CLI saves nothing in that case.)
     """
     configs = _as_configs(config)
     tracker = tracker or Tracker(show=progress)
@@ -200,42 +205,87 @@ def parse_method(text: str) -> dict:
 
 @torch.no_grad()
 def compare(model, tokenizer, methods: Sequence[str], settings: Sequence[str], base: "PruneConfig | None" = None,
-            eval_config: "EvalConfig | None" = None, progress: bool = True, on_row=None) -> dict:
+            eval_config: "EvalConfig | None" = None, progress: bool = True, on_row=None, checkpoint=None,
+            previous: "dict | None" = None) -> dict:
     """Dense plus every method x setting on one model, same calibration windows and evaluation windows.
 
     A method may carry a weight reconstruction, ``"wanda+admm"``; without one it keeps ``base.refine``.
+    The model is restored to its dense weights between runs.  Returns the table: ``{"dense_perplexity",
+    "rows": [...], "base_config", "eval", "complete", ...}``.
 
-    The model is restored to its dense weights between runs.  Returns ``{"rows": [...], "dense_perplexity"}``.
+    ``on_row(row)`` is called after each measured cell.  ``checkpoint(table)`` is called with the table so
+    far (``"complete": False`` until the last cell) after the dense evaluation and after every cell, so that a
+    caller who saves it loses nothing to a crash.  ``previous`` is such a saved table: its dense perplexity and
+    its cells of this grid are kept and only the missing cells are measured.  It must have been made with the
+    same base config and evaluation (:class:`ConfigError` otherwise); every cell is measured from the dense
+    weights with the same windows, so a resumed table holds what an uninterrupted one would.
     """
     base = base or PruneConfig()
     eval_config = eval_config or EvalConfig()
     grid = [(m, s, base.override(**parse_method(m), **parse_setting(s), group=None, threshold=None)) for m in methods
             for s in settings]  # validates every cell up front
+    table = {"methods": list(methods), "settings": list(settings), "dense_perplexity": None, "rows": [],
+             "base_config": _as_json(base.to_dict()), "eval": _as_json(eval_config.to_dict()), "complete": False}
+    done = {}
+    if previous is not None:
+        _check_resumable(previous, table)
+        table["dense_perplexity"] = previous.get("dense_perplexity")
+        done = {(r["method"], r["setting"]): r for r in previous.get("rows", [])}
+    todo = [(m, s, c) for m, s, c in grid if (m, s) not in done]
+    keys = [(m, s) for m, s, _ in grid]
+
+    def save():
+        table["rows"] = [done[k] for k in keys if k in done]
+        table.update(environment())
+        if checkpoint:
+            checkpoint(table)
+
     eval_ids = tokenize(tokenizer, load_text(eval_config.data, "test"))
-    needs_data = any(c.needs_calibration for _, _, c in grid)
+    if table["dense_perplexity"] is None:
+        table["dense_perplexity"] = evaluate(model, tokenizer, eval_config, ids=eval_ids, progress=progress)
+        save()
+    needs_data = any(c.needs_calibration for _, _, c in todo)
     calib = calibration_data(tokenizer, base) if needs_data else None
-    dense_state = copy.deepcopy(model.state_dict())
-    dense = evaluate(model, tokenizer, eval_config, ids=eval_ids, progress=progress)
-    rows = []
-    for method, setting, cfg in grid:
+    dense_state = copy.deepcopy(model.state_dict()) if todo else None
+    for method, setting, cfg in todo:
         model.load_state_dict(dense_state)
         result = prune(model, cfg, calib, progress=progress)
         ppl = evaluate(model, tokenizer, eval_config, ids=eval_ids, progress=progress)
-        row = {"method": method, "setting": setting, "pattern": cfg.pattern, "perplexity": ppl,
-               "sparsity": result.sparsity, "prune_seconds": round(result.prune_seconds, 3),
-               "peak_rss_bytes": peak_rss_bytes()}
-        rows.append(row)
+        done[method, setting] = row = {
+            "method": method, "setting": setting, "pattern": cfg.pattern, "perplexity": ppl,
+            "sparsity": result.sparsity, "prune_seconds": round(result.prune_seconds, 3),
+            "peak_rss_bytes": peak_rss_bytes()}
         if on_row:
             on_row(row)
-    model.load_state_dict(dense_state)
-    return {"dense_perplexity": dense, "rows": rows, "base_config": base.to_dict(), "eval": eval_config.to_dict(),
-            **environment()}
+        save()
+    if dense_state is not None:
+        model.load_state_dict(dense_state)
+    table["complete"] = True
+    save()
+    return table
+
+
+def _as_json(value):
+    """``value`` as it reads back from JSON (tuples become lists), so saved and fresh tables compare equal."""
+    return json.loads(json.dumps(value))
+
+
+def _check_resumable(previous: dict, table: dict) -> None:
+    """Refuse to mix cells measured under another calibration or evaluation into this table."""
+    for key in ("base_config", "eval"):
+        old, new = previous.get(key) or {}, table[key]
+        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if differ:
+            shown = ", ".join(f"{k}={old.get(k)!r} there, {new.get(k)!r} here" for k in differ)
+            raise ConfigError(f"cannot resume: the saved table was made with other settings ({shown})")
 
 
 def markdown_table(table: dict) -> str:
-    """Perplexity pivot in the papers' layout: one row per method, one column per sparsity setting."""
-    settings = list(dict.fromkeys(r["setting"] for r in table["rows"]))
-    methods = list(dict.fromkeys(r["method"] for r in table["rows"]))
+    """Perplexity pivot in the papers' layout: one row per method, one column per sparsity setting.
+
+    Cells not measured yet (a table saved mid-run) show a dash."""
+    settings = table.get("settings") or list(dict.fromkeys(r["setting"] for r in table["rows"]))
+    methods = table.get("methods") or list(dict.fromkeys(r["method"] for r in table["rows"]))
     cell = {(r["method"], r["setting"]): r for r in table["rows"]}
     head = "| method | " + " | ".join(settings) + " |"
     lines = [head, "|" + "---|" * (len(settings) + 1), "| dense | " + " | ".join(

@@ -210,8 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsities", default="0.5,2:4,4:8", help="comma list of 0.5 (unstructured), N:M, block:B@S")
     _add_prune(p, single_method=False)
     _add_eval(p)
-    p.add_argument("--report", default=None, help="write the JSON table here")
-    p.add_argument("--markdown", default=None, help="write the markdown table here")
+    p.add_argument("--report", default=None, help="write the JSON table here (rewritten after every cell)")
+    p.add_argument("--markdown", default=None, help="write the markdown table here (rewritten after every cell)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the cells already in --report (from an interrupted run) and measure only the rest")
     return parser
 
 
@@ -445,7 +447,7 @@ def cmd_eval(args) -> int:
 
 def cmd_compare(args) -> int:
     from . import api
-    from .config import PruneConfig
+    from .config import ConfigError, PruneConfig
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     settings = [s.strip() for s in args.sparsities.split(",") if s.strip()]
@@ -454,22 +456,52 @@ def cmd_compare(args) -> int:
     for m in methods:  # validate the whole grid before loading anything
         for s in settings:
             base.override(**api.parse_method(m), **api.parse_setting(s), group=None, threshold=None)
+    name = args.model or "smollm2-135m"
+    previous = _previous_table(args)
+    if previous is not None:
+        if previous.get("model") != name:
+            raise ConfigError(f"cannot resume: {args.report} is a table of model {previous.get('model')!r}, "
+                              f"not {name!r}")
+        print(f"resuming {args.report}: dense and {len(previous.get('rows', []))} cell(s) already measured",
+              flush=True)
     model, tokenizer = _load(args)
 
     def on_row(row):
         print(f"{row['method']:>10} {row['setting']:>8}: perplexity {row['perplexity']:.3f}, "
               f"sparsity {row['sparsity']:.4f}, {row['prune_seconds']:.1f} s", flush=True)
 
+    def checkpoint(table):  # every cell reaches the disk as soon as it is measured
+        table["model"] = name
+        if args.report:
+            _write_atomic(args.report, json.dumps(table, indent=2) + "\n")
+        if args.markdown:
+            _write_atomic(args.markdown, api.markdown_table(table))
+
     table = api.compare(model, tokenizer, methods, settings, base, eval_config, progress=not args.quiet,
-                        on_row=on_row)
-    table["model"] = args.model or "smollm2-135m"
-    md = api.markdown_table(table)
-    print(md)
-    if args.report:
-        _write_atomic(args.report, json.dumps(table, indent=2) + "\n")
-    if args.markdown:
-        _write_atomic(args.markdown, md)
+                        on_row=on_row, checkpoint=checkpoint, previous=previous)
+    print(api.markdown_table(table))
     return 0
+
+
+def _previous_table(args) -> "dict | None":
+    """With ``--resume``, the table saved in ``--report`` by an earlier run (None when there is none yet)."""
+    from .config import ConfigError
+    from .models.load import first_line
+
+    if not args.resume:
+        return None
+    if not args.report:
+        raise ConfigError("--resume needs --report FILE.json: the table to continue")
+    path = Path(args.report)
+    if not path.exists():
+        return None
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot resume from {path}: {first_line(exc)}") from None
+    if not isinstance(table, dict) or "rows" not in table:
+        raise ConfigError(f"cannot resume from {path}: it is not a table written by secateurs compare")
+    return table
 
 
 def main(argv=None) -> int:
@@ -494,8 +526,17 @@ def main(argv=None) -> int:
         print(f"secateurs: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("secateurs: interrupted; nothing was saved", file=sys.stderr)
+        print(f"secateurs: interrupted; {_kept_on_interrupt(args)}", file=sys.stderr)
         return 130
+
+
+def _kept_on_interrupt(args) -> str:
+    """What an interrupted command leaves behind, and how to go on from it."""
+    if args.command == "compare" and args.report:
+        return f"the cells measured so far are in {args.report}; add --resume to the same command to finish it"
+    if args.command == "iterate":
+        return f"finished cycles are kept in {args.output}; the same command resumes after the last one"
+    return "nothing was saved"
 
 
 if __name__ == "__main__":
