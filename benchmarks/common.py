@@ -67,6 +67,29 @@ def measured_on(env: dict) -> str:
 
 
 PROTOCOL_WINDOWS, HELD_OUT_WINDOWS, SEQLEN = 16, 24, 1024
+CALIB_SAMPLES, CALIB_SEQLEN, BATCH = 32, 512, 8
+
+
+def protocol_config(method: str, setting: str, **options):
+    """The quick protocol's :class:`PruneConfig` for ``method`` at ``setting`` (``0.5`` or ``N:M``): calibration
+    32 x 512 tokens of enwiki train, seed 0, batch 8, with extra config ``options``."""
+    from secateurs import PruneConfig
+
+    nm = ":" in setting
+    return PruneConfig(method=method, pattern=setting if nm else "unstructured",
+                       sparsity=None if nm else float(setting), calib_data="enwiki", calib_samples=CALIB_SAMPLES,
+                       calib_seqlen=CALIB_SEQLEN, seed=0, batch_size=BATCH, **options)
+
+
+def dense_forward_seconds(model, calib) -> float:
+    """Wall time of one plain forward of ``model`` (logits and all) over the calibration tokens, batch 8."""
+    import torch
+
+    t = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(calib), BATCH):
+            model(calib[i : i + BATCH], use_cache=False)
+    return time.perf_counter() - t
 
 
 def prune_and_score(method: str, setting: str, **options) -> dict:
@@ -75,7 +98,7 @@ def prune_and_score(method: str, setting: str, **options) -> dict:
     enwiki test) and on the next 24 windows, held out so that no choice is made on the reported figures."""
     import torch
 
-    from secateurs import EvalConfig, PruneConfig, calibration_data, evaluate, load_model, prune
+    from secateurs import EvalConfig, calibration_data, evaluate, load_model, prune
     from secateurs.api import environment
     from secateurs.data import load_text, tokenize
 
@@ -83,9 +106,7 @@ def prune_and_score(method: str, setting: str, **options) -> dict:
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m")
     ids = tokenize(tok, load_text("enwiki", "test"))
-    nm = ":" in setting
-    cfg = PruneConfig(method=method, pattern=setting if nm else "unstructured", sparsity=None if nm else float(setting),
-                      calib_data="enwiki", calib_samples=32, calib_seqlen=512, seed=0, batch_size=8, **options)
+    cfg = protocol_config(method, setting, **options)
     result = prune(model, cfg, calibration_data(tok, cfg), progress=False)
     return {"method": method, "pattern": cfg.pattern, "true_sequential": cfg.true_sequential, "refine": cfg.refine,
             "sparsity": result.sparsity, "prune_seconds": round(result.prune_seconds, 2),

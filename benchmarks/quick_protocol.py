@@ -15,9 +15,8 @@ dense forward of the model over the same calibration tokens (same batch size as 
 from __future__ import annotations
 
 import sys
-import time
 
-from common import PeakRSS, benchmark_main, measured_on
+from common import PeakRSS, benchmark_main, dense_forward_seconds, measured_on, protocol_config
 
 RUNS = ["dense", "magnitude:0.5", "wanda:0.5", "sparsegpt:0.5", "sparsegpt:0.5/at-once",
         "magnitude:2:4", "wanda:2:4", "sparsegpt:2:4", "sparsegpt:2:4/at-once",
@@ -29,13 +28,12 @@ REFERENCE = {  # the official reference code (Wanda's repository), CPU, same pro
 REFERENCE.update({f"{k}/at-once": v for k, v in REFERENCE.items() if k.startswith("sparsegpt")})
 REFERENCE_RATIO = {"wanda:0.5": 1.9, "sparsegpt:0.5": 3.4, "wanda:2:4": 1.9, "sparsegpt:2:4": 3.4}
 TARGET_RATIO = {"wanda": 1.6, "sparsegpt": 2.0}
-CALIB_SAMPLES, CALIB_SEQLEN, BATCH = 32, 512, 8
 
 
 def one(run: str) -> dict:
     import torch
 
-    from secateurs import EvalConfig, PruneConfig, calibration_data, evaluate, load_model, prune
+    from secateurs import EvalConfig, calibration_data, evaluate, load_model, prune
     from secateurs.api import environment
     from secateurs.data import load_text, tokenize
     from secateurs.eval import peak_rss_bytes
@@ -49,27 +47,15 @@ def one(run: str) -> dict:
     if run != "dense":
         run, _, variant = run.partition("/")
         method, setting = run.split(":", 1)
-        pattern = "unstructured" if ":" not in setting else setting
-        sparsity = float(setting) if ":" not in setting else None
-        cfg = PruneConfig(method=method, pattern=pattern, sparsity=sparsity, calib_data="enwiki",
-                          calib_samples=CALIB_SAMPLES, calib_seqlen=CALIB_SEQLEN, seed=0, batch_size=BATCH,
-                          **({"true_sequential": False} if variant == "at-once" else {}))
+        cfg = protocol_config(method, setting, **({"true_sequential": False} if variant == "at-once" else {}))
         calib = calibration_data(tok, cfg)
-
-        @torch.no_grad()
-        def dense_forward_seconds() -> float:
-            t = time.perf_counter()
-            for i in range(0, len(calib), BATCH):
-                model(calib[i : i + BATCH], use_cache=False)
-            return time.perf_counter() - t
-
         with torch.no_grad():
             model(calib[:1, :64], use_cache=False)  # warm-up
-        before = dense_forward_seconds()
+        before = dense_forward_seconds(model, calib)
         with PeakRSS() as rss:  # pruning's own memory, apart from the timing forwards' logits
             result = prune(model, cfg, calib, progress=False)
         # timed again after pruning (dense kernels: zeros cost the same) to average out machine drift
-        dense_forward = (before + dense_forward_seconds()) / 2
+        dense_forward = (before + dense_forward_seconds(model, calib)) / 2
         row.update(method=method + (" (at once)" if variant else ""), true_sequential=cfg.true_sequential,
                    pattern=cfg.pattern, target_sparsity=cfg.sparsity, sparsity=result.sparsity,
                    prune_seconds=round(result.prune_seconds, 2), dense_forward_seconds=round(dense_forward, 2),
