@@ -2,6 +2,7 @@
 pruning that hits the schedule, resumable iterative cycles, LoRA merges that keep zeros, CLI."""
 
 import contextlib
+import copy
 import json
 import math
 
@@ -69,6 +70,11 @@ def _pruned_llama(sparsity=0.5):
 
 def _zeros(model):
     return {n: weight_of(m) == 0 for n, m in prunable_linears(model).items()}
+
+
+def _copy(model):
+    torch.manual_seed(0)  # LoRA's A starts from the global RNG: the same start for every run of a test
+    return copy.deepcopy(model)
 
 
 @pytest.mark.parametrize("attach", [True, False])
@@ -175,6 +181,46 @@ def test_lora_training_lowers_the_loss_and_keeps_zeros():
     assert all(torch.equal(_zeros(model)[n], before[n]) for n in before)
 
 
+@pytest.mark.parametrize("options", [
+    {},  # all weights, the mask frozen
+    {"lora_rank": 4},
+    {"schedule": {"name": "cubic", "final_sparsity": 0.6, "start_step": 0, "end_step": 2, "frequency": 2}},  # done before the checkpoint
+], ids=["frozen", "lora", "gradual"])
+def test_a_finetune_resumed_from_its_checkpoint_ends_identical(options, monkeypatch, tmp_path):
+    import secateurs.training.finetune as ft
+
+    config = TrainConfig(steps=8, batch_size=2, seqlen=16, lr=3e-3, warmup_steps=3, **options)
+    start = _pruned_llama() if "schedule" not in options else tiny_model("llama")
+    full = _copy(start)
+    whole = train(full, STREAM, config, progress=False)
+
+    saved = []
+    real_batch = ft.training_batch
+
+    def crash_at_step_6(ids, batch, seqlen, seed, step, micro=0):
+        if step == 6:
+            raise KeyboardInterrupt
+        return real_batch(ids, batch, seqlen, seed, step, micro)
+
+    monkeypatch.setattr(ft, "training_batch", crash_at_step_6)
+    with pytest.raises(KeyboardInterrupt):  # a checkpoint every 4 steps: the one at step 4 is the last
+        train(_copy(start), STREAM, config, progress=False, save_every=4,
+              save_state=lambda state: torch.save(state, tmp_path / f"state-{len(saved)}.pt") or saved.append(1))
+    monkeypatch.undo()
+    assert len(saved) == 1
+
+    state = torch.load(tmp_path / "state-0.pt", weights_only=False)
+    assert state["step"] == 4
+    resumed = _copy(start)
+    history = train(resumed, STREAM, config, progress=False, resume=state)
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert history.loss == whole.loss and history.steps == list(range(1, 9))
+    assert history.sparsity_updates == whole.sparsity_updates
+    with pytest.raises(ValueError, match="another training config"):
+        train(_copy(start), STREAM, TrainConfig(steps=9, batch_size=2, seqlen=16), progress=False, resume=state)
+
+
 # ----------------------------------------------------------------------------- iterate
 
 
@@ -236,6 +282,41 @@ def test_cli_finetune_and_iterate(tiny_dir, tmp_path):
     history = json.loads((it / "history.json").read_text())
     assert [round(h["sparsity"], 3) for h in history] == [0.25, 0.5]
     assert (it / "cycle-002" / "config.json").exists()
+
+
+def test_cli_finetune_resumes_from_its_saved_state(tiny_dir, tmp_path, capsys, monkeypatch):
+    import secateurs.training.finetune as ft
+
+    flags = cli_args(tiny_dir, "--data", str(tiny_dir / "train.txt"), "--steps", "5", "--lr", "1e-3")
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert main(["finetune", *flags, "--output", str(whole)]) == 0
+
+    real_batch = ft.training_batch
+
+    def crash_at_step_3(ids, batch, seqlen, seed, step, micro=0):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_batch(ids, batch, seqlen, seed, step, micro)
+
+    monkeypatch.setattr(ft, "training_batch", crash_at_step_3)
+    assert main(["finetune", *flags, "--save-every", "2", "--output", str(part)]) == 130
+    state = tmp_path / "part.train-state.pt"
+    assert f"the last checkpoint is {state}" in capsys.readouterr().err
+    assert torch.load(state, weights_only=False)["step"] == 2 and not part.exists()
+    monkeypatch.undo()
+
+    assert main(["finetune", *flags[:-2], "--lr", "2e-3", "--save-every", "2", "--output", str(part)]) == 2
+    assert "saved with another train" in capsys.readouterr().err
+    steps = []
+    monkeypatch.setattr(ft, "training_batch", lambda *a, **k: steps.append(a[4]) or real_batch(*a, **k))
+    assert main(["finetune", *flags, "--save-every", "2", "--output", str(part)]) == 0
+    assert steps == [2, 3, 4]  # only what the checkpoint had not done
+    assert "resuming from" in capsys.readouterr().out and not state.exists()
+    a = tf.AutoModelForCausalLM.from_pretrained(whole).state_dict()
+    b = tf.AutoModelForCausalLM.from_pretrained(part).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((d / "secateurs_report.json").read_text()) for d in (whole, part))
+    assert ra["history"]["loss"] == rb["history"]["loss"] and ra["perplexity_after"] == rb["perplexity_after"]
 
 
 @pytest.mark.parametrize("cmd, message", [

@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_schedule(p)
     _add_eval(p)
     _add_output(p, "the trained model")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="save the training state to OUTPUT.train-state.pt every N steps (default 0: never)")
+    p.add_argument("--no-resume", action="store_true", help="start from step 0 even if OUTPUT.train-state.pt exists")
 
     p = sub.add_parser("iterate", help="iterative prune-retrain cycles with a checkpoint after each")
     _add_model(p)
@@ -358,6 +361,7 @@ def cmd_finetune(args) -> int:
     from .data import load_text, tokenize
     from .eval import peak_rss_bytes
     from .models import save_model
+    from .config import ConfigError
     from .training import measured_sparsity, prunable_linears, train
 
     config = _train_config(args)
@@ -365,15 +369,24 @@ def cmd_finetune(args) -> int:
     output = Path(args.output)
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         raise FileExistsError(f"output folder {args.output!r} exists and is not empty (use --overwrite)")
+    if args.save_every < 0:
+        raise ConfigError(f"--save-every must be >= 0, got {args.save_every}")
+    state_file = _state_file(args.output)
+    run = {"model": args.model or "smollm2-135m", "data": args.data, "eval": eval_config.to_dict()}
+    resume = None if args.no_resume else _training_state(state_file, run, config)
     model, tokenizer = _load(args)
     show = not args.quiet
     train_ids = tokenize(tokenizer, load_text(args.data, "train"))
     names = list(prunable_linears(model))
     before = measured_sparsity(model, names)
+    if resume is not None:
+        print(f"resuming from {state_file} after step {resume['step']}", flush=True)
     print(f"training {config.steps} steps ({'LoRA rank ' + str(config.lora_rank) if config.lora_rank else 'all weights'}"
           f"{', gradual ' + config.schedule['name'] + ' to ' + str(config.schedule['final_sparsity']) if config.schedule else ', mask frozen'}); "
           f"sparsity of the block linears now {before:.4f}", flush=True)
-    history = train(model, train_ids, config, evaluate=_evaluator(tokenizer, eval_config, show), progress=show)
+    history = train(model, train_ids, config, evaluate=_evaluator(tokenizer, eval_config, show), progress=show,
+                    save_every=args.save_every, save_state=lambda state: _save_state(state_file, {**state, "run": run}),
+                    resume=resume)
     after = measured_sparsity(model, names)
     ppl0, ppl1 = history.evals[0]["perplexity"], history.evals[-1]["perplexity"]
     print(f"perplexity {ppl0:.3f} -> {ppl1:.3f}; sparsity {before:.4f} -> {after:.4f}; "
@@ -385,8 +398,52 @@ def cmd_finetune(args) -> int:
                extra_files={"secateurs_report.json": json.dumps(report, indent=2) + "\n"})
     if args.report:
         _write_atomic(args.report, json.dumps(report, indent=2) + "\n")
+    state_file.unlink(missing_ok=True)  # the finished model supersedes it
     print(f"saved to {output}", flush=True)
     return 0
+
+
+def _state_file(output: str) -> Path:
+    """Where ``finetune --save-every`` keeps its training state: beside the output folder, not in it."""
+    output = Path(output)
+    return output.with_name(output.name + ".train-state.pt")
+
+
+def _save_state(path: Path, state: dict) -> None:
+    """``torch.save`` to a temporary sibling, then rename: a crash while saving keeps the previous state."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _training_state(path: Path, run: dict, config) -> "dict | None":
+    """The saved state of an interrupted ``finetune`` of the same model, data and settings, or None."""
+    import torch
+
+    from .config import ConfigError
+    from .models.load import first_line
+
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as exc:  # a truncated or foreign file: say which and how to go on
+        raise ConfigError(f"cannot resume from {path}: {first_line(exc)} (remove it or pass --no-resume)") from None
+    mine = {**run, "train": config.to_dict()}
+    theirs = {**state.get("run", {}), "train": state.get("train")}
+    differ = sorted(k for k in mine if mine[k] != theirs.get(k))
+    if differ:
+        raise ConfigError(f"cannot resume from {path}: it was saved with another {', '.join(differ)} "
+                          "(remove it or pass --no-resume)")
+    return state
 
 
 def cmd_iterate(args) -> int:
@@ -534,6 +591,8 @@ def _kept_on_interrupt(args) -> str:
     """What an interrupted command leaves behind, and how to go on from it."""
     if args.command == "compare" and args.report:
         return f"the cells measured so far are in {args.report}; add --resume to the same command to finish it"
+    if args.command == "finetune" and (state := _state_file(args.output)).exists():
+        return f"the last checkpoint is {state}; the same command resumes from it"
     if args.command == "iterate":
         return f"finished cycles are kept in {args.output}; the same command resumes after the last one"
     return "nothing was saved"

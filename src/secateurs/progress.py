@@ -35,9 +35,9 @@ class Tracker:
         self.seconds[key] = round(self.seconds.get(key, 0.0) + now - self._since, 3)
         self.stage, self._since = stage, now
 
-    def bar(self, iterable=None, total=None, unit="block"):
-        return tqdm(iterable, total=total, desc=self.stage.value, unit=unit, leave=False, file=sys.stderr,
-                    disable=not self.show, dynamic_ncols=True)
+    def bar(self, iterable=None, total=None, unit="block", initial=0):
+        return tqdm(iterable, total=total, initial=initial, desc=self.stage.value, unit=unit, leave=False,
+                    file=sys.stderr, disable=not self.show, dynamic_ncols=True)
 
     def describe(self, bar, stage: Stage) -> None:
         """Switch stage and show it on an open bar (within one block the stage moves on several times)."""

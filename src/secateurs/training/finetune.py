@@ -94,11 +94,18 @@ class TrainHistory:
 
 
 def train(model, train_ids: torch.Tensor, config: TrainConfig, evaluate=None, tracker: "Tracker | None" = None,
-          progress: bool = True) -> TrainHistory:
+          progress: bool = True, *, save_every: int = 0, save_state=None, resume: "dict | None" = None) -> TrainHistory:
     """Train ``model`` in place on windows of ``train_ids``; masks held (or grown) throughout.
 
     ``evaluate(model) -> perplexity`` is called before training, every ``eval_every`` steps and at the end.
     With LoRA the adapters are merged back at the end (zeros untouched) and the model is plain again.
+
+    Checkpoints: ``save_state(state)`` is called every ``save_every`` optimizer steps with a dict holding all
+    that training needs to go on (weights and adapters, optimizer and learning-rate schedule, masks, the
+    gradual pruner's sparsity, history, the RNG); its tensors are the live ones, so write it out at once
+    (``torch.save``).  ``resume`` is such a state, to be given with the model as it
+    was when that run started: training continues after the state's step and ends with exactly the weights an
+    uninterrupted run would have, since every batch is drawn from ``(seed, step)``.
     """
     tracker = tracker or Tracker(show=progress)
     tracker.enter(Stage.FINE_TUNING)
@@ -107,6 +114,13 @@ def train(model, train_ids: torch.Tensor, config: TrainConfig, evaluate=None, tr
     pruner = GradualPruner(model, schedule, config.pattern, config.group) if schedule else None
     masks = pruner.masks if pruner else Masks.from_zeros(model)
     history = TrainHistory()
+    if resume is not None:
+        if resume["train"] != config.to_dict():
+            raise ValueError("the training state to resume was saved under another training config")
+        masks.masks = dict(resume["masks"])
+        if pruner:
+            pruner.current = resume["pruner_sparsity"]
+        history = TrainHistory(**resume["history"])
 
     def record_eval(step):
         if evaluate is None:
@@ -127,12 +141,20 @@ def train(model, train_ids: torch.Tensor, config: TrainConfig, evaluate=None, tr
     device = next(model.parameters()).device
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16"
                 else contextlib.nullcontext())
-    start = time.perf_counter()
-    record_eval(0)
+    first = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["rng"])
+        first = resume["step"]
+    start = time.perf_counter() - history.seconds
+    if resume is None:
+        record_eval(0)
     model.train()
-    bar = tracker.bar(total=config.steps, unit="step")
+    bar = tracker.bar(total=config.steps, initial=first, unit="step")
     with masks.attached(optimizer, model) if not config.lora_rank else contextlib.nullcontext():
-        for step in range(config.steps):
+        for step in range(first, config.steps):
             if pruner and (target := pruner.step(step)) is not None:
                 history.sparsity_updates.append({"step": step, "target": target,
                                                  "measured": measured_sparsity(model, names)})
@@ -156,6 +178,12 @@ def train(model, train_ids: torch.Tensor, config: TrainConfig, evaluate=None, tr
             bar.update(1)
             if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
                 record_eval(step + 1)
+            if save_state and save_every and (step + 1) % save_every == 0 and step + 1 < config.steps:
+                history.seconds = time.perf_counter() - start
+                save_state({"step": step + 1, "train": config.to_dict(), "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "masks": masks.state_dict(), "pruner_sparsity": pruner.current if pruner else None,
+                            "history": history.to_dict(), "rng": torch.get_rng_state()})
     bar.close()
     model.eval()
     if config.lora_rank:
