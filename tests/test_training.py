@@ -72,6 +72,21 @@ def _zeros(model):
     return {n: weight_of(m) == 0 for n, m in prunable_linears(model).items()}
 
 
+def _interrupt_at_step(monkeypatch, at: int):
+    """Make training raise KeyboardInterrupt (as Ctrl-C would) when it draws step ``at``'s batch."""
+    import secateurs.training.finetune as ft
+
+    real_batch = ft.training_batch
+
+    def batch_or_interrupt(ids, batch, seqlen, seed, step, micro=0):
+        if step == at:
+            raise KeyboardInterrupt
+        return real_batch(ids, batch, seqlen, seed, step, micro)
+
+    monkeypatch.setattr(ft, "training_batch", batch_or_interrupt)
+    return real_batch
+
+
 def _copy(model):
     torch.manual_seed(0)  # LoRA's A starts from the global RNG: the same start for every run of a test
     return copy.deepcopy(model)
@@ -184,25 +199,17 @@ def test_lora_training_lowers_the_loss_and_keeps_zeros():
 @pytest.mark.parametrize("options", [
     {},  # all weights, the mask frozen
     {"lora_rank": 4},
-    {"schedule": {"name": "cubic", "final_sparsity": 0.6, "start_step": 0, "end_step": 2, "frequency": 2}},  # done before the checkpoint
+    # gradual, its schedule done before the checkpoint: the restored masks alone keep the pruned weights at 0
+    {"schedule": {"name": "cubic", "final_sparsity": 0.6, "start_step": 0, "end_step": 2, "frequency": 2}},
 ], ids=["frozen", "lora", "gradual"])
 def test_a_finetune_resumed_from_its_checkpoint_ends_identical(options, monkeypatch, tmp_path):
-    import secateurs.training.finetune as ft
-
     config = TrainConfig(steps=8, batch_size=2, seqlen=16, lr=3e-3, warmup_steps=3, **options)
     start = _pruned_llama() if "schedule" not in options else tiny_model("llama")
     full = _copy(start)
     whole = train(full, STREAM, config, progress=False)
 
     saved = []
-    real_batch = ft.training_batch
-
-    def crash_at_step_6(ids, batch, seqlen, seed, step, micro=0):
-        if step == 6:
-            raise KeyboardInterrupt
-        return real_batch(ids, batch, seqlen, seed, step, micro)
-
-    monkeypatch.setattr(ft, "training_batch", crash_at_step_6)
+    _interrupt_at_step(monkeypatch, 6)
     with pytest.raises(KeyboardInterrupt):  # a checkpoint every 4 steps: the one at step 4 is the last
         train(_copy(start), STREAM, config, progress=False, save_every=4,
               save_state=lambda state: torch.save(state, tmp_path / f"state-{len(saved)}.pt") or saved.append(1))
@@ -291,14 +298,7 @@ def test_cli_finetune_resumes_from_its_saved_state(tiny_dir, tmp_path, capsys, m
     whole, part = tmp_path / "whole", tmp_path / "part"
     assert main(["finetune", *flags, "--output", str(whole)]) == 0
 
-    real_batch = ft.training_batch
-
-    def crash_at_step_3(ids, batch, seqlen, seed, step, micro=0):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real_batch(ids, batch, seqlen, seed, step, micro)
-
-    monkeypatch.setattr(ft, "training_batch", crash_at_step_3)
+    real_batch = _interrupt_at_step(monkeypatch, 3)
     assert main(["finetune", *flags, "--save-every", "2", "--output", str(part)]) == 130
     state = tmp_path / "part.train-state.pt"
     assert f"the last checkpoint is {state}" in capsys.readouterr().err
