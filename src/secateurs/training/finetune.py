@@ -133,7 +133,7 @@ def train(model, train_ids: torch.Tensor, config: TrainConfig, evaluate=None, tr
         log.info("step %d: perplexity %.3f, sparsity %.4f", step, ppl, history.evals[-1]["sparsity"])
 
     if config.lora_rank:
-        add_lora(model, config.lora_rank, config.lora_alpha)
+        add_lora(model, config.lora_rank, config.lora_alpha, seed=config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warm = config.warmup_steps

@@ -22,15 +22,16 @@ from .masks import prunable_linears
 class LoRALinear(nn.Module):
     """``y = x (W + s (B A) * keep)^T + b`` with ``W`` frozen; ``A (r, in)``, ``B (out, r)``, ``s = alpha / r``."""
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, generator: "torch.Generator | None" = None):
         super().__init__()
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
         W = weight_of(base)
         out_features, in_features = W.shape
-        self.A = nn.Parameter(torch.empty(rank, in_features, dtype=W.dtype, device=W.device))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        A = torch.empty(rank, in_features, dtype=W.dtype)  # drawn on the CPU: the same values on any device
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+        self.A = nn.Parameter(A.to(W.device))
         self.B = nn.Parameter(torch.zeros(out_features, rank, dtype=W.dtype, device=W.device))
         self.scale = alpha / rank
         self.register_buffer("keep", W != 0, persistent=False)  # (out, in): the mask at wrapping time
@@ -42,17 +43,21 @@ class LoRALinear(nn.Module):
         return F.linear(x, weight_of(self.base) + self.delta(), getattr(self.base, "bias", None))
 
 
-def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0) -> list[str]:
-    """Freeze every parameter and wrap each decoder-block linear in a masked :class:`LoRALinear`."""
+def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, seed: "int | None" = None) -> list[str]:
+    """Freeze every parameter and wrap each decoder-block linear in a masked :class:`LoRALinear`.
+
+    With ``seed`` the adapters' ``A`` are drawn from a generator of their own, so they do not depend on what
+    else used torch's global RNG before (a resumed or iterated run starts them exactly as a fresh one)."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
     for p in model.parameters():
         p.requires_grad_(False)
     names = list(prunable_linears(model))
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, attr, LoRALinear(getattr(parent, attr), rank, alpha))
+        setattr(parent, attr, LoRALinear(getattr(parent, attr), rank, alpha, generator))
     return names
 
 
