@@ -358,10 +358,10 @@ def _evaluator(tokenizer, eval_config, show):
 
 def cmd_finetune(args) -> int:
     from . import api
+    from .config import ConfigError
     from .data import load_text, tokenize
     from .eval import peak_rss_bytes
     from .models import save_model
-    from .config import ConfigError
     from .training import measured_sparsity, prunable_linears, train
 
     config = _train_config(args)

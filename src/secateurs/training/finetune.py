@@ -117,7 +117,8 @@ def train(model, train_ids: torch.Tensor, config: TrainConfig, evaluate=None, tr
     if resume is not None:
         if resume["train"] != config.to_dict():
             raise ValueError("the training state to resume was saved under another training config")
-        masks.masks = dict(resume["masks"])
+        device = next(model.parameters()).device  # the state was saved (and is loaded) on the CPU
+        masks.masks = {name: mask.to(device) for name, mask in resume["masks"].items()}
         if pruner:
             pruner.current = resume["pruner_sparsity"]
         history = TrainHistory(**resume["history"])
