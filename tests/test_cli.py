@@ -98,6 +98,25 @@ def test_an_interrupted_compare_keeps_its_cells_and_resumes(tiny_dir, tmp_path, 
         (r["method"], r["setting"], r["perplexity"], r["sparsity"]) for r in expected["rows"]]
 
 
+def test_a_kill_while_saving_leaves_no_folder_behind(tiny_dir, tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    real_save = tf.PreTrainedModel.save_pretrained
+
+    def save_then_get_killed(self, folder, *a, **k):  # half the files written, then `kill`
+        real_save(self, folder, *a, **k)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(tf.PreTrainedModel, "save_pretrained", save_then_get_killed)
+    handler = signal.getsignal(signal.SIGTERM)
+    code = main(["prune", *args(tiny_dir, "--method", "magnitude", "--no-eval", "--output", str(tmp_path / "out"))])
+    assert code == 128 + signal.SIGTERM
+    assert "secateurs: terminated; nothing was saved" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary sibling
+    assert signal.getsignal(signal.SIGTERM) is handler  # main() put the previous handler back
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--calib-samples", "3"], "calib_samples=4 there, 3 here"),
     (["--eval-windows", "2"], "windows=3 there, 2 here"),

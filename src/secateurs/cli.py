@@ -10,8 +10,10 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -576,15 +578,30 @@ def main(argv=None) -> int:
         transformers.utils.logging.set_verbosity_error()
     commands = {"prune": cmd_prune, "eval": cmd_eval, "compare": cmd_compare, "finetune": cmd_finetune,
                 "iterate": cmd_iterate}
+    # a kill (SIGTERM: a scheduler's time limit, `kill`) unwinds like Ctrl-C, so temporary folders are removed
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     try:
         return commands[args.command](args)
     except (ConfigError, DataError, ModelLoadError, ArchitectureError, VerificationError, CalibrationError,
             FileExistsError, ValueError) as exc:
         print(f"secateurs: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"secateurs: interrupted; {_kept_on_interrupt(args)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        how = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"secateurs: {how}; {_kept_on_interrupt(args)}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is so that it unwinds (and cleans up) as after Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
 
 
 def _kept_on_interrupt(args) -> str:
