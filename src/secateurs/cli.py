@@ -20,13 +20,23 @@ from pathlib import Path
 EXIT_USAGE = 2
 
 
-def _write_atomic(path: "str | Path", text: str) -> None:
+def _replace_atomically(path: "str | Path", write) -> None:
+    """``write(tmp)`` into a temporary sibling of ``path``, then rename it over ``path``: readers see the old
+    file or the new one, never half of one, and a failure (or Ctrl-C) midway removes the temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_atomic(path: "str | Path", text: str) -> None:
+    _replace_atomically(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _add_model(p):
@@ -412,18 +422,10 @@ def _state_file(output: str) -> Path:
 
 
 def _save_state(path: Path, state: dict) -> None:
-    """``torch.save`` to a temporary sibling, then rename: a crash while saving keeps the previous state."""
+    """``torch.save``, atomically: a crash while saving keeps the previous state."""
     import torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    _replace_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def _training_state(path: Path, run: dict, config) -> "dict | None":
