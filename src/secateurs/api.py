@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from .config import ConfigError, EvalConfig, PruneConfig, Recipe, StructuredConf
 from .data import calibration_windows, load_text, tokenize
 from .engine import LayerRecord, make_plan, prune_with_data, prune_without_data
 from .eval import library_versions, machine, parameter_counts, peak_rss_bytes, perplexity
+from .models.snapshot import WeightSnapshot
 from .progress import Stage, Tracker
 
 
@@ -210,8 +210,9 @@ def compare(model, tokenizer, methods: Sequence[str], settings: Sequence[str], b
     """Dense plus every method x setting on one model, same calibration windows and evaluation windows.
 
     A method may carry a weight reconstruction, ``"wanda+admm"``; without one it keeps ``base.refine``.
-    The model is restored to its dense weights between runs.  Returns the table: ``{"dense_perplexity",
-    "rows": [...], "base_config", "eval", "complete", ...}``.
+    The model is restored to its dense weights after every run, also one that fails; meanwhile they wait in
+    a temporary file (:class:`~.models.snapshot.WeightSnapshot`), not in memory.  Returns the table:
+    ``{"dense_perplexity", "rows": [...], "base_config", "eval", "complete", ...}``.
 
     ``on_row(row)`` is called after each measured cell.  ``checkpoint(table)`` is called with the table so
     far (``"complete": False`` until the last cell) after the dense evaluation and after every cell, so that a
@@ -246,20 +247,21 @@ def compare(model, tokenizer, methods: Sequence[str], settings: Sequence[str], b
         save()
     needs_data = any(c.needs_calibration for _, _, c in todo)
     calib = calibration_data(tokenizer, base) if needs_data else None
-    dense_state = copy.deepcopy(model.state_dict()) if todo else None
-    for method, setting, cfg in todo:
-        model.load_state_dict(dense_state)
-        result = prune(model, cfg, calib, progress=progress)
-        ppl = evaluate(model, tokenizer, eval_config, ids=eval_ids, progress=progress)
-        done[method, setting] = row = {
-            "method": method, "setting": setting, "pattern": cfg.pattern, "perplexity": ppl,
-            "sparsity": result.sparsity, "prune_seconds": round(result.prune_seconds, 3),
-            "peak_rss_bytes": peak_rss_bytes()}
-        if on_row:
-            on_row(row)
-        save()
-    if dense_state is not None:
-        model.load_state_dict(dense_state)
+    if todo:
+        with WeightSnapshot(model) as dense:  # on disk: no second copy of the model in memory
+            for method, setting, cfg in todo:
+                try:
+                    result = prune(model, cfg, calib, progress=progress)
+                    ppl = evaluate(model, tokenizer, eval_config, ids=eval_ids, progress=progress)
+                finally:
+                    dense.restore(model)  # the next cell, and the caller, get the dense model back
+                done[method, setting] = row = {
+                    "method": method, "setting": setting, "pattern": cfg.pattern, "perplexity": ppl,
+                    "sparsity": result.sparsity, "prune_seconds": round(result.prune_seconds, 3),
+                    "peak_rss_bytes": peak_rss_bytes()}
+                if on_row:
+                    on_row(row)
+                save()
     table["complete"] = True
     save()
     return table

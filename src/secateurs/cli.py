@@ -570,6 +570,7 @@ def main(argv=None) -> int:
     from .data import DataError
     from .engine import CalibrationError, VerificationError
     from .models import ArchitectureError, ModelLoadError
+    from .models.snapshot import SnapshotError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -586,7 +587,7 @@ def main(argv=None) -> int:
     try:
         return commands[args.command](args)
     except (ConfigError, DataError, ModelLoadError, ArchitectureError, VerificationError, CalibrationError,
-            FileExistsError, ValueError) as exc:
+            FileExistsError, SnapshotError, ValueError) as exc:
         print(f"secateurs: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as exc:
