@@ -27,6 +27,19 @@ def test_a_snapshot_puts_every_tensor_back_in_place(family, dtype, tmp_path):
         assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
 
 
+def test_a_snapshot_restores_tensors_that_are_not_contiguous():
+    module = torch.nn.Module()
+    module.w = torch.nn.Parameter(torch.arange(12.0).reshape(3, 4).t())  # (4, 3), strides (1, 4)
+    module.register_buffer("steps", torch.tensor(7))
+    with WeightSnapshot(module) as snapshot:
+        with torch.no_grad():
+            module.w.mul_(-1)
+            module.steps.fill_(0)
+        snapshot.restore(module)
+    assert torch.equal(module.w, torch.arange(12.0).reshape(3, 4).t()) and not module.w.is_contiguous()
+    assert int(module.steps) == 7
+
+
 def test_a_snapshot_refuses_a_model_whose_tensors_changed_shape():
     model = tiny_model("llama")
     with WeightSnapshot(model) as snapshot:
