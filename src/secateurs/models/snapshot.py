@@ -49,8 +49,11 @@ class WeightSnapshot:
             self._file.flush()
         except OSError as e:
             self._file.close()
-            raise SnapshotError(f"cannot keep the model's weights in a temporary file ({e}); point TMPDIR at a folder "
-                          "with room for the whole model") from e
+            raise SnapshotError(f"cannot keep the model's weights in a temporary file ({e}); point TMPDIR at a "
+                                "folder with room for the whole model") from e
+        except BaseException:
+            self._file.close()
+            raise
 
     @torch.no_grad()
     def restore(self, model: nn.Module) -> None:
