@@ -87,10 +87,6 @@ def _interrupt_at_step(monkeypatch, at: int):
     return real_batch
 
 
-def _copy(model):
-    return copy.deepcopy(model)
-
-
 @pytest.mark.parametrize("attach", [True, False])
 def test_masks_survive_50_adamw_steps_exactly(attach):
     """AdamW with momentum and weight decay, accumulation, clipping and bf16 autocast: zeros stay zero."""
@@ -204,27 +200,27 @@ def test_lora_training_lowers_the_loss_and_keeps_zeros():
 def test_a_finetune_resumed_from_its_checkpoint_ends_identical(options, monkeypatch, tmp_path):
     config = TrainConfig(steps=8, batch_size=2, seqlen=16, lr=3e-3, warmup_steps=3, **options)
     start = _pruned_llama() if "schedule" not in options else tiny_model("llama")
-    full = _copy(start)
+    full = copy.deepcopy(start)
     whole = train(full, STREAM, config, progress=False)
 
     saved = []
     _interrupt_at_step(monkeypatch, 6)
     with pytest.raises(KeyboardInterrupt):  # a checkpoint every 4 steps: the one at step 4 is the last
-        train(_copy(start), STREAM, config, progress=False, save_every=4,
+        train(copy.deepcopy(start), STREAM, config, progress=False, save_every=4,
               save_state=lambda state: torch.save(state, tmp_path / f"state-{len(saved)}.pt") or saved.append(1))
     monkeypatch.undo()
     assert len(saved) == 1
 
     state = torch.load(tmp_path / "state-0.pt", weights_only=False)
     assert state["step"] == 4
-    resumed = _copy(start)
+    resumed = copy.deepcopy(start)
     history = train(resumed, STREAM, config, progress=False, resume=state)
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert history.loss == whole.loss and history.steps == list(range(1, 9))
     assert history.sparsity_updates == whole.sparsity_updates
     with pytest.raises(ValueError, match="another training config"):
-        train(_copy(start), STREAM, TrainConfig(steps=9, batch_size=2, seqlen=16), progress=False, resume=state)
+        train(copy.deepcopy(start), STREAM, TrainConfig(steps=9, batch_size=2, seqlen=16), progress=False, resume=state)
 
 
 # ----------------------------------------------------------------------------- iterate

@@ -114,10 +114,11 @@ def train(model, train_ids: torch.Tensor, config: TrainConfig, evaluate=None, tr
     pruner = GradualPruner(model, schedule, config.pattern, config.group) if schedule else None
     masks = pruner.masks if pruner else Masks.from_zeros(model)
     history = TrainHistory()
+    device = next(model.parameters()).device
     if resume is not None:
         if resume["train"] != config.to_dict():
             raise ValueError("the training state to resume was saved under another training config")
-        device = next(model.parameters()).device  # the state was saved (and is loaded) on the CPU
+        # the state was saved (and is loaded) on the CPU
         masks.masks = {name: mask.to(device) for name, mask in resume["masks"].items()}
         if pruner:
             pruner.current = resume["pruner_sparsity"]
@@ -139,7 +140,6 @@ def train(model, train_ids: torch.Tensor, config: TrainConfig, evaluate=None, tr
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warm = config.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-    device = next(model.parameters()).device
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16"
                 else contextlib.nullcontext())
     first = 0
