@@ -68,6 +68,9 @@ def measured_on(env: dict) -> str:
 
 PROTOCOL_WINDOWS, HELD_OUT_WINDOWS, SEQLEN = 16, 24, 1024
 CALIB_SAMPLES, CALIB_SEQLEN, BATCH = 32, 512, 8
+TARGET_RATIO = {"wanda": 1.6, "sparsegpt": 2.0}  # issue 2: prune wall time / one dense forward
+# the official reference code (Wanda's repository) on the same protocol, CPU (issue 2)
+REFERENCE_RATIO = {"wanda:0.5": 1.9, "sparsegpt:0.5": 3.4, "wanda:2:4": 1.9, "sparsegpt:2:4": 3.4}
 
 
 def protocol_config(method: str, setting: str, **options):

@@ -1,6 +1,6 @@
 """Prune time against one dense forward, repeated: the ratio's spread on a shared machine.
 
-    python benchmarks/prune_speed.py                  # Wanda and SparseGPT at 50%, 2:4 and 4:8, ~35 min on 2 cores
+    python benchmarks/prune_speed.py                  # Wanda and SparseGPT at 50%, 2:4 and 4:8, ~21-27 min on 2 cores
     python benchmarks/prune_speed.py --runs wanda:0.5
 
 quick_protocol.py measures each method's ratio once, next to its perplexity.  On a shared virtual machine one
@@ -15,13 +15,11 @@ from __future__ import annotations
 import statistics
 import sys
 
-from common import benchmark_main, dense_forward_seconds, measured_on, protocol_config
+from common import (REFERENCE_RATIO, TARGET_RATIO, benchmark_main, dense_forward_seconds, measured_on,
+                    protocol_config)
 
 RUNS = ["wanda:0.5", "wanda:2:4", "wanda:4:8", "sparsegpt:0.5", "sparsegpt:2:4", "sparsegpt:4:8"]
 REPEATS = 3
-TARGET_RATIO = {"wanda": 1.6, "sparsegpt": 2.0}  # the issue's targets
-REFERENCE_RATIO = {"wanda:0.5": 1.9, "wanda:2:4": 1.9, "sparsegpt:0.5": 3.4, "sparsegpt:2:4": 3.4}  # from the issue:
-# the official reference code (Wanda's repository), CPU, same protocol
 
 
 def one(run: str) -> dict:

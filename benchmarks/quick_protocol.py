@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from common import PeakRSS, benchmark_main, dense_forward_seconds, measured_on, protocol_config
+from common import TARGET_RATIO, PeakRSS, benchmark_main, dense_forward_seconds, measured_on, protocol_config
 
 RUNS = ["dense", "magnitude:0.5", "wanda:0.5", "sparsegpt:0.5", "sparsegpt:0.5/at-once",
         "magnitude:2:4", "wanda:2:4", "sparsegpt:2:4", "sparsegpt:2:4/at-once",
@@ -26,8 +26,6 @@ REFERENCE = {  # the official reference code (Wanda's repository), CPU, same pro
     "dense": 17.95, "magnitude:0.5": 371.5, "wanda:0.5": 40.81, "sparsegpt:0.5": 36.35, "wanda:2:4": 140.8,
     "sparsegpt:2:4": 67.16}
 REFERENCE.update({f"{k}/at-once": v for k, v in REFERENCE.items() if k.startswith("sparsegpt")})
-REFERENCE_RATIO = {"wanda:0.5": 1.9, "sparsegpt:0.5": 3.4, "wanda:2:4": 1.9, "sparsegpt:2:4": 3.4}
-TARGET_RATIO = {"wanda": 1.6, "sparsegpt": 2.0}
 
 
 def one(run: str) -> dict:
