@@ -147,6 +147,10 @@ def test_resume_needs_a_report(tiny_dir, capsys):
     (["--calib-samples", "5000"], "too little calibration text"),
     (["--calib-data", "/nonexistent/calib.txt"], "does not exist"),
     (["--refine", "admm", "--refine-iters", "0"], "refine_iters must be >= 1"),
+    (["--layer-sparsity", "blocks:1-4=0.7"], "the model has 2 blocks (0-1)"),
+    (["--layer-sparsity", r"mlp\.dwon_proj=0.7"], "matches no linear layer"),
+    (["--include", "attention", "--exclude", "q_porj"], "'q_porj' matches no linear layer"),
+    (["--include", "gate_proj", "--include", "up_porj"], "'up_porj' matches no linear layer"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_output(tiny_dir, tmp_path, capsys, extra, message):
     out = tmp_path / "out"
@@ -160,7 +164,7 @@ def test_bad_input_is_one_line_exit_2_and_no_output(tiny_dir, tmp_path, capsys, 
 
 def test_unreadable_model_and_existing_output(tiny_dir, tmp_path, capsys):
     code = main(["prune", "--model", str(tmp_path / "nowhere"), "--quiet", "--output", str(tmp_path / "o")])
-    assert code == 2 and "cannot load model" in capsys.readouterr().err
+    assert code == 2 and "no such file or folder" in capsys.readouterr().err
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("mine")
     code = main(["prune", *args(tiny_dir, "--method", "magnitude"), "--output", str(tmp_path / "busy")])

@@ -1,4 +1,6 @@
+import copy
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -6,6 +8,7 @@ import transformers as tf
 
 from conftest import tiny_model
 from secateurs import PruneConfig, prune
+from secateurs.config import ConfigError
 from secateurs.engine import capture_inputs, make_plan
 from secateurs.engine import layout as layout_module, sequential
 from secateurs.engine.sequential import run_block
@@ -112,6 +115,21 @@ def test_scope_and_layer_sparsity(calib_ids):
     assert r.per_layer["model.layers.1.mlp.up_proj"] == 0.75
     assert r.per_layer["model.layers.1.mlp.down_proj"] == 0.25
     assert (model.model.layers[0].self_attn.q_proj.weight == 0).sum() == 0
+
+
+def test_name_rules_that_match_nothing_are_refused_before_any_weight_changes():
+    model = tiny_model("llama")
+    before = copy.deepcopy(model.state_dict())
+    for bad, message in [(dict(layer_sparsity=["blocks:2=0.7"]), "the model has 2 blocks"),
+                         (dict(layer_sparsity=["down_porj=0.7"]), "'down_porj=0.7' matches no linear layer"),
+                         (dict(exclude=["k_porj"]), "'k_porj' matches no linear layer")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            prune(model, [PruneConfig(method="magnitude"), PruneConfig(method="magnitude", **bad)], progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # a rule outside this config's scope is valid (the shared defaults of a staged recipe): it changes nothing
+    r = prune(model, PruneConfig(method="magnitude", include=["attention"], layer_sparsity=["mlp=0.7"]),
+              progress=False)
+    assert set(r.per_layer.values()) == {0.5} and all(role_of(n) == "attention" for n in r.per_layer)
 
 
 def test_propagate_and_true_sequential_change_results(calib_ids):

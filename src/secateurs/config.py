@@ -216,6 +216,27 @@ class PruneConfig(_Serialised):
                 value = rule.sparsity
         return value
 
+    def check_names(self, linears: "list[tuple[str, int]]", n_blocks: int) -> None:
+        """Refuse name rules that match none of the model's block linears ``(name, block)``.
+
+        A typo in ``--include``/``--exclude``/``--layer-sparsity``, or a block range the model does not have,
+        would otherwise be ignored in silence and the run would prune with settings nobody asked for.  Rules
+        are checked against every linear of the blocks, not only those in this config's scope, so that the
+        shared defaults of a staged recipe stay valid for each stage.
+        """
+        example = linears[0][0] if linears else "(none)"
+        for rx in [r for r in self.include if r not in SCOPES] + self.exclude:
+            _check(any(re.search(rx, name) for name, _ in linears),
+                   f"include/exclude: {rx!r} matches no linear layer of the model's blocks (names look like {example})")
+        for text, rule in zip(self.layer_sparsity, self.rules):
+            if rule.blocks is not None:
+                _check(rule.blocks[1] < n_blocks, f"layer_sparsity rule {text!r}: the model has {n_blocks} blocks "
+                       f"(0-{n_blocks - 1})")
+            else:
+                _check(any(rule.matches(name, block) for name, block in linears),
+                       f"layer_sparsity rule {text!r} matches no linear layer of the model's blocks "
+                       f"(names look like {example})")
+
 
 
 @dataclass

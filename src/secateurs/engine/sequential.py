@@ -278,10 +278,12 @@ class Plan:
 def make_plan(model: nn.Module, config) -> Plan:
     blocks_name, blocks = find_blocks(model)
     pattern = config.pattern_value
+    linears = [find_linears(block, f"{blocks_name}.{i}.") for i, block in enumerate(blocks)]
+    config.check_names([(name, i) for i, found in enumerate(linears) for name in found], len(blocks))
     layers = []
-    for i, block in enumerate(blocks):
+    for i, found in enumerate(linears):
         chosen = {}
-        for name, module in find_linears(block, f"{blocks_name}.{i}.").items():
+        for name, module in found.items():
             if not config.selects(name, role_of(name)):
                 continue
             W = weight_of(module)

@@ -99,6 +99,8 @@ def load_model(spec: "str | os.PathLike | None" = None, dtype: torch.dtype = tor
                 model, tokenizer = load_structured(path, dtype)
             else:
                 model, tokenizer = _from_pretrained(str(path), dtype)
+        elif path.is_absolute() or spec.startswith((".", "~")):  # meant as a path, not a hub id
+            raise ModelLoadError(f"cannot load model {spec!r}: no such file or folder")
         else:  # a hub id: the real from_pretrained path, which needs a reachable hub or a local HF cache
             model, tokenizer = _from_pretrained(spec, dtype)
     except ModelLoadError:
