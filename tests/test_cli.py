@@ -132,6 +132,15 @@ def test_resume_refuses_a_table_made_otherwise(tiny_dir, tmp_path, capsys, extra
     assert err.startswith("secateurs: error: cannot resume") and message in err and "\n" not in err
 
 
+def test_compare_checks_every_cell_against_the_model_before_measuring_any(tiny_dir, tmp_path, capsys):
+    report = tmp_path / "t.json"
+    code = main(["compare", *args(tiny_dir, "--methods", "magnitude,wanda", "--sparsities", "0.5,block:48",
+                                  "--report", str(report))])
+    printed = capsys.readouterr()
+    assert code == 2 and "block size 48 does not tile" in printed.err
+    assert not report.exists() and "perplexity" not in printed.out  # not even the dense row was measured
+
+
 def test_resume_needs_a_report(tiny_dir, capsys):
     assert main(["compare", *args(tiny_dir, "--methods", "magnitude", "--resume")]) == 2
     assert "--resume needs --report" in capsys.readouterr().err
@@ -151,12 +160,16 @@ def test_resume_needs_a_report(tiny_dir, capsys):
     (["--layer-sparsity", r"mlp\.dwon_proj=0.7"], "matches no linear layer"),
     (["--include", "attention", "--exclude", "q_porj"], "'q_porj' matches no linear layer"),
     (["--include", "gate_proj", "--include", "up_porj"], "'up_porj' matches no linear layer"),
+    (["--method", "wanda", "--calib-seqlen", "300"], "calib_seqlen 300 is longer than the model's context (256"),
+    (["--eval-seqlen", "257"], "eval seqlen 257 is longer than the model's context (256 positions)"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_output(tiny_dir, tmp_path, capsys, extra, message):
     out = tmp_path / "out"
     code = main(["prune", *args(tiny_dir, *extra), "--output", str(out)])
-    err = capsys.readouterr().err.strip()
+    printed = capsys.readouterr()
+    err = printed.err.strip()
     assert code == 2
+    assert "dense perplexity" not in printed.out  # refused before the dense evaluation, not after it
     assert err.startswith("secateurs: error:") and message in err and len(err.splitlines()) == 1
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

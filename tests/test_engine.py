@@ -132,6 +132,25 @@ def test_name_rules_that_match_nothing_are_refused_before_any_weight_changes():
     assert set(r.per_layer.values()) == {0.5} and all(role_of(n) == "attention" for n in r.per_layer)
 
 
+def test_windows_longer_than_the_models_context_are_refused():
+    from secateurs import EvalConfig, evaluate
+    from secateurs.training import TrainConfig, train
+
+    model = tiny_model("gpt2")  # learned positions: 256 of them; past that its embedding lookup fails
+    before = copy.deepcopy(model.state_dict())
+    ids = torch.randint(0, 100, (2, 257))
+    message = "is longer than the model's context (256 positions): use 256 or less"
+    with pytest.raises(ConfigError, match=re.escape("calib_seqlen 257 " + message)):
+        prune(model, PruneConfig(method="wanda"), ids, progress=False)
+    with pytest.raises(ConfigError, match=re.escape("eval seqlen 257 " + message)):
+        evaluate(model, None, EvalConfig(seqlen=257), ids=ids.reshape(-1), progress=False)
+    with pytest.raises(ConfigError, match=re.escape("training seqlen 257 " + message)):
+        train(model, ids.reshape(-1), TrainConfig(steps=1, seqlen=257), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    r = prune(model, PruneConfig(method="wanda"), ids[:, :256], progress=False)  # the full context is fine
+    assert abs(r.sparsity - 0.5) < 1e-3
+
+
 def test_propagate_and_true_sequential_change_results(calib_ids):
     def run(**kw):
         model = tiny_model("llama")

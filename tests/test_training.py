@@ -226,6 +226,17 @@ def test_a_finetune_resumed_from_its_checkpoint_ends_identical(options, monkeypa
 # ----------------------------------------------------------------------------- iterate
 
 
+def test_iterate_refuses_a_bad_setting_before_the_first_cycle(tmp_path):
+    calib = training_batch(STREAM, 4, 16, 9, 0)
+    model = tiny_model("llama")  # 256 positions
+    for cfg, train_cfg, message in [
+            (PruneConfig(method="wanda", exclude=["q_porj"]), TrainConfig(steps=1, seqlen=16), "'q_porj' matches no"),
+            (PruneConfig(method="wanda"), TrainConfig(steps=1, seqlen=300), "training seqlen 300 is longer")]:
+        with pytest.raises(ConfigError, match=message):
+            iterate(model, None, cfg, [0.2, 0.4], train_cfg, tmp_path / "run", calib, STREAM, progress=False)
+        assert not (tmp_path / "run").exists()  # nothing pruned, trained or saved
+
+
 @pytest.mark.parametrize("lora_rank", [0, 2])
 def test_resumed_iterative_run_ends_identical(tmp_path, lora_rank):
     cfg = PruneConfig(method="wanda", sparsity=0.2, batch_size=4)

@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .config import ConfigError, EvalConfig, PruneConfig, Recipe, StructuredConfig
+from .config import ConfigError, EvalConfig, PruneConfig, Recipe, StructuredConfig, check_seqlen
 from .data import calibration_windows, load_text, tokenize
 from .engine import LayerRecord, make_plan, prune_with_data, prune_without_data
 from .eval import library_versions, machine, parameter_counts, peak_rss_bytes, perplexity
@@ -98,6 +98,36 @@ def _as_ids(calibration) -> torch.Tensor:
     return ids.long()
 
 
+def validate(model, config, calibration: "torch.Tensor | Iterable | None" = None) -> None:
+    """Everything :func:`prune` checks before it changes a weight, changing nothing.
+
+    Every config against the model (each pruned layer's shape against the pattern, the include, exclude and
+    layer_sparsity rules against its layer names) and the calibration against the configs and the model's
+    context.  Raises :class:`ConfigError` (or another ``ValueError``) with a one-line message.
+    """
+    _prepare(model, _as_configs(config), calibration)
+
+
+def _prepare(model, configs: list, calibration) -> tuple:
+    """Validate as :func:`validate` says; return the calibration ids (or None) and the plans of the
+    weight-pruning stages up to the first structured one (after it the shapes are new and the plan is made
+    when the stage is reached)."""
+    ids = None
+    if any(c.needs_calibration for c in configs):
+        if calibration is None:
+            c = next(c for c in configs if c.needs_calibration)
+            what = f"method {c.method}" + (f" with refine={c.refine}" if c.refine != "none" else "")
+            raise ConfigError(f"{what} needs calibration data (token ids), none was given")
+        ids = _as_ids(calibration)
+        check_seqlen(model, ids.shape[1], "calib_seqlen")
+    plans: dict[int, object] = {}
+    for k, c in enumerate(configs):
+        if isinstance(c, StructuredConfig):
+            break
+        plans[k] = make_plan(model, c)
+    return ids, plans
+
+
 @torch.no_grad()
 def prune(model, config, calibration: "torch.Tensor | Iterable | None" = None, *, progress: bool = True,
           tracker: "Tracker | None" = None) -> PruneResult:
@@ -113,20 +143,7 @@ def prune(model, config, calibration: "torch.Tensor | Iterable | None" = None, *
     """
     configs = _as_configs(config)
     tracker = tracker or Tracker(show=progress)
-    ids = None
-    if any(c.needs_calibration for c in configs):
-        if calibration is None:
-            c = next(c for c in configs if c.needs_calibration)
-            what = f"method {c.method}" + (f" with refine={c.refine}" if c.refine != "none" else "")
-            raise ConfigError(f"{what} needs calibration data (token ids), none was given")
-        ids = _as_ids(calibration)
-    # validate every weight-pruning stage before any weight changes (up to the first structured stage,
-    # after which the shapes are new and the plan is made when the stage is reached)
-    plans: dict[int, object] = {}
-    for k, c in enumerate(configs):
-        if isinstance(c, StructuredConfig):
-            break
-        plans[k] = make_plan(model, c)
+    ids, plans = _prepare(model, configs, calibration)
     result = PruneResult(configs)
     start = time.perf_counter()
     records: dict[str, LayerRecord] = {}
@@ -241,12 +258,14 @@ def compare(model, tokenizer, methods: Sequence[str], settings: Sequence[str], b
         if checkpoint:
             checkpoint(table)
 
+    needs_data = any(c.needs_calibration for _, _, c in todo)
+    calib = calibration_data(tokenizer, base) if needs_data else None
+    for _, _, cfg in todo:  # against the model too, before an hour of cells ends on a typo in the last one
+        validate(model, cfg, calib)
     eval_ids = tokenize(tokenizer, load_text(eval_config.data, "test"))
     if table["dense_perplexity"] is None:
         table["dense_perplexity"] = evaluate(model, tokenizer, eval_config, ids=eval_ids, progress=progress)
         save()
-    needs_data = any(c.needs_calibration for _, _, c in todo)
-    calib = calibration_data(tokenizer, base) if needs_data else None
     if todo:
         with WeightSnapshot(model) as dense:  # on disk: no second copy of the model in memory
             for method, setting, cfg in todo:

@@ -301,6 +301,7 @@ def cmd_prune(args) -> int:
     first = recipe.stages[0]
     if any(c.needs_calibration for c in recipe.stages):
         calib = api.calibration_data(tokenizer, first)
+    api.validate(model, recipe, calib)  # a bad rule or length fails now, not after the dense evaluation
     dense = api.evaluate(model, tokenizer, eval_config, ids=eval_ids, progress=show) if eval_config else None
     if dense is not None:
         print(f"dense perplexity: {dense:.3f}", flush=True)

@@ -78,6 +78,17 @@ def _check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def check_seqlen(model, seqlen: int, what: str) -> None:
+    """Refuse windows longer than the model's context (``max_position_embeddings``; GPT-2's ``n_positions``).
+
+    Past it, models with learned positions fail with an index error deep in their embeddings, and rotary
+    models run on positions they never saw in training: statistics and perplexities that mean nothing.
+    """
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    _check(not isinstance(context, int) or seqlen <= context,
+           f"{what} {seqlen} is longer than the model's context ({context} positions): use {context} or less")
+
+
 class _Serialised:
     """Dict round trip for the config dataclasses: unknown keys are named in the error, not ignored."""
 

@@ -26,9 +26,10 @@ def window_nll(model, input_ids: torch.Tensor, n_context: int) -> tuple[float, i
 @torch.no_grad()
 def perplexity(model, tokenizer=None, config=None, ids: "torch.Tensor | None" = None, tracker=None) -> float:
     """exp(mean NLL over all scored tokens) of ``config.data`` (test split), windows of ``config.seqlen``."""
-    from ..config import EvalConfig
+    from ..config import EvalConfig, check_seqlen
 
     config = config or EvalConfig()
+    check_seqlen(model, config.seqlen, "eval seqlen")
     if ids is None:
         ids = tokenize(tokenizer, load_text(config.data, "test"))
     bos = bos_id(tokenizer) if tokenizer is not None else None

@@ -107,6 +107,9 @@ def train(model, train_ids: torch.Tensor, config: TrainConfig, evaluate=None, tr
     was when that run started: training continues after the state's step and ends with exactly the weights an
     uninterrupted run would have, since every batch is drawn from ``(seed, step)``.
     """
+    from ..config import check_seqlen
+
+    check_seqlen(model, config.seqlen, "training seqlen")
     tracker = tracker or Tracker(show=progress)
     tracker.enter(Stage.FINE_TUNING)
     names = list(prunable_linears(model))

@@ -62,9 +62,12 @@ def iterate(model, tokenizer, prune_config, sparsities: list, train_config: Trai
     ``evaluate(model) -> perplexity``.  ``load(path) -> model`` reloads a checkpoint when resuming (default:
     ``secateurs.load``).  ``stop_after`` ends the run after that many cycles of this call (to test resuming).
     """
-    from ..api import prune
+    from ..api import prune, validate
+    from ..config import check_seqlen
     from ..models.load import save_model
 
+    validate(model, prune_config, calibration)  # fail before the first cycle, not in the middle of one
+    check_seqlen(model, train_config.seqlen, "training seqlen")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     history: list[dict] = []
