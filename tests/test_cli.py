@@ -253,6 +253,8 @@ def test_compare_refuses_an_unknown_refinement_before_loading(tiny_dir, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--refine", "obs"], "argument --refine: invalid choice: 'obs'"),
     (["--sparsity", "abc"], "argument --sparsity: invalid float value: 'abc'"),
+    (["--threads", "0"], "argument --threads: must be >= 1, got 0"),
+    (["--threads", "two"], "argument --threads: invalid int value: 'two'"),
 ])
 def test_argument_errors_are_one_line_too(tiny_dir, tmp_path, capsys, extra, message):
     out = tmp_path / "out"

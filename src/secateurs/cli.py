@@ -42,7 +42,7 @@ def _write_atomic(path: "str | Path", text: str) -> None:
 def _add_model(p):
     p.add_argument("--model", default=None, help="hub id, local folder, .gguf file or built-in name "
                    "(default: smollm2-135m)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -164,6 +164,16 @@ def _train_config(args):
     elif getattr(args, "final_sparsity", None) is not None and hasattr(args, "end_step"):
         raise ValueError("--final-sparsity needs --schedule (without one the mask stays frozen)")
     return TrainConfig(**fields)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
