@@ -266,6 +266,16 @@ def test_argument_errors_are_one_line_too(tiny_dir, tmp_path, capsys, extra, mes
     assert not out.exists()
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["prune", "--quiet"], "secateurs: error: prune: the following arguments are required: --output"),
+    (["compare", "--bogus", "1"], "secateurs: error: unrecognized arguments: --bogus 1"),  # the top parser's
+])
+def test_argument_errors_name_the_command_once(capsys, argv, expected):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert capsys.readouterr().err.strip() == expected
+
+
 def test_hub_id_loads_through_from_pretrained_from_the_local_hub_cache(tiny_dir, tmp_path):
     """A hub id takes the real ``from_pretrained`` path; offline it resolves from the HF cache, laid out here by
     hand as the hub client writes it (``models--org--name/snapshots/<rev>`` + ``refs/main``)."""

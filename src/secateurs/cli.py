@@ -181,7 +181,8 @@ class _Parser(argparse.ArgumentParser):
     ``secateurs: error: ...`` and exit status 2, without argparse's usage block; ``--help`` still has it."""
 
     def error(self, message):
-        self.exit(EXIT_USAGE, f"secateurs: error: {self.prog}: {message}\n")
+        command = self.prog.partition(" ")[2]  # "prune" for `secateurs prune`, "" for the top level
+        self.exit(EXIT_USAGE, f"secateurs: error: {command + ': ' if command else ''}{message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
