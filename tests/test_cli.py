@@ -162,6 +162,8 @@ def test_resume_needs_a_report(tiny_dir, capsys):
     (["--include", "gate_proj", "--include", "up_porj"], "'up_porj' matches no linear layer"),
     (["--method", "wanda", "--calib-seqlen", "300"], "calib_seqlen 300 is longer than the model's context (256"),
     (["--eval-seqlen", "257"], "eval seqlen 257 is longer than the model's context (256 positions)"),
+    (["--device", "gpu"], "device 'gpu' is not a torch device"),
+    (["--device", "cuda:99"], "device 'cuda:99' is not available here"),  # no machine has a hundredth GPU
 ])
 def test_bad_input_is_one_line_exit_2_and_no_output(tiny_dir, tmp_path, capsys, extra, message):
     out = tmp_path / "out"

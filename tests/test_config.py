@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from secateurs.config import ConfigError, EvalConfig, LayerRule, PruneConfig, Recipe
+from secateurs.config import ConfigError, EvalConfig, LayerRule, PruneConfig, Recipe, StructuredConfig
 
 
 def test_defaults_follow_the_papers():
@@ -48,10 +48,16 @@ def test_nm_implies_sparsity():
     (dict(refine="admm", refine_iters=0), "refine_iters must be >= 1"),
     (dict(refine="admm", refine_damp=-1), "refine_damp must be >= 0"),
     (dict(method="magnitude", group="global", refine="admm"), "no layer can be refined"),
+    (dict(device="gpu"), "device 'gpu' is not a torch device"),
 ])
 def test_validation_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         PruneConfig(**kwargs)
+
+
+def test_a_structured_config_checks_its_device_name_too():
+    with pytest.raises(ConfigError, match="device 'gpu' is not a torch device"):
+        StructuredConfig(method="channels", ratio=0.25, device="gpu")
 
 
 def test_layer_rules_and_scope():

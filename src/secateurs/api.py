@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .config import ConfigError, EvalConfig, PruneConfig, Recipe, StructuredConfig, check_seqlen
+from .config import ConfigError, EvalConfig, PruneConfig, Recipe, StructuredConfig, check_device, check_seqlen
 from .data import calibration_windows, load_text, tokenize
 from .engine import LayerRecord, make_plan, prune_with_data, prune_without_data
 from .eval import library_versions, machine, parameter_counts, peak_rss_bytes, perplexity
@@ -102,8 +102,8 @@ def validate(model, config, calibration: "torch.Tensor | Iterable | None" = None
     """Everything :func:`prune` checks before it changes a weight, changing nothing.
 
     Every config against the model (each pruned layer's shape against the pattern, the include, exclude and
-    layer_sparsity rules against its layer names) and the calibration against the configs and the model's
-    context.  Raises :class:`ConfigError` (or another ``ValueError``) with a one-line message.
+    layer_sparsity rules against its layer names) and this machine (the compute device), and the calibration
+    against the configs and the model's context.  Raises :class:`ConfigError` (or another ``ValueError``) with a one-line message.
     """
     _prepare(model, _as_configs(config), calibration)
 
@@ -112,6 +112,8 @@ def _prepare(model, configs: list, calibration) -> tuple:
     """Validate as :func:`validate` says; return the calibration ids (or None) and the plans of the
     weight-pruning stages up to the first structured one (after it the shapes are new and the plan is made
     when the stage is reached)."""
+    for device in {c.device for c in configs}:
+        check_device(device)
     ids = None
     if any(c.needs_calibration for c in configs):
         if calibration is None:

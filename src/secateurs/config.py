@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .methods import METHODS, get_method
 from .patterns import Pattern
 
@@ -76,6 +78,22 @@ class LayerRule:
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise ConfigError(message)
+
+
+def _check_device_name(device: str) -> None:
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+
+
+def check_device(device: str) -> None:
+    """Refuse a compute device this machine lacks, in one line (torch would fail in the first block move)."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:  # a CPU-only build asserts; a build without the driver raises
+        why = str(exc).splitlines()[0].split(". ")[0]  # torch's first sentence; the rest lists its backends
+        raise ConfigError(f"device {device!r} is not available here: {why}") from None
 
 
 def check_seqlen(model, seqlen: int, what: str) -> None:
@@ -171,6 +189,7 @@ class PruneConfig(_Serialised):
         _check(self.threshold is None or self.method == "magnitude", "threshold is a magnitude-only option")
         _check(self.calib_samples >= 1 and self.calib_seqlen >= 1, "calib_samples and calib_seqlen must be >= 1")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check_device_name(self.device)
         if self.propagate is None:
             self.propagate = "dense" if self.group == "global" else "pruned"
         _check(self.propagate in PROPAGATE, f"propagate must be one of {PROPAGATE}, got {self.propagate!r}")
@@ -299,6 +318,7 @@ class StructuredConfig(_Serialised):
         _check(not (depth and (self.refit or self.bias_compensation)), "blocks: refit/bias compensation do not apply")
         _check(self.calib_samples >= 1 and self.calib_seqlen >= 1, "calib_samples and calib_seqlen must be >= 1")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check_device_name(self.device)
 
     @property
     def needs_calibration(self) -> bool:
