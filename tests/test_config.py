@@ -97,3 +97,15 @@ def test_recipe_stages_and_overrides(tmp_path):
         Recipe.load(path)
     with pytest.raises(ConfigError, match="does not exist"):
         Recipe.load(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("r.yaml", "method: [wanda\n", "expected ',' or ']', but got '<stream end>' at line 2, column 1"),
+    ("r.yaml", "a: b: c\n", "mapping values are not allowed here at line 1, column 5"),
+    ("r.json", '{"method": }', "Expecting value: line 1 column 12 (char 11)"),
+])
+def test_a_recipe_that_does_not_parse_is_one_line_that_says_where(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError) as info:
+        Recipe.load(tmp_path / name)
+    assert str(info.value) == f"cannot parse {str(tmp_path / name)!r}: {message}"

@@ -367,7 +367,9 @@ def read_mapping(path: "str | Path") -> dict[str, Any]:
         else:
             data = json.loads(text)
     except Exception as exc:
-        raise ConfigError(f"cannot parse {str(path)!r}: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)  # YAML's messages span lines: keep the problem and where
+        why = f"{exc.problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else " ".join(str(exc).split())
+        raise ConfigError(f"cannot parse {str(path)!r}: {why}") from None
     _check(isinstance(data, dict), f"{str(path)!r} must hold a mapping of config fields")
     return data
 
