@@ -60,6 +60,18 @@ def test_local_files(tmp_path):
         load_text(str(tmp_path / "missing.txt"), "train")
 
 
+@pytest.mark.parametrize("name, content, message", [
+    ("d.jsonl", b'{"text": "one"}\n\nnot json\n', "'{}' line 3 is not JSON (Expecting value)"),
+    ("e.jsonl", b'{"text": "one"}\n5\n', "'{}': every JSONL line needs a 'text' field"),
+    ("f.txt", b"caf\xe9 latin-1", "'{}' is not UTF-8 text (byte 3 cannot be decoded)"),
+])
+def test_unreadable_local_files_say_which_and_where(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError) as info:
+        load_text(str(tmp_path / name), "train")
+    assert str(info.value) == message.format(tmp_path / name)
+
+
 def test_eval_windows_with_bos():
     ids = torch.arange(10, 60)
     w = eval_windows(ids, 10, bos=1)

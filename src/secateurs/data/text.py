@@ -188,13 +188,27 @@ def load_text(spec: "str | os.PathLike | None", split: str) -> str:
     if path.suffix in (".txt", ".jsonl") or path.exists():
         if not path.is_file():
             raise DataError(f"data file {spec!r} does not exist")
-        if path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            if not rows or any("text" not in r for r in rows):
-                raise DataError(f"{spec!r}: every JSONL line needs a 'text' field")
-            return "\n\n".join(r["text"] for r in rows)
-        return path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{spec!r} is not UTF-8 text (byte {exc.start} cannot be decoded)") from None
+        return _jsonl_text(spec, text) if path.suffix == ".jsonl" else text
     return _hf_dataset(spec, split)
+
+
+def _jsonl_text(spec: str, text: str) -> str:
+    """The ``"text"`` fields of a JSONL file's lines, joined by blank lines."""
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{spec!r} line {number} is not JSON ({exc.msg})") from None
+    if not rows or any(not isinstance(r, dict) or "text" not in r for r in rows):
+        raise DataError(f"{spec!r}: every JSONL line needs a 'text' field")
+    return "\n\n".join(r["text"] for r in rows)
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
