@@ -56,7 +56,9 @@ class TrainConfig:
         check(self.steps >= 1 and self.batch_size >= 1 and self.seqlen >= 2 and self.grad_accum >= 1,
               "steps, batch_size, grad_accum must be >= 1 and seqlen >= 2")
         check(self.lr > 0 and self.weight_decay >= 0, "lr must be > 0 and weight_decay >= 0")
-        check(self.warmup_steps >= 0 and self.eval_every >= 0 and self.lora_rank >= 0, "negative count")
+        check(self.warmup_steps >= 0 and self.eval_every >= 0 and self.lora_rank >= 0,
+              f"warmup_steps, eval_every and lora_rank must be >= 0, got {self.warmup_steps}, {self.eval_every}, "
+              f"{self.lora_rank}")
         check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0")
         check(self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}")
         check(self.group in ("layer", "row"), f"group must be layer or row, got {self.group!r}")
