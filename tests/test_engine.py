@@ -151,6 +151,27 @@ def test_windows_longer_than_the_models_context_are_refused():
     assert abs(r.sparsity - 0.5) < 1e-3
 
 
+@pytest.mark.parametrize("calibration, message", [
+    (torch.full((2, 16), 128), "calibration holds token id 128, outside the model's vocabulary (0-127)"),
+    (torch.full((2, 16), -1), "calibration holds token id -1, outside the model's vocabulary (0-127)"),
+    (torch.zeros(0, 16, dtype=torch.long), "got (0, 16) torch.int64"),
+    (["some text", "not ids"], "must be token ids of shape (samples, seqlen) (see calibration_data)"),
+    ([[1, 2, 3], [4, 5]], "must be token ids of shape (samples, seqlen) (see calibration_data)"),
+])
+def test_calibration_the_model_cannot_embed_is_refused(calibration, message):
+    model = tiny_model("llama")  # 128 token ids
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        prune(model, PruneConfig(method="wanda"), calibration, progress=False)
+
+
+def test_evaluation_ids_outside_the_vocabulary_are_refused():
+    from secateurs import EvalConfig, evaluate
+
+    with pytest.raises(ConfigError, match=re.escape("evaluation text holds token id 500, outside the model's vocab")):
+        evaluate(tiny_model("llama"), None, EvalConfig(seqlen=16, windows=1), ids=torch.full((64,), 500),
+                 progress=False)
+
+
 def test_propagate_and_true_sequential_change_results(calib_ids):
     def run(**kw):
         model = tiny_model("llama")

@@ -17,10 +17,12 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .config import ConfigError, EvalConfig, PruneConfig, Recipe, StructuredConfig, check_device, check_seqlen
+from .config import (ConfigError, EvalConfig, PruneConfig, Recipe, StructuredConfig, check_device, check_seqlen,
+                     check_token_ids)
 from .data import calibration_windows, load_text, tokenize
 from .engine import LayerRecord, make_plan, prune_with_data, prune_without_data
 from .eval import library_versions, machine, parameter_counts, peak_rss_bytes, perplexity
+from .models.load import first_line
 from .models.snapshot import WeightSnapshot
 from .progress import Stage, Tracker
 
@@ -88,13 +90,18 @@ def calibration_data(tokenizer, config: PruneConfig, ids: "torch.Tensor | None" 
     return calibration_windows(ids, config.calib_samples, config.calib_seqlen, config.seed)
 
 
-def _as_ids(calibration) -> torch.Tensor:
-    if isinstance(calibration, torch.Tensor):
-        ids = calibration
-    else:
-        ids = torch.stack([torch.as_tensor(x) for x in calibration])
-    if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+def _as_ids(calibration, model) -> torch.Tensor:
+    """The calibration as a ``(samples, seqlen)`` tensor of token ids the model can embed."""
+    try:
+        ids = calibration if isinstance(calibration, torch.Tensor) else torch.stack(
+            [torch.as_tensor(x) for x in calibration])
+    except (TypeError, ValueError, RuntimeError) as exc:  # text instead of ids, ragged rows, an empty list
+        raise ConfigError(f"calibration must be token ids of shape (samples, seqlen) (see calibration_data): "
+                          f"{first_line(exc)}") from None
+    if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32) or ids.numel() == 0:
         raise ConfigError(f"calibration must be token ids of shape (samples, seqlen), got {tuple(ids.shape)} {ids.dtype}")
+    check_seqlen(model, ids.shape[1], "calib_seqlen")
+    check_token_ids(model, ids, "calibration")
     return ids.long()
 
 
@@ -120,8 +127,7 @@ def _prepare(model, configs: list, calibration) -> tuple:
             c = next(c for c in configs if c.needs_calibration)
             what = f"method {c.method}" + (f" with refine={c.refine}" if c.refine != "none" else "")
             raise ConfigError(f"{what} needs calibration data (token ids), none was given")
-        ids = _as_ids(calibration)
-        check_seqlen(model, ids.shape[1], "calib_seqlen")
+        ids = _as_ids(calibration, model)
     plans: dict[int, object] = {}
     for k, c in enumerate(configs):
         if isinstance(c, StructuredConfig):

@@ -96,6 +96,17 @@ def check_device(device: str) -> None:
         raise ConfigError(f"device {device!r} is not available here: {why}") from None
 
 
+def check_token_ids(model, ids: torch.Tensor, what: str) -> None:
+    """Refuse token ids the model has no embedding for (a tokenizer of another model?), in one line."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if vocab is None or ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    _check(0 <= low and high < vocab, f"{what} holds token id {high if high >= vocab else low}, outside the model's "
+           f"vocabulary (0-{vocab - 1}): tokenized for another model?")
+
+
 def check_seqlen(model, seqlen: int, what: str) -> None:
     """Refuse windows longer than the model's context (``max_position_embeddings``; GPT-2's ``n_positions``).
 

@@ -26,12 +26,13 @@ def window_nll(model, input_ids: torch.Tensor, n_context: int) -> tuple[float, i
 @torch.no_grad()
 def perplexity(model, tokenizer=None, config=None, ids: "torch.Tensor | None" = None, tracker=None) -> float:
     """exp(mean NLL over all scored tokens) of ``config.data`` (test split), windows of ``config.seqlen``."""
-    from ..config import EvalConfig, check_seqlen
+    from ..config import EvalConfig, check_seqlen, check_token_ids
 
     config = config or EvalConfig()
     check_seqlen(model, config.seqlen, "eval seqlen")
     if ids is None:
         ids = tokenize(tokenizer, load_text(config.data, "test"))
+    check_token_ids(model, ids, "evaluation text")
     bos = bos_id(tokenizer) if tokenizer is not None else None
     if bos is not None and len(ids) and ids[0] == bos:
         ids = ids[1:]  # every window gets its own BOS instead
