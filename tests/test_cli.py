@@ -187,6 +187,19 @@ def test_unreadable_model_and_existing_output(tiny_dir, tmp_path, capsys):
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("command", [["prune", "--method", "magnitude"], ["finetune", "--steps", "1"],
+                                     ["iterate", "--method", "magnitude", "--sparsities", "0.2", "--steps-per-cycle", "1"]])
+@pytest.mark.parametrize("below", ["", "sub/folder"])
+def test_an_output_that_is_or_lies_under_a_file_is_refused(tiny_dir, tmp_path, capsys, command, below):
+    (tmp_path / "taken").write_text("mine")
+    output = tmp_path / "taken" / below if below else tmp_path / "taken"
+    code = main([command[0], "--model", str(tiny_dir / "model"), "--quiet", *command[1:], "--output", str(output)])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (f"secateurs: error: output folder {str(output)!r}: "
+                                               f"{str(tmp_path / 'taken')!r} is a file")
+    assert (tmp_path / "taken").read_text() == "mine"
+
+
 def test_crash_while_saving_leaves_no_output(tiny_dir, tmp_path, monkeypatch):
     def boom(self, *a, **k):
         raise OSError("disk full")

@@ -293,16 +293,14 @@ def cmd_prune(args) -> int:
     from . import api
     from .config import Recipe, StructuredConfig, config_from_dict
     from .data import load_text, tokenize
-    from .models import save_model
+    from .models import check_output, save_model
     from .progress import Stage, Tracker
 
     overrides = _overrides(args)
     recipe = Recipe.load(args.recipe, overrides) if args.recipe else Recipe([config_from_dict(overrides)])
     recipe.eval = _eval_config(args, recipe.eval)
     eval_config = None if args.no_eval else recipe.eval
-    output = Path(args.output)
-    if output.exists() and any(output.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"output folder {args.output!r} exists and is not empty (use --overwrite)")
+    output = check_output(args.output, args.overwrite)
 
     model, tokenizer = _load(args)
     show = not args.quiet
@@ -385,14 +383,12 @@ def cmd_finetune(args) -> int:
     from .config import ConfigError
     from .data import load_text, tokenize
     from .eval import peak_rss_bytes
-    from .models import save_model
+    from .models import check_output, save_model
     from .training import measured_sparsity, prunable_linears, train
 
     config = _train_config(args)
     eval_config = _eval_config(args)
-    output = Path(args.output)
-    if output.exists() and any(output.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"output folder {args.output!r} exists and is not empty (use --overwrite)")
+    output = check_output(args.output, args.overwrite)
     if args.save_every < 0:
         raise ConfigError(f"--save-every must be >= 0, got {args.save_every}")
     state_file = _state_file(args.output)
@@ -466,6 +462,7 @@ def cmd_iterate(args) -> int:
     from . import api
     from .config import PruneConfig
     from .data import load_text, tokenize
+    from .models import check_output
     from .patterns import Pattern
     from .training import cycle_sparsities, iterate
 
@@ -490,6 +487,7 @@ def cmd_iterate(args) -> int:
             prune_config.override(sparsity=t)  # validates every cycle's target up front
     train_config = _train_config(args)
     eval_config = _eval_config(args)
+    check_output(args.output, overwrite=True)  # a folder of earlier cycles is resumed, not refused
     model, tokenizer = _load(args)
     show = not args.quiet
     calib = api.calibration_data(tokenizer, prune_config) if prune_config.needs_calibration else None

@@ -112,15 +112,24 @@ def load_model(spec: "str | os.PathLike | None" = None, dtype: torch.dtype = tor
     return model, tokenizer
 
 
+def check_output(output: "str | os.PathLike", overwrite: bool) -> Path:
+    """Refuse an output folder that is a file or lies under one, or that holds files (unless ``overwrite``)."""
+    output = Path(output)
+    file = next((p for p in (output, *output.parents) if p.exists() and not p.is_dir()), None)
+    if file is not None:
+        raise FileExistsError(f"output folder {str(output)!r}: {str(file)!r} is a file")
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise FileExistsError(f"output folder {str(output)!r} exists and is not empty (use --overwrite)")
+    return output
+
+
 def save_model(model, tokenizer, output: "str | os.PathLike", overwrite: bool = False, extra_files=None) -> Path:
     """``save_pretrained`` into a temporary sibling folder, then move it into place in one rename.
 
     A crash or error leaves no half-written ``output``.  ``extra_files`` maps file names to text written
     beside the weights (the report and recipe).
     """
-    output = Path(output)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {str(output)!r} exists and is not empty (use --overwrite)")
+    output = check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     umask = os.umask(0)
