@@ -200,6 +200,27 @@ def test_an_output_that_is_or_lies_under_a_file_is_refused(tiny_dir, tmp_path, c
     assert (tmp_path / "taken").read_text() == "mine"
 
 
+PRUNE = ["prune", "--method", "magnitude", "--no-eval", "--output", "{tmp}/out"]
+COMPARE = ["compare", "--methods", "magnitude", "--sparsities", "0.5"]
+UNDER_A_FILE = "'{tmp}/taken/r.json': '{tmp}/taken' is a file, not a folder"
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([*PRUNE, "--report", "{tmp}/taken/r.json"], "--report " + UNDER_A_FILE),
+    ([*COMPARE, "--report", "{tmp}/taken/r.json"], "--report " + UNDER_A_FILE),
+    (["eval", "--report", "{tmp}/taken/r.json"], "--report " + UNDER_A_FILE),
+    ([*COMPARE, "--markdown", "{tmp}/taken/r.json"], "--markdown " + UNDER_A_FILE),
+    ([*PRUNE, "--report", "{tmp}"], "--report '{tmp}' is a folder; give a file name"),
+    ([*COMPARE, "--markdown", "{tmp}"], "--markdown '{tmp}' is a folder; give a file name"),
+])
+def test_a_report_path_that_cannot_be_written_is_refused_before_any_work(tiny_dir, tmp_path, capsys, argv, message):
+    (tmp_path / "taken").write_text("mine")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert main([argv[0], "--model", str(tiny_dir / "model"), "--quiet", *argv[1:]]) == 2
+    assert capsys.readouterr().err.strip() == "secateurs: error: " + message.format(tmp=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no model was saved, nothing measured
+
+
 def test_crash_while_saving_leaves_no_output(tiny_dir, tmp_path, monkeypatch):
     def boom(self, *a, **k):
         raise OSError("disk full")

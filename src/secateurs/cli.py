@@ -595,6 +595,7 @@ def main(argv=None) -> int:
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     try:
+        _check_file_flags(args)
         return commands[args.command](args)
     except (ConfigError, DataError, ModelLoadError, ArchitectureError, VerificationError, CalibrationError,
             FileExistsError, SnapshotError, ValueError) as exc:
@@ -607,6 +608,19 @@ def main(argv=None) -> int:
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _check_file_flags(args) -> None:
+    """Refuse a --report/--markdown path that cannot become a file before any work, not after it."""
+    for flag in ("report", "markdown"):
+        value = getattr(args, flag, None)
+        if not value:
+            continue
+        path = Path(value)
+        if path.is_dir():
+            raise FileExistsError(f"--{flag} {value!r} is a folder; give a file name")
+        if (file := next((p for p in path.parents if p.exists() and not p.is_dir()), None)) is not None:
+            raise FileExistsError(f"--{flag} {value!r}: {str(file)!r} is a file, not a folder")
 
 
 class Terminated(KeyboardInterrupt):
