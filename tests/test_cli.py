@@ -280,10 +280,16 @@ def test_non_finite_activations_are_refused_with_the_layer_named(tiny_dir, tmp_p
     assert not (tmp_path / "o").exists()
 
 
-def test_compare_refuses_an_unknown_refinement_before_loading(tiny_dir, capsys):
-    code = main(["compare", "--model", str(tiny_dir / "missing-model"), "--methods", "wanda,wanda+obs", "--quiet"])
+@pytest.mark.parametrize("grid, message", [
+    (["--methods", "wanda,wanda+obs"], "refine must be one of"),
+    (["--methods", "magnitude,wanda,magnitude"], "methods name 'magnitude' more than once"),
+    (["--sparsities", "0.5,2:4,2:4"], "sparsities name '2:4' more than once"),
+    (["--methods", ","], "methods: name at least one"),
+])
+def test_compare_refuses_a_bad_grid_before_loading(tiny_dir, capsys, grid, message):
+    code = main(["compare", "--model", str(tiny_dir / "missing-model"), *grid, "--quiet"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and "refine must be one of" in err and len(err.splitlines()) == 1
+    assert code == 2 and message in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -228,6 +228,17 @@ def parse_method(text: str) -> dict:
     return {"method": method, "refine": refine} if plus else {"method": method}
 
 
+def compare_grid(methods: Sequence[str], settings: Sequence[str], base: PruneConfig) -> list:
+    """The cells of a comparison, ``[(method, setting, config)]``, each config validated; names must not repeat."""
+    for what, names in (("methods", methods), ("sparsities", settings)):
+        if not names:
+            raise ConfigError(f"{what}: name at least one")
+        if twice := sorted({n for n in names if list(names).count(n) > 1}):
+            raise ConfigError(f"{what} name {', '.join(map(repr, twice))} more than once: one column or row each")
+    return [(m, s, base.override(**parse_method(m), **parse_setting(s), group=None, threshold=None))
+            for m in methods for s in settings]
+
+
 @torch.no_grad()
 def compare(model, tokenizer, methods: Sequence[str], settings: Sequence[str], base: "PruneConfig | None" = None,
             eval_config: "EvalConfig | None" = None, progress: bool = True, on_row=None, checkpoint=None,
@@ -248,8 +259,7 @@ def compare(model, tokenizer, methods: Sequence[str], settings: Sequence[str], b
     """
     base = base or PruneConfig()
     eval_config = eval_config or EvalConfig()
-    grid = [(m, s, base.override(**parse_method(m), **parse_setting(s), group=None, threshold=None)) for m in methods
-            for s in settings]  # validates every cell up front
+    grid = compare_grid(methods, settings, base)
     table = {"methods": list(methods), "settings": list(settings), "dense_perplexity": None, "rows": [],
              "base_config": _as_json(base.to_dict()), "eval": _as_json(eval_config.to_dict()), "complete": False}
     done = {}

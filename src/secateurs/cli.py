@@ -524,9 +524,7 @@ def cmd_compare(args) -> int:
     settings = [s.strip() for s in args.sparsities.split(",") if s.strip()]
     base = PruneConfig.from_dict(_overrides(args))
     eval_config = _eval_config(args)
-    for m in methods:  # validate the whole grid before loading anything
-        for s in settings:
-            base.override(**api.parse_method(m), **api.parse_setting(s), group=None, threshold=None)
+    api.compare_grid(methods, settings, base)  # validate the whole grid before loading anything
     name = args.model or "smollm2-135m"
     previous = _previous_table(args)
     if previous is not None:
