@@ -109,3 +109,16 @@ def test_a_recipe_that_does_not_parse_is_one_line_that_says_where(tmp_path, name
     with pytest.raises(ConfigError) as info:
         Recipe.load(tmp_path / name)
     assert str(info.value) == f"cannot parse {str(tmp_path / name)!r}: {message}"
+
+
+def test_an_unavailable_device_is_one_line_even_when_torch_gives_no_message(monkeypatch):
+    import torch
+
+    from secateurs.config import check_device
+
+    def empty(*args, **kwargs):
+        raise AssertionError()  # what a bare `assert` in a backend's lazy init raises
+
+    monkeypatch.setattr(torch, "empty", empty)
+    with pytest.raises(ConfigError, match=r"^device 'cuda' is not available here: AssertionError$"):
+        check_device("cuda")

@@ -610,6 +610,8 @@ def main(argv=None) -> int:
 
 def _check_file_flags(args) -> None:
     """Refuse a --report/--markdown path that cannot become a file before any work, not after it."""
+    from .models.load import file_in_the_way
+
     for flag in ("report", "markdown"):
         value = getattr(args, flag, None)
         if not value:
@@ -617,7 +619,7 @@ def _check_file_flags(args) -> None:
         path = Path(value)
         if path.is_dir():
             raise FileExistsError(f"--{flag} {value!r} is a folder; give a file name")
-        if (file := next((p for p in path.parents if p.exists() and not p.is_dir()), None)) is not None:
+        if (file := file_in_the_way(path.parents)) is not None:
             raise FileExistsError(f"--{flag} {value!r}: {str(file)!r} is a file, not a folder")
 
 

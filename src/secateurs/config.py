@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .methods import METHODS, get_method
+from .models.load import first_line
 from .patterns import Pattern
 
 SCOPES = ("all", "attention", "mlp")
@@ -92,7 +93,7 @@ def check_device(device: str) -> None:
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as exc:  # a CPU-only build asserts; a build without the driver raises
-        why = str(exc).splitlines()[0].split(". ")[0]  # torch's first sentence; the rest lists its backends
+        why = first_line(exc).split(". ")[0]  # torch's first sentence; the rest lists its backends
         raise ConfigError(f"device {device!r} is not available here: {why}") from None
 
 

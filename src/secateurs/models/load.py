@@ -112,11 +112,15 @@ def load_model(spec: "str | os.PathLike | None" = None, dtype: torch.dtype = tor
     return model, tokenizer
 
 
+def file_in_the_way(paths) -> "Path | None":
+    """The first of ``paths`` that exists and is not a folder (so nothing can be made at or below it), or None."""
+    return next((p for p in paths if p.exists() and not p.is_dir()), None)
+
+
 def check_output(output: "str | os.PathLike", overwrite: bool) -> Path:
     """Refuse an output folder that is a file or lies under one, or that holds files (unless ``overwrite``)."""
     output = Path(output)
-    file = next((p for p in (output, *output.parents) if p.exists() and not p.is_dir()), None)
-    if file is not None:
+    if (file := file_in_the_way((output, *output.parents))) is not None:
         raise FileExistsError(f"output folder {str(output)!r}: {str(file)!r} is a file")
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise FileExistsError(f"output folder {str(output)!r} exists and is not empty (use --overwrite)")
