@@ -13,6 +13,8 @@ import re
 import torch
 from torch import nn
 
+from .pages import overwrite_
+
 try:  # GPT-2 family
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover
@@ -69,7 +71,7 @@ def set_weight_of(module: nn.Module, W: torch.Tensor) -> None:
     """Write ``W`` ``(out, in)`` back into the module, in its own layout and dtype."""
     target = weight_of(module)
     if W.data_ptr() != target.data_ptr():
-        target.copy_(W)
+        overwrite_(target, W)  # a plain copy_, without the cost of copying the old pages on write
 
 
 def block_index(name: str, blocks_name: str) -> "int | None":
