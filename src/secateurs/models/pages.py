@@ -5,12 +5,12 @@
 those pages have been read -- by the dense evaluation, or by the calibration pass that just observed the
 block -- every copy must also flush the old read-only mapping from each core that runs the process, and
 the intra-op worker thread spinning on the other core makes that one interrupt per page.  On our 2-core
-machine, writing the 210 pruned linears of SmolLM2-135M back that way took 1.47 s, about 5% of the
-whole Wanda prune.
+machine, writing the 210 pruned linears of SmolLM2-135M back that way took 1.38 s, about 4% of the
+whole Wanda prune (``benchmarks/write_back.py``).
 
 A tensor about to be overwritten *entirely* needs none of its old contents.  :func:`overwrite_` first
 hands back the pages that lie wholly inside it (``madvise(MADV_DONTNEED)``: one batched unmapping), so
-the write lands on fresh pages: the same write took 0.14 s.  A page shared with a neighbouring tensor is
+the write lands on fresh pages: the same writes took 0.16 s.  A page shared with a neighbouring tensor is
 kept, and nothing is handed back unless the copy is certain to cover it (same shape, the source on the
 CPU and outside the target's memory); anywhere else -- not Linux, a GPU tensor, a strided view -- the
 write is a plain ``copy_``.
