@@ -66,6 +66,11 @@ def measured_on(env: dict) -> str:
             f"secateurs {env['versions']['secateurs']}.")
 
 
+def page_head(title: str, row: dict, intro: str, command: str) -> list[str]:
+    """The first lines of a results page: title, where and when (from ``row``), what was run, how to rerun it."""
+    return [f"# {title}", "", measured_on(row), "", intro, "", f"Reproduce: `{command}`", ""]
+
+
 PROTOCOL_WINDOWS, HELD_OUT_WINDOWS, SEQLEN = 16, 24, 1024
 CALIB_SAMPLES, CALIB_SEQLEN, BATCH = 32, 512, 8
 TARGET_RATIO = {"wanda": 1.6, "sparsegpt": 2.0}  # issue 2: prune wall time / one dense forward

@@ -15,7 +15,7 @@ from __future__ import annotations
 import statistics
 import sys
 
-from common import (REFERENCE_RATIO, TARGET_RATIO, benchmark_main, dense_forward_seconds, measured_on,
+from common import (REFERENCE_RATIO, TARGET_RATIO, benchmark_main, dense_forward_seconds, page_head,
                     protocol_config)
 
 RUNS = ["wanda:0.5", "wanda:2:4", "wanda:4:8", "sparsegpt:0.5", "sparsegpt:2:4", "sparsegpt:4:8"]
@@ -53,16 +53,16 @@ def one(run: str) -> dict:
 
 
 def markdown(rows: list[dict], command: str) -> str:
-    lines = ["# Prune time ÷ one dense forward, repeated (SmolLM2-135M, quick protocol)", "", measured_on(rows[0]), "",
-             f"Every run: {REPEATS} times in one process, a freshly loaded model, one plain dense forward over the "
-             "quick protocol's calibration tokens (32 x 512, batch 8, logits included) timed before and after "
-             "pruning; ratio = prune wall time (calibration capture to end of pruning) / the mean of the two. "
-             "Each method runs its defaults (SparseGPT true-sequential, Wanda at once). `reference` is the "
-             "official reference code's ratio on the same protocol (from the issue).", "",
-             f"Reproduce: `{command}`", "",
-             "| method | pattern | prune s (each) | dense fwd s (each, mean of before/after) | ratio (each) | "
-             "median ratio | target | reference |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = page_head("Prune time ÷ one dense forward, repeated (SmolLM2-135M, quick protocol)", rows[0],
+                      f"Every run: {REPEATS} times in one process, a freshly loaded model, one plain dense forward over "
+                      "the quick protocol's calibration tokens (32 x 512, batch 8, logits included) timed before and "
+                      "after pruning; ratio = prune wall time (calibration capture to end of pruning) / the mean of "
+                      "the two. Each method runs its defaults (SparseGPT true-sequential, Wanda at once). "
+                      "`reference` is the official reference code's ratio on the same protocol (from the issue).",
+                      command)
+    lines += ["| method | pattern | prune s (each) | dense fwd s (each, mean of before/after) | ratio (each) | "
+              "median ratio | target | reference |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         def each(value, fmt=".1f"):
             return ", ".join(format(value(x), fmt) for x in r["repeats"])

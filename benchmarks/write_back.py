@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 
-from common import CALIB_SEQLEN, BATCH, benchmark_main, measured_on
+from common import BATCH, CALIB_SEQLEN, benchmark_main, page_head
 
 RUNS = ["copy", "overwrite"]
 REPEATS = 3
@@ -72,13 +72,13 @@ def one(run: str) -> dict:
 
 
 def markdown(rows: list[dict], command: str) -> str:
-    lines = ["# Writing pruned weights back into a memory-mapped model (SmolLM2-135M)", "", measured_on(rows[0]), "",
-             f"Each run: {REPEATS} times in one process, a freshly loaded (memory-mapped) model, one forward over "
-             "8 x 512 tokens, then the 50% magnitude-pruned weight of each of the 210 block linears is built and "
-             "written back; `write s` sums the writes alone. `use s`: one matrix product (2048 rows) through every "
-             "written weight. `exact`: every weight holds what was written. RSS is read after the product "
-             "(last repeat).", "", f"Reproduce: `{command}`", "",
-             "| write | write s (each) | median | use s (each) | exact | RSS / anon / file MiB |", "|---|---|---|---|---|---|"]
+    lines = page_head("Writing pruned weights back into a memory-mapped model (SmolLM2-135M)", rows[0],
+                      f"Each run: {REPEATS} times in one process, a freshly loaded (memory-mapped) model, one forward "
+                      "over 8 x 512 tokens, then the 50% magnitude-pruned weight of each of the 210 block linears is "
+                      "built and written back; `write s` sums the writes alone. `use s`: one matrix product (2048 "
+                      "rows) through every written weight. `exact`: every weight holds what was written. RSS is read "
+                      "after the product (last repeat).", command)
+    lines += ["| write | write s (each) | median | use s (each) | exact | RSS / anon / file MiB |", "|---|---|---|---|---|---|"]
     for r in rows:
         rss = r["repeats"][-1]["rss_mib"]
         lines.append(f"| {r['run']} | {', '.join(format(x['write_seconds'], '.3f') for x in r['repeats'])} | "
