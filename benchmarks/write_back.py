@@ -3,8 +3,8 @@
     python benchmarks/write_back.py             # 2 runs, ~1 min on 2 CPU cores
 
 Each run is a fresh process that, REPEATS times, loads SmolLM2-135M (``from_pretrained`` memory-maps the cached
-safetensors file), runs one forward over 8 x 512 calibration tokens (which maps every weight's pages, as the
-dense evaluation and the observing pass do), then for each of the 210 linears of the 30 blocks in turn builds
+safetensors file), runs one forward over 8 x 512 random token ids (which maps every weight's pages, as the dense
+evaluation and the observing pass do), then for each of the 210 linears of the 30 blocks in turn builds
 its 50% magnitude-pruned weight (two-thread tensor work, like the pruning math) and writes it into the model;
 only the writes are timed.  ``copy`` is ``weight.copy_(pruned)`` (the engine before); ``overwrite`` is
 :func:`secateurs.models.pages.overwrite_`, which hands the weight's old pages back to the kernel first (the
@@ -51,6 +51,7 @@ def one(run: str) -> dict:
                   use_cache=False)
         _, blocks = find_blocks(model)
         weights = [weight_of(lin) for block in blocks for lin in find_linears(block).values()]
+        matrices = len(weights)
         written, seconds = [], 0.0
         for W in weights:
             pruned = W.masked_fill(unstructured_mask(W.abs(), 0.5), 0)
@@ -67,7 +68,7 @@ def one(run: str) -> dict:
         repeats.append({"write_seconds": round(seconds, 3), "use_seconds": round(use, 3), "exact": exact,
                         "rss_mib": resident_mib()})
         del model, weights, written
-    return {"run": run, "matrices": 210, "repeats": repeats,
+    return {"run": run, "matrices": matrices, "repeats": repeats,
             "median_write_seconds": statistics.median(r["write_seconds"] for r in repeats), **environment()}
 
 

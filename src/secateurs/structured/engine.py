@@ -24,7 +24,7 @@ from torch import nn
 
 from ..engine.capture import capture_inputs
 from ..engine.sequential import run_block
-from ..models.arch import ArchitectureError, find_blocks, weight_of
+from ..models.arch import ArchitectureError, find_blocks, set_weight_of, weight_of
 from ..progress import Stage, Tracker
 from . import scores as S
 from .surgery import check_loadable, drop_blocks, keep_channels, keep_heads, sync_config
@@ -318,7 +318,7 @@ def _cut(kind, unit, scores, hunits, count, st, config, compensate, i) -> Struct
     else:
         keep_heads(unit, q_keep, kv_keep)
     if new_W is not None:
-        weight_of(out_module).copy_(new_W.to(W.dtype))
+        set_weight_of(out_module, new_W)  # in the module's layout and dtype
     return StructuredRecord(i, kind, before, after, removed)
 
 
