@@ -42,7 +42,10 @@ def one(run: str) -> dict:
     from secateurs.patterns import unstructured_mask
 
     torch.set_num_threads(2)
-    write = overwrite_ if run == "overwrite" else lambda target, source: target.copy_(source)
+    writers = {"copy": lambda target, source: target.copy_(source), "overwrite": overwrite_}
+    if run not in writers:
+        raise SystemExit(f"write_back.py: unknown run {run!r}; the runs are {', '.join(RUNS)}")
+    write = writers[run]
     repeats = []
     for _ in range(REPEATS):
         model, _ = load_model("smollm2-135m")
