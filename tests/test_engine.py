@@ -346,3 +346,55 @@ def test_blocks_after_the_last_pruned_one_are_never_run(calib_ids):
     assert len(r.layers) == 7 and 1 not in calls
     # block 0: one batch learns the layout, three are observed, and nothing is recomputed (it would be 7)
     assert calls.count(0) == 1 + 3
+
+
+def test_verify_layer_counts_what_it_checked_and_names_each_violation():
+    from secateurs.engine.sequential import VerificationError, verify_layer
+    from secateurs.methods.base import LayerTarget
+    from secateurs.patterns import Pattern
+
+    def target(pattern, sparsity=0.5):
+        return LayerTarget(Pattern.parse(pattern), sparsity)
+
+    W = torch.arange(1.0, 17.0).reshape(2, 8)
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[:, ::2] = True  # every other weight: 2 kept in every 4, half of each row
+    W[mask] = 0
+    W[0, 1] = 0.0  # a kept weight that was zero already counts as a zero, not as pruned
+    assert verify_layer("w", W, mask, target("unstructured"), True) == (8, 9)
+    assert verify_layer("w", W, mask, target("2:4"), True) == (8, 9)
+
+    left = W.clone()
+    left[1, 2] = 7.0  # selected for pruning, still non-zero
+    with pytest.raises(VerificationError, match="w: weights selected for pruning are not zero"):
+        verify_layer("w", left, mask, target("unstructured"), True)
+    three = W.clone()
+    three[1, 0], mask3 = 5.0, mask.clone()
+    mask3[1, 0] = False  # row 1, columns 0-3 now keep 3 of 4
+    with pytest.raises(VerificationError, match="1 groups break the 2:4 pattern"):
+        verify_layer("w", three, mask3, target("2:4"), False)
+    with pytest.raises(VerificationError, match="pruned 0.5000 of the weights, target 0.7500"):
+        verify_layer("w", W, mask, target("unstructured", 0.75), True)
+    assert verify_layer("w", W, mask, target("unstructured", 0.75), False) == (8, 9)  # threshold mode: no fraction
+    with pytest.raises(VerificationError, match="4 tiles are only partly pruned under block:2"):
+        verify_layer("w", W, mask, target("block:2"), True)
+
+
+def test_a_method_that_breaks_its_own_mask_fails_loudly_and_changes_nothing(calib_ids, monkeypatch):
+    from secateurs.engine.sequential import VerificationError
+    from secateurs.methods.base import METHODS, Method
+
+    class Careless(Method):
+        needs = "norms"
+
+        def prune(self, W, stats, target):
+            mask = torch.zeros_like(W, dtype=torch.bool)
+            mask[:, : W.shape[1] // 2] = True
+            return mask  # claims half of every row, zeroes nothing
+
+    monkeypatch.setitem(METHODS, "careless", Careless)
+    model = tiny_model("llama")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(VerificationError, match="q_proj: weights selected for pruning are not zero"):
+        prune(model, PruneConfig(method="careless", sparsity=0.5, batch_size=4), calib_ids, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

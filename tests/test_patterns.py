@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from secateurs.patterns import (Pattern, block_mask, build_mask, check_nm, check_tiles, kth_smallest,
-                                lowest_in_groups, lowest_k_mask, nm_mask, unstructured_mask)
+                                lowest_in_groups, lowest_k_mask, nm_mask, unstructured_mask, zero_where_)
 
 
 def test_parse_patterns():
@@ -114,3 +114,43 @@ def test_build_mask_dispatch_and_check_nm():
     W[0, :4] = 1.0  # four non-zeros in one group of four
     assert check_nm(W, 2, 4) == 1
     assert build_mask(s, Pattern.parse("unstructured"), 0.25, "layer").sum() == 32
+
+
+def test_lowest_k_mask_matches_a_stable_sort_under_heavy_ties():
+    """Small integer scores tie everywhere: only rows with surplus ties take the trimming path."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randint(0, 6, (64, 40), generator=g).float()
+    s[:8] = torch.randperm(40, generator=g).float()  # tie-free rows take the fast path
+    for k in (1, 7, 20, 39):
+        order = torch.argsort(s, dim=1, stable=True)[:, :k]
+        expected = torch.zeros_like(s, dtype=torch.bool).scatter_(1, order, True)
+        got = lowest_k_mask(s, k)
+        assert torch.equal(got, expected), k
+        assert (got.sum(1) == k).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_zero_where_is_masked_fill_bit_for_bit(dtype):
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(16, 24, generator=g).to(dtype)
+    W[0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0]).to(dtype)
+    mask = torch.rand(16, 24, generator=g) < 0.5
+    mask[0, :4] = True  # inf, -inf, nan and -0.0 are pruned: each must become +0.0, not nan or -0.0
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[W.element_size()]
+    expected = W.clone().masked_fill_(mask, 0)
+    got = zero_where_(W, mask)
+    assert got is W
+    assert torch.equal(W.view(bits), expected.view(bits))
+    assert (W.view(bits)[mask] == 0).all()
+
+
+def test_zero_where_on_a_strided_view_and_a_non_float_tensor():
+    base = torch.randn(12, 8)
+    view = base.t()[2:6]  # (4, 12), not contiguous: the writes land in base
+    mask = torch.rand(view.shape) < 0.5
+    expected = base.clone()
+    expected.t()[2:6].masked_fill_(mask, 0)
+    zero_where_(view, mask)
+    assert torch.equal(base.view(torch.int32), expected.view(torch.int32))
+    ints = torch.arange(6).reshape(2, 3)
+    assert zero_where_(ints, ints % 2 == 1).tolist() == [[0, 0, 2], [0, 4, 0]]

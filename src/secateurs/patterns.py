@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 __all__ = ["Pattern", "kth_smallest", "lowest_k_mask", "lowest_in_groups", "unstructured_mask", "nm_mask", "block_mask",
-           "build_mask", "check_nm", "check_tiles"]
+           "build_mask", "check_nm", "check_tiles", "zero_where_"]
 
 GROUPS = ("row", "layer", "global")
 
@@ -93,22 +93,39 @@ def kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Mark the ``k`` lowest entries of every row of ``scores`` (rows, cols); ties: lower index first.
 
-    A selection of the k-th value plus an explicit tie pass instead of a full sort: exact count,
-    deterministic, linear time per row.
+    A selection of the k-th value instead of a full sort: exact count, deterministic, linear time per
+    row.  Everything at or below the k-th value is marked; only rows where ties at that value make more
+    than ``k`` are then trimmed, keeping the lowest-index tied entries.
     """
     cols = scores.shape[1]
     k = max(0, min(int(k), cols))
     if k == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     thresh = kth_smallest(scores, k)  # (rows, 1)
-    below = scores < thresh
-    ties = scores == thresh
-    need = k - torch.count_nonzero(below, dim=1)  # tied-at-threshold entries each row still takes
-    extra = torch.count_nonzero(ties, dim=1) > need
-    if extra.any():  # more ties than needed in some rows: keep only the lowest-index ones there
-        rows = extra.nonzero().squeeze(1)
-        ties[rows] &= ties[rows].cumsum(1) <= need[rows].unsqueeze(1)
-    return below | ties
+    mask = scores <= thresh
+    over = torch.count_nonzero(mask, dim=1) > k
+    if over.any():  # more ties at the threshold than needed in some rows: redo just those rows
+        rows = over.nonzero().squeeze(1)
+        s, t = scores[rows], thresh[rows]
+        below, ties = s < t, s == t
+        need = k - torch.count_nonzero(below, dim=1)  # tied entries each row still takes
+        mask[rows] = below | (ties & (ties.cumsum(1) <= need.unsqueeze(1)))
+    return mask
+
+
+def zero_where_(W: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``W.masked_fill_(mask, 0)``, bit for bit, several times faster on a CPU.
+
+    The weight's bits are multiplied, as integers of the same width, by 0 where ``mask`` is set and by 1
+    elsewhere: pruned entries become +0.0 (even if they held inf or NaN) and kept ones are untouched.
+    """
+    if W.is_floating_point() and W.element_size() in _INT_OF_WIDTH:
+        W.view(_INT_OF_WIDTH[W.element_size()]).mul_(mask.logical_not())
+        return W
+    return W.masked_fill_(mask, 0)
+
+
+_INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "row") -> torch.Tensor:
@@ -185,7 +202,8 @@ def build_mask(scores: torch.Tensor, pattern: Pattern, sparsity: float, group: s
 
 
 def check_nm(weight: torch.Tensor, n: int, m: int) -> int:
-    """Number of N:M groups of ``weight`` (out, in) holding more than ``n`` non-zeros (0 means valid)."""
+    """Number of N:M groups of ``weight`` (out, in) -- or of its boolean non-zero map -- holding more than ``n``
+    non-zeros (0 means valid)."""
     rows, cols = weight.shape
     nonzero = torch.count_nonzero(weight.reshape(rows, cols // m, m), dim=-1)
     return int(torch.count_nonzero(nonzero > n))

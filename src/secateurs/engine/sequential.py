@@ -32,7 +32,7 @@ from torch import nn
 from ..methods.base import InputStats, LayerTarget, Method
 from ..methods.reconstruct import admm_reconstruct
 from ..models.arch import find_blocks, find_linears, role_of, set_weight_of, weight_of
-from ..patterns import Pattern, check_nm, check_tiles, lowest_k_mask, tile_scores, expand_tiles
+from ..patterns import Pattern, check_nm, check_tiles, expand_tiles, lowest_k_mask, tile_scores, zero_where_
 from ..progress import Stage, Tracker
 from .capture import StopForward, capture_inputs
 from .layout import BlockLayout, Replay, learn_layout
@@ -181,27 +181,36 @@ def run_block(block: nn.Module, hidden: list, calls: list, device, keep: bool, o
 # --------------------------------------------------------------------------- pruning one layer
 
 
-def verify_layer(name: str, W: torch.Tensor, mask: torch.Tensor, target: LayerTarget, exact_fraction: bool) -> None:
-    """Fail loudly unless ``W`` obeys the target: masked weights zero, pattern respected, fraction right."""
-    if (W != 0).logical_and_(mask).any():  # not W * mask: a kept inf would make a NaN there
+def verify_layer(name: str, W: torch.Tensor, mask: torch.Tensor, target: LayerTarget,
+                 exact_fraction: bool) -> tuple[int, int]:
+    """Fail loudly unless ``W`` obeys the target: masked weights zero, pattern respected, fraction right.
+
+    Returns what it counted on the way: ``(pruned, zeros)``, the weights the mask removes and the zeros
+    in ``W`` (which may include weights that were zero already).
+    """
+    nonzero = W != 0  # not W * mask below: a kept inf would make a NaN there
+    if nonzero.logical_and(mask).any():
         raise VerificationError(f"{name}: weights selected for pruning are not zero")
     pattern = target.pattern
-    if pattern.kind == "nm" and (bad := check_nm(W, pattern.n, pattern.m)):
+    if pattern.kind == "nm" and (bad := check_nm(nonzero, pattern.n, pattern.m)):
         raise VerificationError(f"{name}: {bad} groups break the {pattern} pattern")
     if pattern.kind == "block" and (bad := check_tiles(mask, pattern.block)):
         raise VerificationError(f"{name}: {bad} tiles are only partly pruned under {pattern}")
+    pruned = int(torch.count_nonzero(mask))
     if exact_fraction and target.group != "global":
-        got = int(torch.count_nonzero(mask)) / mask.numel()
+        got = pruned / mask.numel()
         # every selection rounds down once per comparison group: at most one tile row per output row
         tolerance = (pattern.block or pattern.m or 1) / W.shape[1] + 1e-6
         if abs(got - target.sparsity) > tolerance:
             raise VerificationError(f"{name}: pruned {got:.4f} of the weights, target {target.sparsity:.4f}")
+    return pruned, W.numel() - int(torch.count_nonzero(nonzero))
 
 
-def record(name: str, block: "int | None", W: torch.Tensor, mask: torch.Tensor, target: "float | None") -> LayerRecord:
-    zeros = W.numel() - int(torch.count_nonzero(W))
-    return LayerRecord(name, block, role_of(name), tuple(W.shape), target, int(torch.count_nonzero(mask)), zeros,
-                       W.numel())
+def record(name: str, block: "int | None", W: torch.Tensor, counts: tuple[int, int],
+           target: "float | None") -> LayerRecord:
+    """The :class:`LayerRecord` of a verified layer; ``counts`` is what :func:`verify_layer` returned."""
+    pruned, zeros = counts
+    return LayerRecord(name, block, role_of(name), tuple(W.shape), target, pruned, zeros, W.numel())
 
 
 def refiner(config):
@@ -230,12 +239,12 @@ def prune_layers(names: list, modules: list, method: Method, stats: InputStats, 
         W0 = torch.cat([w.to(device=device, dtype=torch.float32) for w in originals])
         W = refine(torch.cat(Ws), W0, stats.hessian, ~torch.cat(masks))
         Ws = list(W.split([w.shape[0] for w in Ws]))
-    for name, W, mask, target in zip(names, Ws, masks, targets):
-        verify_layer(name, W, mask, target, exact_fraction)
+    counts = [verify_layer(name, W, mask, target, exact_fraction)
+              for name, W, mask, target in zip(names, Ws, masks, targets)]
     out = []
-    for name, module, W0, W, mask, target in zip(names, modules, originals, Ws, masks, targets):
+    for name, module, W0, W, counted, target in zip(names, modules, originals, Ws, counts, targets):
         set_weight_of(module, W.to(W0.device, W0.dtype))
-        out.append(record(name, block, W, mask, target.sparsity if exact_fraction else None))
+        out.append(record(name, block, W, counted, target.sparsity if exact_fraction else None))
     return out
 
 
@@ -319,9 +328,9 @@ def prune_without_data(plan: Plan, method: Method, config, tracker: Tracker) -> 
 @torch.no_grad()
 def apply_mask(name: str, block: "int | None", module: nn.Module, mask: torch.Tensor, target: LayerTarget) -> LayerRecord:
     W = weight_of(module)
-    W.masked_fill_(mask.to(W.device), 0)
-    verify_layer(name, W, mask, target, exact_fraction=False)
-    return record(name, block, W, mask, None)
+    mask = mask.to(W.device)
+    zero_where_(W, mask)
+    return record(name, block, W, verify_layer(name, W, mask, target, exact_fraction=False), None)
 
 
 @torch.no_grad()

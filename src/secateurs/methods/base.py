@@ -19,7 +19,7 @@ from typing import Callable, ClassVar
 
 import torch
 
-from ..patterns import Pattern, build_mask
+from ..patterns import Pattern, build_mask, zero_where_
 
 NEEDS = ("none", "norms", "hessian")
 
@@ -68,7 +68,7 @@ class Method:
     def prune(self, W: torch.Tensor, stats: InputStats, target: LayerTarget) -> torch.Tensor:
         """Prune ``W`` in place and return the boolean mask of pruned weights."""
         mask = build_mask(self.scores(W, stats), target.pattern, target.sparsity, target.group)
-        W.masked_fill_(mask, 0)
+        zero_where_(W, mask)
         return mask
 
     def prune_many(self, Ws: list, stats: InputStats, targets: list) -> list:

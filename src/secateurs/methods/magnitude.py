@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..patterns import zero_where_
 from .base import InputStats, LayerTarget, Method, register
 
 
@@ -30,5 +31,5 @@ class Magnitude(Method):
         if self.threshold is None:
             return super().prune(W, stats, target)
         mask = W.abs() < self.threshold
-        W.masked_fill_(mask, 0)
+        zero_where_(W, mask)
         return mask

@@ -21,7 +21,7 @@ import logging
 
 import torch
 
-from ..patterns import Pattern, expand_tiles, lowest_in_groups, lowest_k_mask, tile_scores
+from ..patterns import Pattern, expand_tiles, lowest_in_groups, lowest_k_mask, tile_scores, zero_where_
 from .base import InputStats, LayerTarget, Method, register
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def sparsegpt_prune(
             if s2 < count:
                 W1[s2:].addmm_(U1[s1:s2, s2:].t(), Err1[s1:s2], alpha=-1)
 
-        W1.masked_fill_(mask1, 0)  # exact zeros (the update leaves rounding residue on pruned weights)
+        zero_where_(W1, mask1)  # exact zeros (the update leaves rounding residue on pruned weights)
         W[:, i1:i2] = W1.t()
         mask[:, i1:i2] = mask1.t()
         W[:, i2:] -= Err1.t() @ Hinv[i1:i2, i2:]  # lazy batched update of all later columns

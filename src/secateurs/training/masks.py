@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..models.arch import find_blocks, find_linears, weight_of
-from ..patterns import Pattern, build_mask
+from ..patterns import Pattern, build_mask, zero_where_
 from .schedules import Schedule, increment
 
 
@@ -52,7 +52,7 @@ class Masks:
         modules = dict(model.named_modules())
         for name, mask in self.masks.items():
             W = weight_of(modules[name])
-            W.masked_fill_(mask.to(W.device), 0)
+            zero_where_(W, mask.to(W.device))
 
     @contextlib.contextmanager
     def attached(self, optimizer: torch.optim.Optimizer, model: nn.Module):
@@ -112,7 +112,7 @@ class GradualPruner:
             W = weight_of(module)
             scores = W.abs().float().masked_fill(self.masks.masks[name], float("-inf"))
             self.masks.masks[name] = build_mask(scores, self.pattern, target, self.group)
-            W.masked_fill_(self.masks.masks[name], 0)
+            zero_where_(W, self.masks.masks[name])
         self.current = target
         return target
 
