@@ -122,3 +122,21 @@ def test_an_unavailable_device_is_one_line_even_when_torch_gives_no_message(monk
     monkeypatch.setattr(torch, "empty", empty)
     with pytest.raises(ConfigError, match=r"^device 'cuda' is not available here: AssertionError$"):
         check_device("cuda")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("method: wanda\nstages: {sparsity: 0.5}\n", "stages must be a list of mappings, got dict {'sparsity': 0.5}"),
+    ("method: wanda\nstages:\n  - {sparsity: 0.3}\n  - 0.5\n",
+     "stages[1] must be a mapping of config fields, e.g. {sparsity: 0.5}, got float 0.5"),
+    ("method: wanda\nstages:\n  - {sparsity: 0.3}\n  - {sparsity: 1.5}\n",
+     "stages[1]: sparsity must be in [0, 1), got 1.5"),
+    ("method: wanda\nstages:\n  - {sparsity: 1.5}\n", "sparsity must be in [0, 1), got 1.5"),  # one stage: no index
+    ("method: wanda\neval: 16\n", "eval must be a mapping of evaluation fields, got int 16"),
+    ("method: wanda\neval: {windowz: 4}\n",
+     "unknown eval field(s): windowz (known: data, seqlen, windows, stride, batch_size)"),
+])
+def test_a_recipe_of_the_wrong_shape_says_which_part(tmp_path, text, message):
+    (tmp_path / "r.yaml").write_text(text)
+    with pytest.raises(ConfigError) as info:
+        Recipe.load(tmp_path / "r.yaml")
+    assert str(info.value) == message

@@ -386,6 +386,12 @@ def read_mapping(path: "str | Path") -> dict[str, Any]:
     return data
 
 
+def _shown(value: Any) -> str:
+    """A value's type and (shortened) form, for messages about data of the wrong kind."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
 def write_mapping(data: dict[str, Any], path: "str | Path") -> None:
     path = Path(path)
     if path.suffix in (".yaml", ".yml"):
@@ -407,10 +413,23 @@ class Recipe:
     def from_dict(cls, data: dict[str, Any], overrides: "dict[str, Any] | None" = None) -> "Recipe":
         data = dict(data)
         stages = data.pop("stages", None) or [{}]
-        _check(isinstance(stages, list) and all(isinstance(s, dict) for s in stages), "stages must be a list of mappings")
-        eval_cfg = EvalConfig(**data.pop("eval", {}) or {})
+        _check(isinstance(stages, list), f"stages must be a list of mappings, got {_shown(stages)}")
+        for k, stage in enumerate(stages):
+            _check(isinstance(stage, dict), f"stages[{k}] must be a mapping of config fields, e.g. "
+                                            f"{{sparsity: 0.5}}, got {_shown(stage)}")
+        evaluation = data.pop("eval", None) or {}
+        _check(isinstance(evaluation, dict), f"eval must be a mapping of evaluation fields, got {_shown(evaluation)}")
+        unknown = sorted(set(evaluation) - {f.name for f in fields(EvalConfig)})
+        _check(not unknown, f"unknown eval field(s): {', '.join(unknown)} (known: "
+                            f"{', '.join(f.name for f in fields(EvalConfig))})")
         base = {**data, **(overrides or {})}
-        return cls([config_from_dict({**base, **stage}) for stage in stages], eval_cfg)
+        configs = []
+        for k, stage in enumerate(stages):
+            try:
+                configs.append(config_from_dict({**base, **stage}))
+            except ConfigError as exc:  # with several stages, say which one
+                raise (ConfigError(f"stages[{k}]: {exc}") if len(stages) > 1 else exc) from None
+        return cls(configs, EvalConfig(**evaluation))
 
     @classmethod
     def load(cls, path: "str | Path", overrides: "dict[str, Any] | None" = None) -> "Recipe":
