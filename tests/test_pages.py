@@ -78,8 +78,8 @@ def test_set_weight_of_on_a_memory_mapped_model(family, tmp_path, monkeypatch):
     with torch.no_grad():
         model(torch.randint(0, 100, (1, 8)))  # read every weight, as the dense evaluation does
     discarded = []
-    real = pages.discard_pages
-    monkeypatch.setattr(pages, "discard_pages", lambda t: discarded.append(real(t)) or discarded[-1])
+    real = pages._discard_span
+    monkeypatch.setattr(pages, "_discard_span", lambda span: discarded.append(real(span)) or discarded[-1])
 
     name, blocks = find_blocks(model)
     written = {}

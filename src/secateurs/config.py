@@ -419,9 +419,9 @@ class Recipe:
                                             f"{{sparsity: 0.5}}, got {_shown(stage)}")
         evaluation = data.pop("eval", None) or {}
         _check(isinstance(evaluation, dict), f"eval must be a mapping of evaluation fields, got {_shown(evaluation)}")
-        unknown = sorted(set(evaluation) - {f.name for f in fields(EvalConfig)})
-        _check(not unknown, f"unknown eval field(s): {', '.join(unknown)} (known: "
-                            f"{', '.join(f.name for f in fields(EvalConfig))})")
+        known = [f.name for f in fields(EvalConfig)]
+        unknown = sorted(set(evaluation) - set(known))
+        _check(not unknown, f"unknown eval field(s): {', '.join(unknown)} (known: {', '.join(known)})")
         base = {**data, **(overrides or {})}
         configs = []
         for k, stage in enumerate(stages):

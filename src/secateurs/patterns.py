@@ -113,6 +113,9 @@ def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
+_INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # an integer type of each float width
+
+
 def zero_where_(W: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``W.masked_fill_(mask, 0)``, bit for bit, several times faster on a CPU.
 
@@ -123,9 +126,6 @@ def zero_where_(W: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         W.view(_INT_OF_WIDTH[W.element_size()]).mul_(mask.logical_not())
         return W
     return W.masked_fill_(mask, 0)
-
-
-_INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "row") -> torch.Tensor:

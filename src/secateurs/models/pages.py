@@ -60,9 +60,12 @@ def discard_pages(t: torch.Tensor) -> bool:
 
     Only for a tensor that is overwritten right after.  Returns whether any page was handed back.
     """
-    if _madvise is None or t.device.type != "cpu" or (span := byte_range(t)) is None:
-        return False
-    if (pages := whole_pages(*span)) is None:
+    return t.device.type == "cpu" and _discard_span(byte_range(t))
+
+
+def _discard_span(span: "tuple[int, int] | None") -> bool:
+    """Hand back the whole pages inside the CPU address range ``span`` (see :func:`discard_pages`)."""
+    if _madvise is None or span is None or (pages := whole_pages(*span)) is None:
         return False
     return _madvise(pages[0], pages[1] - pages[0], mmap.MADV_DONTNEED) == 0
 
@@ -79,5 +82,5 @@ def overwrite_(target: torch.Tensor, source: torch.Tensor) -> None:
     span = byte_range(target) if target.device.type == "cpu" else None
     if (span is not None and source.device.type == "cpu" and source.shape == target.shape
             and not _overlaps(source, span)):
-        discard_pages(target)
+        _discard_span(span)
     target.copy_(source)
