@@ -106,6 +106,21 @@ def test_datasets_names_need_the_datasets_package(monkeypatch):
         load_text("wikitext", "train")
 
 
+def test_a_dataset_name_without_a_hub_says_what_to_do_instead(monkeypatch):
+    """The real `datasets` path in offline mode: one line that names the dataset and the ways round it."""
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError) as info:
+        load_text("wikitext", "train")
+    message = str(info.value)
+    assert message.startswith("cannot load dataset 'wikitext' split 'train': Couldn't reach 'Salesforce/wikitext'")
+    assert "give a local .txt or .jsonl file or a dataset folder instead" in message
+    assert "\n" not in message
+
+
 # --------------------------------------------------------------------------- Hugging Face datasets, offline
 
 @pytest.fixture
