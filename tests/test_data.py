@@ -117,8 +117,22 @@ def test_a_dataset_name_without_a_hub_says_what_to_do_instead(monkeypatch):
         load_text("wikitext", "train")
     message = str(info.value)
     assert message.startswith("cannot load dataset 'wikitext' split 'train': Couldn't reach 'Salesforce/wikitext'")
-    assert "give a local .txt or .jsonl file or a dataset folder instead" in message
+    assert message.endswith("(no hub here? give a local .txt or .jsonl file or a dataset folder instead)")
     assert "\n" not in message
+
+
+def test_a_dataset_name_the_hub_could_not_serve_suggests_offline_mode(monkeypatch):
+    import datasets
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'Salesforce/wikitext' on the Hub (ConnectTimeout)")
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets, "get_dataset_split_names", unreachable)
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(DataError, match=r"instead; HF_HUB_OFFLINE=1 reads only the local cache, without waiting "
+                                        r"for the hub\)$"):
+        load_text("wikitext", "train")
 
 
 # --------------------------------------------------------------------------- Hugging Face datasets, offline

@@ -156,8 +156,10 @@ def _hf_dataset(name: str, split: str) -> str:
     except Exception as exc:
         hint = ""
         if isinstance(exc, ConnectionError):  # what `datasets` raises when neither the hub nor its cache has it
-            hint = (" (no hub here? give a local .txt or .jsonl file or a dataset folder instead; "
-                    "HF_HUB_OFFLINE=1 reads only the local cache, without waiting for the hub)")
+            hint = " (no hub here? give a local .txt or .jsonl file or a dataset folder instead"
+            if not getattr(datasets.config, "HF_HUB_OFFLINE", False):
+                hint += "; HF_HUB_OFFLINE=1 reads only the local cache, without waiting for the hub"
+            hint += ")"
         raise DataError(f"cannot load dataset {name!r} split {split!r}: {first_line(exc)}{hint}") from exc
     return _column_text(ds, name, split, alias["column"])
 
