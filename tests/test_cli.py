@@ -8,6 +8,20 @@ from conftest import cli_args as args
 from secateurs.cli import main
 
 
+def test_version_and_help_name_the_commands(capsys):
+    import secateurs
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"secateurs {secateurs.__version__}\n"
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps it to the terminal's width
+    assert "Prune transformers and measure what it cost: prune, eval, compare, finetune, iterate." in help_text
+
+
 def test_prune_writes_model_and_report(tiny_dir, tmp_path, capsys):
     out, report = tmp_path / "pruned", tmp_path / "report.json"
     code = main(["prune", *args(tiny_dir, "--method", "sparsegpt", "--pattern", "2:4", "--output", str(out),

@@ -1,4 +1,4 @@
-"""``secateurs`` command line: ``prune``, ``eval``, ``compare``, ``finetune``, ``iterate``.
+"""Prune transformers and measure what it cost: prune, eval, compare, finetune, iterate.
 
 Every error a user can cause (bad sparsity, pattern, path, data...) ends in one line on stderr and exit
 status 2; nothing is written to the output folder unless the whole run succeeded.
@@ -186,7 +186,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog="secateurs", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"secateurs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="prune a model, measure perplexity, save it")
