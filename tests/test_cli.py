@@ -276,13 +276,18 @@ def test_model_without_blocks_is_refused(tiny_dir, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_non_finite_activations_are_refused_with_the_layer_named(tiny_dir, tmp_path, capsys):
+@pytest.mark.parametrize("value, message", [
+    (3e38, "layers.0.mlp.down_proj: its calibration inputs hold inf or NaN"),  # finite weights, overflowing inputs
+    (float("inf"), "model.layers.0.mlp.up_proj: 64 of its 8192 weights are inf or NaN (a broken checkpoint?)"),
+])
+def test_non_finite_weights_or_activations_are_refused_with_the_layer_named(tiny_dir, tmp_path, capsys, value,
+                                                                              message):
     import torch
 
     folder = tmp_path / "overflowing"
     model = tf.AutoModelForCausalLM.from_pretrained(tiny_dir / "model")
     with torch.no_grad():
-        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("inf")
+        model.model.layers[0].mlp.up_proj.weight[0] = value
     model.save_pretrained(folder)
     tf.AutoTokenizer.from_pretrained(tiny_dir / "model").save_pretrained(folder)
     capsys.readouterr()  # the loading above wrote progress bars
@@ -290,7 +295,7 @@ def test_non_finite_activations_are_refused_with_the_layer_named(tiny_dir, tmp_p
                  "--output", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
-    assert "layers.0.mlp.down_proj: its calibration inputs hold inf or NaN" in err
+    assert message in err
     assert not (tmp_path / "o").exists()
 
 

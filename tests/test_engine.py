@@ -251,7 +251,7 @@ def test_wanda_needs_calibration():
 def test_non_finite_calibration_inputs_are_a_clear_error(method, calib_ids):
     model = tiny_model("llama")
     with torch.no_grad():
-        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")  # block 1's down_proj input overflows
+        model.model.layers[1].mlp.up_proj.weight[0] = 3e38  # finite, but block 1's down_proj input overflows
     with pytest.raises(sequential.CalibrationError, match=r"layers\.1\.mlp\.down_proj: .*inf or NaN"):
         prune(model, PruneConfig(method=method), calib_ids, progress=False)
 
@@ -398,3 +398,33 @@ def test_a_method_that_breaks_its_own_mask_fails_loudly_and_changes_nothing(cali
     with pytest.raises(VerificationError, match="q_proj: weights selected for pruning are not zero"):
         prune(model, PruneConfig(method="careless", sparsity=0.5, batch_size=4), calib_ids, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_weight_holding_inf_or_nan_is_refused_before_anything_changes(calib_ids, bad):
+    """Scores built from such a weight rank nothing; the plan refuses it with the layer's name and count."""
+    model = tiny_model("llama")
+    W = weight_of(model.model.layers[1].mlp.up_proj)
+    W[0, 3] = bad
+    W[2, 5] = bad
+    before = copy.deepcopy(model.state_dict())
+    for method in ("magnitude", "wanda"):
+        with pytest.raises(ValueError, match=re.escape(f"model.layers.1.mlp.up_proj: 2 of its {W.numel()} weights "
+                                                       "are inf or NaN (a broken checkpoint?); refusing to prune it")):
+            prune(model, PruneConfig(method=method, sparsity=0.5, batch_size=4), calib_ids, progress=False)
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True)
+    # a layer left out of the plan is not looked at
+    prune(model, PruneConfig(method="magnitude", sparsity=0.5, exclude=("up_proj",)), progress=False)
+
+
+def test_finite_weights_whose_sum_overflows_are_not_refused():
+    from secateurs.engine.sequential import _check_finite
+
+    W = torch.full((4, 8), 3e38)  # every weight finite, their sum is not
+    assert not torch.isfinite(W.sum())
+    _check_finite("w", W)  # no error
+    W[1, 2] = float("-inf")
+    with pytest.raises(ValueError, match=r"^w: 1 of its 32 weights are inf or NaN"):
+        _check_finite("w", W)
+    _check_finite("w", torch.empty(4, 8, device="meta"))  # offloaded weights are not read

@@ -145,7 +145,8 @@ def lowest_in_groups(groups: torch.Tensor, k: int) -> torch.Tensor:
     index -- and is marked when fewer than ``k`` do.  That is ``m (m - 1) / 2`` comparisons of whole rows,
     several times faster than sorting every group when there are many groups; each comparison has a fixed
     cost, so few groups (fewer than ``250 (m - 1)``, the crossover measured on a CPU) or wide ones (m > 8) are
-    sorted instead.  Both give the same mask.
+    sorted instead.  Both give the same mask for scores without NaN (the engine refuses inf or NaN weights,
+    so in practice its scores have none).
 
     >>> lowest_in_groups(torch.tensor([[4., 1.], [1., 1.], [3., 5.], [2., 0.]]), 2)
     tensor([[False,  True],

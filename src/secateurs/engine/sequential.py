@@ -284,6 +284,17 @@ class Plan:
                 yield i, name, module, target
 
 
+def _check_finite(name: str, W: torch.Tensor) -> None:
+    """Refuse a weight holding inf or NaN: no ranking of its entries means anything, and the masks the
+    kernels would choose among NaN scores are arbitrary."""
+    if W.device.type == "meta" or bool(torch.isfinite(W.sum())):  # one pass, no copy: inf or NaN anywhere shows
+        return
+    if not bool(torch.isfinite(W).all()):  # (or the sum overflowed: count exactly)
+        bad = int(W.numel() - torch.isfinite(W).sum())
+        raise ValueError(f"{name}: {bad} of its {W.numel()} weights are inf or NaN (a broken checkpoint?); "
+                         "refusing to prune it")
+
+
 def make_plan(model: nn.Module, config) -> Plan:
     blocks_name, blocks = find_blocks(model)
     pattern = config.pattern_value
@@ -297,6 +308,7 @@ def make_plan(model: nn.Module, config) -> Plan:
                 continue
             W = weight_of(module)
             pattern.validate_shape(*W.shape, name=name)
+            _check_finite(name, W)
             chosen[name] = (module, LayerTarget(pattern, config.sparsity_for(name, i), config.group))
         layers.append(chosen)
     if not any(layers):
