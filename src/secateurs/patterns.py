@@ -145,8 +145,11 @@ def lowest_in_groups(groups: torch.Tensor, k: int) -> torch.Tensor:
     index -- and is marked when fewer than ``k`` do.  That is ``m (m - 1) / 2`` comparisons of whole rows,
     several times faster than sorting every group when there are many groups; each comparison has a fixed
     cost, so few groups (fewer than ``250 (m - 1)``, the crossover measured on a CPU) or wide ones (m > 8) are
-    sorted instead.  Both give the same mask for scores without NaN (the engine refuses inf or NaN weights,
-    so in practice its scores have none).
+    sorted instead.  A contiguous ``groups`` on the CPU -- SparseGPT's choice of the next M columns, made
+    thousands of times per layer -- is counted in NumPy, whose cost per operation is a fraction of torch's
+    (15-19 against 56-78 us for 4 rows of 576-3072 groups).  (nm_mask's view of a whole weight is strided;
+    NumPy would first have to copy it, and torch counts it faster.)  Every path gives the same mask for scores
+    without NaN (the engine refuses inf or NaN weights, so in practice its scores have none).
 
     >>> lowest_in_groups(torch.tensor([[4., 1.], [1., 1.], [3., 5.], [2., 0.]]), 2)
     tensor([[False,  True],
@@ -155,16 +158,25 @@ def lowest_in_groups(groups: torch.Tensor, k: int) -> torch.Tensor:
             [ True,  True]])
     """
     m, count = groups.shape
+    if (m <= 8 and groups.device.type == "cpu" and groups.is_contiguous()
+            and groups.dtype in (torch.float32, torch.float64)):
+        g = groups.numpy()
+        return torch.from_numpy(_count_before(g, np.zeros(g.shape, dtype=np.uint8)) < k)
     if m > 8 or count < 250 * (m - 1):
         order = torch.argsort(groups, dim=0, stable=True)[:k]
         return torch.zeros_like(groups, dtype=torch.bool).scatter_(0, order, True)
-    before = torch.zeros_like(groups, dtype=torch.uint8)  # same strides as groups
+    return _count_before(groups, torch.zeros_like(groups, dtype=torch.uint8)) < k  # same strides as groups
+
+
+def _count_before(g, before):
+    """``before[i]`` += how many entries of its column go before ``g[i]``; NumPy arrays and tensors alike."""
+    m = g.shape[0]
     for i in range(m):
         for j in range(i + 1, m):
-            i_first = groups[i] <= groups[j]
+            i_first = g[i] <= g[j]
             before[j] += i_first
             before[i] += ~i_first
-    return before < k
+    return before
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
