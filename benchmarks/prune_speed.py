@@ -11,8 +11,9 @@ ratio = prune seconds / the mean of the two forwards.  The page shows every repe
 
 It also splits each prune by the pipeline stages the engine records (``PruneResult.stage_seconds``): the
 walk (``calibrating``: capturing the first block's inputs and every pass of calibration data through the
-blocks, with the statistics it gathers) and ``pruning`` (scoring, choosing the masks, updating, checking and writing the weights).  The walk
-alone, over the same dense forward, is the floor the method's own work sits on.  And it times the decoder
+blocks, with the statistics it gathers) and ``pruning`` (scoring, choosing the masks, updating, checking and
+writing the weights).  The walk alone, over the same dense forward, is the floor the method's own work sits
+on.  And it times the decoder
 blocks inside the first dense forward (from the first block's input to the last block's output): the rest
 of that forward is the embeddings, the final norm and the LM head, which pruning never runs.
 """
@@ -116,9 +117,10 @@ def markdown(rows: list[dict], command: str) -> str:
                      f"{each(lambda x: x['pruning_seconds'], '.2f')} | {r['median_blocks_share']:.3f} |")
     lines += ["", "The walk is the `calibrating` stage of `PruneResult.stage_seconds`: capturing the first block's "
               "inputs and every pass of the calibration data through the blocks with the statistics they gather "
-              "(input norms, `XᵀX`), the pruning excluded. The `pruning` stage is the rest: scores, masks, weight updates, checks and write-back. The blocks' share is the part "
-              "of the first dense forward spent between the first block's input and the last block's output; the "
-              "rest is the embeddings, the final norm and the LM head."]
+              "(input norms, `XᵀX`), the pruning excluded. The `pruning` stage is the rest: scores, masks, weight "
+              "updates, checks and write-back. The blocks' share is the part of the first dense forward spent "
+              "between the first block's input and the last block's output; the rest is the embeddings, the final "
+              "norm and the LM head."]
     return "\n".join(lines + [""])
 
 

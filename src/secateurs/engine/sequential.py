@@ -289,8 +289,8 @@ def _check_finite(name: str, W: torch.Tensor) -> None:
     kernels would choose among NaN scores are arbitrary."""
     if W.device.type == "meta" or bool(torch.isfinite(W.sum())):  # one pass, no copy: inf or NaN anywhere shows
         return
-    if not bool(torch.isfinite(W).all()):  # (or the sum overflowed: count exactly)
-        bad = int(W.numel() - torch.isfinite(W).sum())
+    bad = W.numel() - int(torch.count_nonzero(torch.isfinite(W)))  # or the sum overflowed: count exactly
+    if bad:
         raise ValueError(f"{name}: {bad} of its {W.numel()} weights are inf or NaN (a broken checkpoint?); "
                          "refusing to prune it")
 
