@@ -378,6 +378,10 @@ def test_verify_layer_counts_what_it_checked_and_names_each_violation():
     assert verify_layer("w", W, mask, target("unstructured", 0.75), False) == (8, 9)  # threshold mode: no fraction
     with pytest.raises(VerificationError, match="4 tiles are only partly pruned under block:2"):
         verify_layer("w", W, mask, target("block:2"), True)
+    broken = W.clone()
+    broken[0, 3], broken[1, 5] = float("nan"), float("-inf")  # kept weights an update blew up
+    with pytest.raises(VerificationError, match=r"^w: the method left 2 of its 16 weights inf or NaN$"):
+        verify_layer("w", broken, mask, target("unstructured"), True)
 
 
 def test_a_method_that_breaks_its_own_mask_fails_loudly_and_changes_nothing(calib_ids, monkeypatch):
@@ -397,6 +401,29 @@ def test_a_method_that_breaks_its_own_mask_fails_loudly_and_changes_nothing(cali
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(VerificationError, match="q_proj: weights selected for pruning are not zero"):
         prune(model, PruneConfig(method="careless", sparsity=0.5, batch_size=4), calib_ids, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_method_whose_update_overflows_fails_loudly_and_changes_nothing(calib_ids, monkeypatch):
+    """A weight update that leaves inf or NaN (an overflowing OBS or ADMM step) must never be saved."""
+    from secateurs.engine.sequential import VerificationError
+    from secateurs.methods.base import METHODS
+    from secateurs.methods.wanda import Wanda
+
+    class Overflowing(Wanda):
+        def prune(self, W, stats, target):
+            mask = super().prune(W, stats, target)  # a correct mask, then an update that overflows:
+            W[0, ~mask[0]] = float("inf")  # every weight row 0 keeps
+            W[1, 0] = float("nan")  # and one more, kept or pruned
+            return mask
+
+    monkeypatch.setitem(METHODS, "overflowing", Overflowing)
+    model = tiny_model("llama")
+    before = copy.deepcopy(model.state_dict())
+    hidden = model.config.hidden_size
+    with pytest.raises(VerificationError, match=re.escape(f"model.layers.0.self_attn.q_proj: the method left "
+                                                          f"{hidden // 2 + 1} of its {hidden * hidden} weights inf or NaN")):
+        prune(model, PruneConfig(method="overflowing", sparsity=0.5, batch_size=4), calib_ids, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

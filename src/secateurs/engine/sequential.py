@@ -183,12 +183,15 @@ def run_block(block: nn.Module, hidden: list, calls: list, device, keep: bool, o
 
 def verify_layer(name: str, W: torch.Tensor, mask: torch.Tensor, target: LayerTarget,
                  exact_fraction: bool) -> tuple[int, int]:
-    """Fail loudly unless ``W`` obeys the target: masked weights zero, pattern respected, fraction right.
+    """Fail loudly unless ``W`` obeys the target: every weight finite, masked ones zero, pattern respected,
+    fraction right.
 
     Returns what it counted on the way: ``(pruned, zeros)``, the weights the mask removes and the zeros
     in ``W`` (which may include weights that were zero already).
     """
-    nonzero = W != 0  # not W * mask below: a kept inf would make a NaN there
+    if bad := non_finite(W):  # an update that overflowed (SparseGPT, ADMM): the kept weights are garbage
+        raise VerificationError(f"{name}: the method left {bad} of its {W.numel()} weights inf or NaN")
+    nonzero = W != 0
     if nonzero.logical_and(mask).any():
         raise VerificationError(f"{name}: weights selected for pruning are not zero")
     pattern = target.pattern
@@ -284,13 +287,19 @@ class Plan:
                 yield i, name, module, target
 
 
+def non_finite(W: torch.Tensor) -> int:
+    """How many entries of ``W`` are inf or NaN: one ``sum`` (no copy) when there are none, which is almost
+    always; an exact count only when that sum is not finite (inf or NaN somewhere, or finite values whose
+    sum overflowed).  Weights on the ``meta`` device (offloaded, never loaded) count as finite."""
+    if W.device.type == "meta" or bool(torch.isfinite(W.sum())):
+        return 0
+    return W.numel() - int(torch.count_nonzero(torch.isfinite(W)))
+
+
 def _check_finite(name: str, W: torch.Tensor) -> None:
     """Refuse a weight holding inf or NaN: no ranking of its entries means anything, and the masks the
     kernels would choose among NaN scores are arbitrary."""
-    if W.device.type == "meta" or bool(torch.isfinite(W.sum())):  # one pass, no copy: inf or NaN anywhere shows
-        return
-    bad = W.numel() - int(torch.count_nonzero(torch.isfinite(W)))  # or the sum overflowed: count exactly
-    if bad:
+    if bad := non_finite(W):
         raise ValueError(f"{name}: {bad} of its {W.numel()} weights are inf or NaN (a broken checkpoint?); "
                          "refusing to prune it")
 
