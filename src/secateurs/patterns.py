@@ -102,10 +102,9 @@ def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     thresh = kth_smallest(scores, k)  # (rows, 1)
-    mask = scores <= thresh
-    over = torch.count_nonzero(mask, dim=1) > k
-    if over.any():  # more ties at the threshold than needed in some rows: redo just those rows
-        rows = over.nonzero().squeeze(1)
+    mask = scores <= thresh  # at least k in every row (NaN aside): one total count tells if any row has more
+    if int(torch.count_nonzero(mask)) != k * scores.shape[0]:  # ties at the threshold: redo just those rows
+        rows = (torch.count_nonzero(mask, dim=1) > k).nonzero().squeeze(1)
         s, t = scores[rows], thresh[rows]
         below, ties = s < t, s == t
         need = k - torch.count_nonzero(below, dim=1)  # tied entries each row still takes
