@@ -13,9 +13,9 @@ It also splits each prune by the pipeline stages the engine records (``PruneResu
 walk (``calibrating``: capturing the first block's inputs and every pass of calibration data through the
 blocks, with the statistics it gathers) and ``pruning`` (scoring, choosing the masks, updating, checking and
 writing the weights).  The walk alone, over the same dense forward, is the floor the method's own work sits
-on.  And it times the decoder
-blocks inside the first dense forward (from the first block's input to the last block's output): the rest
-of that forward is the embeddings, the final norm and the LM head, which pruning never runs.
+on.  And it times the decoder blocks inside the first dense forward (from the first block's input to the
+last block's output): the rest of that forward is the embeddings, the final norm and the LM head, which
+pruning never runs.
 """
 
 from __future__ import annotations

@@ -421,8 +421,9 @@ def test_a_method_whose_update_overflows_fails_loudly_and_changes_nothing(calib_
     model = tiny_model("llama")
     before = copy.deepcopy(model.state_dict())
     hidden = model.config.hidden_size
-    with pytest.raises(VerificationError, match=re.escape(f"model.layers.0.self_attn.q_proj: the method left "
-                                                          f"{hidden // 2 + 1} of its {hidden * hidden} weights inf or NaN")):
+    message = (f"model.layers.0.self_attn.q_proj: the method left {hidden // 2 + 1} of its {hidden * hidden} "
+               "weights inf or NaN")
+    with pytest.raises(VerificationError, match=re.escape(message)):
         prune(model, PruneConfig(method="overflowing", sparsity=0.5, batch_size=4), calib_ids, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
