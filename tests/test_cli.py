@@ -1,4 +1,6 @@
 import json
+import os
+import tempfile
 from datetime import datetime
 
 import pytest
@@ -235,13 +237,41 @@ def test_a_report_path_that_cannot_be_written_is_refused_before_any_work(tiny_di
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no model was saved, nothing measured
 
 
-def test_crash_while_saving_leaves_no_output(tiny_dir, tmp_path, monkeypatch):
+def test_crash_while_saving_is_one_line_and_leaves_no_output(tiny_dir, tmp_path, monkeypatch, capsys):
     def boom(self, *a, **k):
         raise OSError("disk full")
 
     monkeypatch.setattr(tf.PreTrainedModel, "save_pretrained", boom)
-    with pytest.raises(OSError, match="disk full"):
-        main(["prune", *args(tiny_dir, "--method", "magnitude", "--no-eval"), "--output", str(tmp_path / "o")])
+    assert main(["prune", *args(tiny_dir, "--method", "magnitude", "--no-eval"), "--output", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == "secateurs: error: disk full\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def _unwritable() -> str:
+    """Why nothing can be made in /sys, where not even root may create a folder (sysfs); skip elsewhere."""
+    try:
+        os.rmdir(tempfile.mkdtemp(dir="/sys"))
+    except OSError as exc:
+        return exc.strerror
+    pytest.skip("/sys takes new folders here")
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["prune", "--method", "magnitude", "--output", "/sys/secateurs-test/out"], "output folder"),
+    (["finetune", "--steps", "1", "--output", "/sys/secateurs-test/out"], "output folder"),
+    (["iterate", "--method", "magnitude", "--sparsities", "0.2", "--steps-per-cycle", "1",
+      "--output", "/sys/secateurs-test/out"], "output folder"),
+    (["prune", "--method", "magnitude", "--output", "{tmp}/o", "--report", "/sys/secateurs-test/out"], "--report"),
+    (["compare", "--methods", "magnitude", "--sparsities", "0.5", "--markdown", "/sys/secateurs-test/out"],
+     "--markdown"),
+])
+def test_a_place_that_cannot_be_written_is_refused_before_the_model_loads(tmp_path, capsys, argv, flag):
+    why = _unwritable()
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    # no such model: had the command got as far as loading it, the error would say so instead
+    assert main([argv[0], "--model", str(tmp_path / "no-model"), "--quiet", *argv[1:]]) == 2
+    assert capsys.readouterr().err == (f"secateurs: error: {flag} '/sys/secateurs-test/out': cannot write in "
+                                       f"'/sys' ({why})\n")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -581,7 +581,6 @@ def main(argv=None) -> int:
     from .data import DataError
     from .engine import CalibrationError, VerificationError
     from .models import ArchitectureError, ModelLoadError
-    from .models.snapshot import SnapshotError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -598,8 +597,9 @@ def main(argv=None) -> int:
     try:
         _check_file_flags(args)
         return commands[args.command](args)
+    # OSError: a file in the way, a place that cannot be written, a disk that fills up while saving
     except (ConfigError, DataError, ModelLoadError, ArchitectureError, VerificationError, CalibrationError,
-            FileExistsError, SnapshotError, ValueError) as exc:
+            OSError, ValueError) as exc:
         print(f"secateurs: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as exc:
@@ -613,7 +613,7 @@ def main(argv=None) -> int:
 
 def _check_file_flags(args) -> None:
     """Refuse a --report/--markdown path that cannot become a file before any work, not after it."""
-    from .models.load import file_in_the_way
+    from .models.load import check_writable, file_in_the_way
 
     for flag in ("report", "markdown"):
         value = getattr(args, flag, None)
@@ -624,6 +624,7 @@ def _check_file_flags(args) -> None:
             raise FileExistsError(f"--{flag} {value!r} is a folder; give a file name")
         if (file := file_in_the_way(path.parents)) is not None:
             raise FileExistsError(f"--{flag} {value!r}: {str(file)!r} is a file, not a folder")
+        check_writable(path.absolute().parent, f"--{flag} {value!r}")
 
 
 class Terminated(KeyboardInterrupt):

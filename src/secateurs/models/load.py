@@ -117,13 +117,31 @@ def file_in_the_way(paths) -> "Path | None":
     return next((p for p in paths if p.exists() and not p.is_dir()), None)
 
 
+def check_writable(folder: Path, what: str) -> None:
+    """Refuse ``folder`` if nothing can be created in it, or in the deepest part of it that exists yet.
+
+    A probe folder is made there and removed at once: unlike permission bits (or ``os.access``, which says
+    yes to everything for root) it also catches a read-only file system.  Run before any work, so that a
+    place the result cannot go fails in a second rather than after the prune.
+    """
+    base = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".secateurs-probe-", dir=base))
+    except OSError as exc:
+        raise PermissionError(f"{what}: cannot write in {str(base)!r} ({exc.strerror or exc})") from None
+
+
 def check_output(output: "str | os.PathLike", overwrite: bool) -> Path:
-    """Refuse an output folder that is a file or lies under one, or that holds files (unless ``overwrite``)."""
+    """Refuse an output folder that is a file or lies under one, that holds files (unless ``overwrite``), or
+    that could not be written: its parent (the temporary sibling and the rename) and, if it exists, itself."""
     output = Path(output)
     if (file := file_in_the_way((output, *output.parents))) is not None:
         raise FileExistsError(f"output folder {str(output)!r}: {str(file)!r} is a file")
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise FileExistsError(f"output folder {str(output)!r} exists and is not empty (use --overwrite)")
+    check_writable(output.absolute().parent, f"output folder {str(output)!r}")
+    if output.exists():
+        check_writable(output, f"output folder {str(output)!r}")
     return output
 
 
