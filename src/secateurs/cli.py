@@ -9,34 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
+from . import atomic
+
 EXIT_USAGE = 2
-
-
-def _replace_atomically(path: "str | Path", write) -> None:
-    """``write(tmp)`` into a temporary sibling of ``path``, then rename it over ``path``: readers see the old
-    file or the new one, never half of one, and a failure (or Ctrl-C) midway removes the temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _write_atomic(path: "str | Path", text: str) -> None:
-    _replace_atomically(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _add_model(p):
@@ -368,7 +349,7 @@ def cmd_prune(args) -> int:
     report["stage_seconds"] = dict(tracker.seconds)
     report["export_seconds"] = round(time.perf_counter() - t, 3)
     if args.report:
-        _write_atomic(args.report, json.dumps(report, indent=2) + "\n")
+        atomic.write_text(args.report, json.dumps(report, indent=2) + "\n")
     print(f"saved to {output}", flush=True)
     return 0
 
@@ -420,7 +401,7 @@ def cmd_finetune(args) -> int:
     save_model(model, tokenizer, output, overwrite=args.overwrite,
                extra_files={"secateurs_report.json": json.dumps(report, indent=2) + "\n"})
     if args.report:
-        _write_atomic(args.report, json.dumps(report, indent=2) + "\n")
+        atomic.write_text(args.report, json.dumps(report, indent=2) + "\n")
     state_file.unlink(missing_ok=True)  # the finished model supersedes it
     print(f"saved to {output}", flush=True)
     return 0
@@ -436,7 +417,7 @@ def _save_state(path: Path, state: dict) -> None:
     """``torch.save``, atomically: a crash while saving keeps the previous state."""
     import torch
 
-    _replace_atomically(path, lambda tmp: torch.save(state, tmp))
+    atomic.replace_file(path, lambda tmp: torch.save(state, tmp))
 
 
 def _training_state(path: Path, run: dict, config) -> "dict | None":
@@ -514,7 +495,7 @@ def cmd_eval(args) -> int:
     ppl = api.evaluate(model, tokenizer, config, progress=not args.quiet)
     print(f"perplexity: {ppl:.3f}")
     if args.report:
-        _write_atomic(args.report, json.dumps({"perplexity": ppl, "model": args.model, "eval": config.to_dict(),
+        atomic.write_text(args.report, json.dumps({"perplexity": ppl, "model": args.model, "eval": config.to_dict(),
                                                **api.environment()}, indent=2) + "\n")
     return 0
 
@@ -545,9 +526,9 @@ def cmd_compare(args) -> int:
     def checkpoint(table):  # every cell reaches the disk as soon as it is measured
         table["model"] = name
         if args.report:
-            _write_atomic(args.report, json.dumps(table, indent=2) + "\n")
+            atomic.write_text(args.report, json.dumps(table, indent=2) + "\n")
         if args.markdown:
-            _write_atomic(args.markdown, api.markdown_table(table))
+            atomic.write_text(args.markdown, api.markdown_table(table))
 
     table = api.compare(model, tokenizer, methods, settings, base, eval_config, progress=not args.quiet,
                         on_row=on_row, checkpoint=checkpoint, previous=previous)

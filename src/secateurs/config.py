@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from . import atomic
 from .methods import METHODS, get_method
 from .models.load import first_line
 from .patterns import Pattern
@@ -397,9 +398,9 @@ def write_mapping(data: dict[str, Any], path: "str | Path") -> None:
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        atomic.write_text(path, yaml.safe_dump(data, sort_keys=False))
     else:
-        path.write_text(json.dumps(data, indent=2) + "\n")
+        atomic.write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 @dataclass

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .. import atomic
 from ..models.load import cache_dir, first_line
 
 log = logging.getLogger(__name__)
@@ -106,11 +107,8 @@ def _enwiki(split: str) -> str:
     path = folder / f"{split}.txt"
     if not path.exists():
         train, test = build_enwiki()
-        folder.mkdir(parents=True, exist_ok=True)
         for name, text in (("train", train), ("test", test)):
-            tmp = folder / f".{name}.txt.tmp-{os.getpid()}"
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(folder / f"{name}.txt")
+            atomic.write_text(folder / f"{name}.txt", text)
     return path.read_text(encoding="utf-8")
 
 

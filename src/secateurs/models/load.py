@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import remove_stale, temp_prefix
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -148,12 +150,14 @@ def check_output(output: "str | os.PathLike", overwrite: bool) -> Path:
 def save_model(model, tokenizer, output: "str | os.PathLike", overwrite: bool = False, extra_files=None) -> Path:
     """``save_pretrained`` into a temporary sibling folder, then move it into place in one rename.
 
-    A crash or error leaves no half-written ``output``.  ``extra_files`` maps file names to text written
-    beside the weights (the report and recipe).
+    A crash or error leaves no half-written ``output``, and the half-written folders of earlier runs that
+    were killed while saving are removed first (:mod:`..atomic`).  ``extra_files`` maps file names to text
+    written beside the weights (the report and recipe).
     """
     output = check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    remove_stale(output)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(output), dir=output.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder

@@ -62,6 +62,7 @@ def iterate(model, tokenizer, prune_config, sparsities: list, train_config: Trai
     ``evaluate(model) -> perplexity``.  ``load(path) -> model`` reloads a checkpoint when resuming (default:
     ``secateurs.load``).  ``stop_after`` ends the run after that many cycles of this call (to test resuming).
     """
+    from .. import atomic
     from ..api import prune, validate
     from ..config import check_seqlen
     from ..models.load import save_model
@@ -115,7 +116,7 @@ def iterate(model, tokenizer, prune_config, sparsities: list, train_config: Trai
         tracker.enter(Stage.EXPORTING)
         save_model(model, tokenizer, output / f"cycle-{c:03d}", overwrite=True,
                    extra_files={"history.json": json.dumps(history, indent=2) + "\n"})
-        (output / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+        atomic.write_text(output / "history.json", json.dumps(history, indent=2) + "\n")
         ran += 1
         log.info("cycle %d: sparsity %.4f, perplexity %s", c, entry["sparsity"], entry.get("perplexity_retrained"))
     return history
