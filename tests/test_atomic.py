@@ -105,3 +105,22 @@ def test_a_run_killed_while_saving_is_cleaned_up_by_the_next_save(tmp_path):
     assert left.name.startswith(".out.tmp-") and (left / "model.safetensors").read_bytes() == b"half"
     save_model(tiny_model(), None, tmp_path / "out")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_folder_another_run_saved_meanwhile_is_not_replaced_without_overwrite(tmp_path, monkeypatch):
+    model, out = tiny_model(), tmp_path / "out"
+    save = tf.PreTrainedModel.save_pretrained
+
+    def meanwhile(self, folder, **kw):  # another run saves to the same place while this one writes
+        out.mkdir()
+        (out / "theirs.txt").write_text("theirs")
+        save(self, folder, **kw)
+
+    monkeypatch.setattr(tf.PreTrainedModel, "save_pretrained", meanwhile)
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        save_model(model, None, out)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["theirs.txt"]
+    out.joinpath("theirs.txt").unlink()
+    out.rmdir()
+    save_model(model, None, out, overwrite=True)  # with overwrite, this run's model replaces theirs
+    assert (out / "config.json").is_file() and not (out / "theirs.txt").exists()

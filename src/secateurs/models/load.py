@@ -167,6 +167,7 @@ def save_model(model, tokenizer, output: "str | os.PathLike", overwrite: bool = 
             tokenizer.save_pretrained(tmp)
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
+        check_output(output, overwrite)  # again: another run may have saved there while this one worked
         if output.exists():
             shutil.rmtree(output)
         tmp.rename(output)
