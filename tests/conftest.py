@@ -1,5 +1,8 @@
 """Tiny random models of every supported family, built from a config: no files, seconds to run."""
 
+import os
+import tempfile
+
 import pytest
 import torch
 import transformers as tf
@@ -30,6 +33,17 @@ def tiny_config(family: str):
     if family == "phi":  # attention and MLP read the same normalised input (parallel block)
         return tf.PhiConfig(**common)
     raise ValueError(family)
+
+
+@pytest.fixture
+def unwritable() -> str:
+    """Why nothing can be created in ``/sys``, where not even root may make a folder (Linux's sysfs); tests that
+    use it are skipped where it takes new folders."""
+    try:
+        os.rmdir(tempfile.mkdtemp(dir="/sys"))
+    except OSError as exc:
+        return exc.strerror
+    pytest.skip("/sys takes new folders here")
 
 
 def tiny_model(family: str, seed: int = 0):

@@ -3,16 +3,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import transformers as tf
 
+from conftest import tiny_model
 from secateurs import atomic, save_model
-
-
-def tiny_model():
-    torch.manual_seed(0)
-    return tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                              num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
 
 
 def ended_pid() -> int:
@@ -44,7 +38,7 @@ def test_save_model_removes_what_a_killed_run_left_and_nothing_else(tmp_path, ca
     for folder in (killed, running, elsewhere, other_target):
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"half")
-    save_model(tiny_model(), None, tmp_path / "out")
+    save_model(tiny_model("llama"), None, tmp_path / "out")
     assert not killed.exists()
     assert running.is_dir() and elsewhere.is_dir() and other_target.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
@@ -103,12 +97,12 @@ def test_a_run_killed_while_saving_is_cleaned_up_by_the_next_save(tmp_path):
         proc.wait()
     [left] = tmp_path.iterdir()
     assert left.name.startswith(".out.tmp-") and (left / "model.safetensors").read_bytes() == b"half"
-    save_model(tiny_model(), None, tmp_path / "out")
+    save_model(tiny_model("llama"), None, tmp_path / "out")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_a_folder_another_run_saved_meanwhile_is_not_replaced_without_overwrite(tmp_path, monkeypatch):
-    model, out = tiny_model(), tmp_path / "out"
+    model, out = tiny_model("llama"), tmp_path / "out"
     save = tf.PreTrainedModel.save_pretrained
 
     def meanwhile(self, folder, **kw):  # another run saves to the same place while this one writes

@@ -107,8 +107,13 @@ def _enwiki(split: str) -> str:
     path = folder / f"{split}.txt"
     if not path.exists():
         train, test = build_enwiki()
-        for name, text in (("train", train), ("test", test)):
-            atomic.write_text(folder / f"{name}.txt", text)
+        try:
+            for name, text in (("train", train), ("test", test)):
+                atomic.write_text(folder / f"{name}.txt", text)
+        except OSError as exc:  # a read-only home, a full disk: the text is here all the same
+            log.warning("cannot cache the built-in text in %s (%s); it will be extracted again next time "
+                        "unless SECATEURS_CACHE names a folder that can be written", folder, first_line(exc))
+            return train if split == "train" else test
     return path.read_text(encoding="utf-8")
 
 

