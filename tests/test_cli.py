@@ -3,6 +3,7 @@ from datetime import datetime
 
 import pytest
 import transformers as tf
+from safetensors import SafetensorError
 
 from conftest import cli_args as args
 from secateurs.cli import main
@@ -235,13 +236,20 @@ def test_a_report_path_that_cannot_be_written_is_refused_before_any_work(tiny_di
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no model was saved, nothing measured
 
 
-def test_crash_while_saving_is_one_line_and_leaves_no_output(tiny_dir, tmp_path, monkeypatch, capsys):
+FULL = "Error while serializing: I/O error: No space left on device (os error 28)"  # as safetensors says it
+
+
+@pytest.mark.parametrize("error, message", [
+    (OSError("disk full"), "disk full"),
+    (SafetensorError(FULL), "cannot save the model in '{out}': " + FULL),  # not an OSError: wrapped in one
+])
+def test_crash_while_saving_is_one_line_and_leaves_no_output(tiny_dir, tmp_path, monkeypatch, capsys, error, message):
     def boom(self, *a, **k):
-        raise OSError("disk full")
+        raise error
 
     monkeypatch.setattr(tf.PreTrainedModel, "save_pretrained", boom)
     assert main(["prune", *args(tiny_dir, "--method", "magnitude", "--no-eval"), "--output", str(tmp_path / "o")]) == 2
-    assert capsys.readouterr().err == "secateurs: error: disk full\n"
+    assert capsys.readouterr().err == f"secateurs: error: {message.format(out=tmp_path / 'o')}\n"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -387,3 +395,29 @@ def test_hub_id_loads_through_from_pretrained_from_the_local_hub_cache(tiny_dir,
     done, _ = eval_report("tiny-org/not-cached", "missing")
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert done.stderr.startswith("secateurs: error: cannot load model 'tiny-org/not-cached'")
+
+
+@pytest.mark.parametrize("argv, saved", [
+    (["prune", "--method", "wanda", "--calib-data", "{tiny}/train.txt", "--calib-samples", "4", "--calib-seqlen", "32",
+      "--eval-data", "{tiny}/test.txt", "--eval-seqlen", "32", "--eval-windows", "3"], "out"),
+    (["finetune", "--steps", "1", "--data", "{tiny}/train.txt"], "out"),
+    (["iterate", "--method", "magnitude", "--sparsities", "0.2", "--steps-per-cycle", "1"], "out/cycle-001"),
+])
+def test_a_disk_without_room_for_the_model_is_refused_before_any_work(tiny_dir, tmp_path, capsys, monkeypatch, argv,
+                                                                      saved):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))  # 1 MiB free
+    model = tf.AutoModelForCausalLM.from_pretrained(tiny_dir / "model")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights once
+    capsys.readouterr()  # transformers' loading bar
+    out, argv = tmp_path / "out", [a.format(tiny=tiny_dir) for a in argv]
+    code = main([argv[0], "--model", str(tiny_dir / "model"), "--quiet", *argv[1:], "--output", str(out)])
+    printed = capsys.readouterr()
+    assert code == 2 and "perplexity" not in printed.out and "training" not in printed.out
+    needed = (weights + 16 * 2**20) / 2**20
+    assert printed.err == (f"secateurs: error: output folder '{tmp_path / saved}': saving the model needs "
+                           f"{needed:,.0f} MiB, and '{tmp_path}' has 1 MiB free\n")
+    assert not out.exists()

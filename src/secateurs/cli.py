@@ -277,7 +277,7 @@ def cmd_prune(args) -> int:
     from . import api
     from .config import Recipe, StructuredConfig, config_from_dict
     from .data import load_text, tokenize
-    from .models import check_output, save_model
+    from .models import check_output, check_space, save_model
     from .progress import Stage, Tracker
 
     overrides = _overrides(args)
@@ -295,11 +295,13 @@ def cmd_prune(args) -> int:
     if any(c.needs_calibration for c in recipe.stages):
         calib = api.calibration_data(tokenizer, first)
     api.validate(model, recipe, calib)  # a bad rule or length fails now, not after the dense evaluation
+    structured = any(isinstance(c, StructuredConfig) for c in recipe.stages)
+    if not structured:  # zeros take the room of the weights they replace (a structured cut saves less)
+        check_space(output, model)
     dense = api.evaluate(model, tokenizer, eval_config, ids=eval_ids, progress=show) if eval_config else None
     if dense is not None:
         print(f"dense perplexity: {dense:.3f}", flush=True)
 
-    structured = any(isinstance(c, StructuredConfig) for c in recipe.stages)
     size_speed = None
     if structured and not args.no_speed:
         from .eval import speed
@@ -367,7 +369,7 @@ def cmd_finetune(args) -> int:
     from .config import ConfigError
     from .data import load_text, tokenize
     from .eval import peak_rss_bytes
-    from .models import check_output, save_model
+    from .models import check_output, check_space, save_model
     from .training import measured_sparsity, prunable_linears, train
 
     config = _train_config(args)
@@ -379,6 +381,7 @@ def cmd_finetune(args) -> int:
     run = {"model": args.model or "smollm2-135m", "data": args.data, "eval": eval_config.to_dict()}
     resume = None if args.no_resume else _training_state(state_file, run, config)
     model, tokenizer = _load(args)
+    check_space(output, model)
     show = not args.quiet
     train_ids = tokenize(tokenizer, load_text(args.data, "train"))
     names = list(prunable_linears(model))
@@ -446,7 +449,7 @@ def cmd_iterate(args) -> int:
     from . import api
     from .config import PruneConfig
     from .data import load_text, tokenize
-    from .models import check_output
+    from .models import check_output, check_space
     from .patterns import Pattern
     from .training import cycle_sparsities, iterate
 
@@ -473,6 +476,7 @@ def cmd_iterate(args) -> int:
     eval_config = _eval_config(args)
     check_output(args.output, overwrite=True)  # a folder of earlier cycles is resumed, not refused
     model, tokenizer = _load(args)
+    check_space(Path(args.output) / "cycle-001", model)  # room for the next cycle's model, at least
     show = not args.quiet
     calib = api.calibration_data(tokenizer, prune_config) if prune_config.needs_calibration else None
     train_ids = tokenize(tokenizer, load_text(args.train_data, "train"))

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ..atomic import remove_stale, temp_prefix
 
@@ -138,6 +139,21 @@ def check_writable(folder: Path, what: str) -> None:
         raise PermissionError(f"{what}: cannot write in {str(base)!r} ({exc.strerror or exc})") from None
 
 
+def check_space(output: "str | os.PathLike", model, extra: int = 16 * 2**20) -> None:
+    """Refuse to start work whose result cannot be saved: the model's weights (each distinct tensor once, as
+    ``save_pretrained`` writes them) and ``extra`` bytes (tokenizer, report) must fit where ``output`` goes.
+    An existing output folder is replaced only after the new one is complete, so it does not count as room."""
+    from .snapshot import distinct_tensors
+
+    output = Path(output)
+    needed = sum(t.numel() * t.element_size() for _, t in distinct_tensors(model)) + extra
+    base = next(p for p in (output.absolute().parent, *output.absolute().parents) if p.exists())
+    free = shutil.disk_usage(base).free
+    if free < needed:
+        raise OSError(f"output folder {str(output)!r}: saving the model needs {needed / 2**20:,.0f} MiB, and "
+                      f"{str(base)!r} has {free / 2**20:,.0f} MiB free")
+
+
 def check_output(output: "str | os.PathLike", overwrite: bool) -> Path:
     """Refuse an output folder that is a file or lies under one, that holds files (unless ``overwrite``), or
     that could not be written: its parent (the temporary sibling and the rename) and, if it exists, itself."""
@@ -167,7 +183,10 @@ def save_model(model, tokenizer, output: "str | os.PathLike", overwrite: bool = 
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
-        model.save_pretrained(tmp)
+        try:
+            model.save_pretrained(tmp)
+        except SafetensorError as exc:  # safetensors' own type, also for an OSError underneath (a full disk)
+            raise OSError(f"cannot save the model in {str(output)!r}: {first_line(exc)}") from exc
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for fname, text in (extra_files or {}).items():

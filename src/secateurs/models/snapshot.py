@@ -18,6 +18,17 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
 
 
+def distinct_tensors(model: nn.Module):
+    """``(name, tensor)`` for every tensor of ``model.state_dict()``, those that share memory (tied embeddings)
+    only once: what ``save_pretrained`` writes, and what a snapshot keeps."""
+    seen = set()
+    for name, t in model.state_dict().items():
+        key = (t.device, t.data_ptr(), t.shape, t.stride()) if t.device.type != "meta" else name
+        if key not in seen:
+            seen.add(key)
+            yield name, t
+
+
 class SnapshotError(OSError):
     """The weights could not be written to, or read back from, the temporary file (a full disk...)."""
 
@@ -37,13 +48,8 @@ class WeightSnapshot:
     def __init__(self, model: nn.Module, directory: "str | None" = None):
         self.entries: list[tuple[str, torch.Size, torch.dtype]] = []
         self._file = tempfile.TemporaryFile(dir=directory)
-        seen = set()
         try:
-            for name, t in model.state_dict().items():
-                key = (t.device, t.data_ptr(), t.shape, t.stride())
-                if key in seen:
-                    continue
-                seen.add(key)
+            for name, t in distinct_tensors(model):
                 self.entries.append((name, t.shape, t.dtype))
                 self._file.write(_bytes(t).numpy())
             self._file.flush()
