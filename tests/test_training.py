@@ -326,6 +326,28 @@ def test_cli_finetune_resumes_from_its_saved_state(tiny_dir, tmp_path, capsys, m
     assert ra["history"]["loss"] == rb["history"]["loss"] and ra["perplexity_after"] == rb["perplexity_after"]
 
 
+def test_cli_finetune_that_cannot_save_its_state_stops_in_one_line_and_keeps_the_last(tiny_dir, tmp_path, capsys,
+                                                                                       monkeypatch):
+    flags = cli_args(tiny_dir, "--data", str(tiny_dir / "train.txt"), "--steps", "5", "--save-every", "2")
+    state, real_save = tmp_path / "o.train-state.pt", torch.save
+    saves = []
+
+    def full_after_one(obj, f, *a, **k):  # the second checkpoint meets a full disk, as torch reports it
+        saves.append(obj["step"])
+        if len(saves) > 1:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_after_one)
+    assert main(["finetune", *flags, "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"secateurs: error: cannot save the training state to '{state}' ([enforce fail at "
+                          "inline_container.cc:672] . unexpected pos 576 vs 534; ") and len(err.splitlines()) == 1
+    assert err.endswith(" MiB free there); the state saved before it, if any, is kept\n")
+    assert saves == [2, 4] and torch.load(state, weights_only=False)["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.train-state.pt"]
+
+
 @pytest.mark.parametrize("cmd, message", [
     (["iterate", "--steps-per-cycle", "2"], "give --sparsities"),
     (["iterate", "--steps-per-cycle", "2", "--sparsities", "0.5,0.3"], "must not decrease"),

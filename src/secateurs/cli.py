@@ -418,9 +418,18 @@ def _state_file(output: str) -> Path:
 
 def _save_state(path: Path, state: dict) -> None:
     """``torch.save``, atomically: a crash while saving keeps the previous state."""
+    import shutil
+
     import torch
 
-    atomic.replace_file(path, lambda tmp: torch.save(state, tmp))
+    from .models.load import first_line
+
+    try:
+        atomic.replace_file(path, lambda tmp: torch.save(state, tmp))
+    except RuntimeError as exc:  # torch's writer says a full disk as "[enforce fail ...] unexpected pos 576 vs 534"
+        free = shutil.disk_usage(path.parent).free / 2**20
+        raise OSError(f"cannot save the training state to {str(path)!r} ({first_line(exc)}; {free:,.0f} MiB free "
+                      "there); the state saved before it, if any, is kept") from exc
 
 
 def _training_state(path: Path, run: dict, config) -> "dict | None":
