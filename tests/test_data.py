@@ -58,6 +58,8 @@ def test_local_files(tmp_path):
         load_text(str(tmp_path / "c.jsonl"), "train")
     with pytest.raises(DataError, match="does not exist"):
         load_text(str(tmp_path / "missing.txt"), "train")
+    with pytest.raises(DataError, match="^data file '/dev/null' is not a regular file$"):  # exists, holds no text
+        load_text("/dev/null", "train")
 
 
 @pytest.mark.parametrize("name, content, message", [

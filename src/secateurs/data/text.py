@@ -196,7 +196,7 @@ def load_text(spec: "str | os.PathLike | None", split: str) -> str:
         return _dataset_folder(path, split)
     if path.suffix in (".txt", ".jsonl") or path.exists():
         if not path.is_file():
-            raise DataError(f"data file {spec!r} does not exist")
+            raise DataError(f"data file {spec!r} " + ("is not a regular file" if path.exists() else "does not exist"))
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
