@@ -508,8 +508,8 @@ def cmd_eval(args) -> int:
     ppl = api.evaluate(model, tokenizer, config, progress=not args.quiet)
     print(f"perplexity: {ppl:.3f}")
     if args.report:
-        atomic.write_text(args.report, json.dumps({"perplexity": ppl, "model": args.model, "eval": config.to_dict(),
-                                               **api.environment()}, indent=2) + "\n")
+        report = {"perplexity": ppl, "model": args.model, "eval": config.to_dict(), **api.environment()}
+        atomic.write_text(args.report, json.dumps(report, indent=2) + "\n")
     return 0
 
 
@@ -618,7 +618,7 @@ def _check_file_flags(args) -> None:
             raise FileExistsError(f"--{flag} {value!r} is a folder; give a file name")
         if (file := file_in_the_way(path.parents)) is not None:
             raise FileExistsError(f"--{flag} {value!r}: {str(file)!r} is a file, not a folder")
-        check_writable(path.absolute().parent, f"--{flag} {value!r}")
+        check_writable(path.parent, f"--{flag} {value!r}")
 
 
 class Terminated(KeyboardInterrupt):

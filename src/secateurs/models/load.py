@@ -125,6 +125,12 @@ def file_in_the_way(paths) -> "Path | None":
     return next((p for p in paths if p.exists() and not p.is_dir()), None)
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` if it exists, else the closest of its parents that does (where it would be created)."""
+    path = path.absolute()
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
 def check_writable(folder: Path, what: str) -> None:
     """Refuse ``folder`` if nothing can be created in it, or in the deepest part of it that exists yet.
 
@@ -132,7 +138,7 @@ def check_writable(folder: Path, what: str) -> None:
     yes to everything for root) it also catches a read-only file system.  Run before any work, so that a
     place the result cannot go fails in a second rather than after the prune.
     """
-    base = next(p for p in (folder, *folder.parents) if p.exists())
+    base = nearest_existing(folder)
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".secateurs-probe-", dir=base))
     except OSError as exc:
@@ -147,7 +153,7 @@ def check_space(output: "str | os.PathLike", model, extra: int = 16 * 2**20) -> 
 
     output = Path(output)
     needed = sum(t.numel() * t.element_size() for _, t in distinct_tensors(model)) + extra
-    base = next(p for p in (output.absolute().parent, *output.absolute().parents) if p.exists())
+    base = nearest_existing(output.parent)
     free = shutil.disk_usage(base).free
     if free < needed:
         raise OSError(f"output folder {str(output)!r}: saving the model needs {needed / 2**20:,.0f} MiB, and "
@@ -162,7 +168,7 @@ def check_output(output: "str | os.PathLike", overwrite: bool) -> Path:
         raise FileExistsError(f"output folder {str(output)!r}: {str(file)!r} is a file")
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise FileExistsError(f"output folder {str(output)!r} exists and is not empty (use --overwrite)")
-    check_writable(output.absolute().parent, f"output folder {str(output)!r}")
+    check_writable(output.parent, f"output folder {str(output)!r}")
     if output.exists():
         check_writable(output, f"output folder {str(output)!r}")
     return output
