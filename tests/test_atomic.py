@@ -118,3 +118,16 @@ def test_a_folder_another_run_saved_meanwhile_is_not_replaced_without_overwrite(
     out.rmdir()
     save_model(model, None, out, overwrite=True)  # with overwrite, this run's model replaces theirs
     assert (out / "config.json").is_file() and not (out / "theirs.txt").exists()
+
+
+def test_a_file_written_atomically_is_as_readable_as_any_new_file_or_keeps_the_mode_it_had(tmp_path):
+    before = os.umask(0o022)
+    try:
+        atomic.write_text(tmp_path / "table.md", "| a |\n")
+    finally:
+        os.umask(before)
+    assert (tmp_path / "table.md").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0o600
+    (tmp_path / "table.md").chmod(0o640)
+    atomic.write_text(tmp_path / "table.md", "| b |\n")
+    assert (tmp_path / "table.md").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "table.md").read_text() == "| b |\n"

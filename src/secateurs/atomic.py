@@ -60,14 +60,27 @@ def remove_stale(target: Path) -> list[Path]:
     return removed
 
 
+def umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def replace_file(path: "str | os.PathLike", write) -> None:
-    """``write(tmp)`` into a temporary sibling of ``path``, then rename it over ``path``."""
+    """``write(tmp)`` into a temporary sibling of ``path``, then rename it over ``path``.
+
+    The file gets the mode of the one it replaces, or a new file's (``0o666`` less the umask): ``mkstemp``
+    makes it readable by its owner only, and a results table is meant to be read by others too.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path)
+    mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~umask()
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, mode)
         write(tmp)
         os.replace(tmp, path)
     finally:

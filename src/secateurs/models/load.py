@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from ..atomic import remove_stale, temp_prefix
+from ..atomic import remove_stale, temp_prefix, umask
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +185,7 @@ def save_model(model, tokenizer, output: "str | os.PathLike", overwrite: bool = 
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(output)
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(output), dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+    tmp.chmod(0o777 & ~umask())  # mkdtemp makes it private; the result is an ordinary folder
     try:
         try:
             model.save_pretrained(tmp)
