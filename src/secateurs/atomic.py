@@ -3,8 +3,9 @@
 Readers see the old file (or folder) or the new one, never half of one, and an error or Ctrl-C midway
 removes the temporary sibling.  Only a run killed outright (SIGKILL, the out-of-memory killer, a power cut)
 cannot clean up after itself, and a half-written model is as large as the model.  So every temporary
-sibling is named ``.NAME.tmp-HOST-PID-XXXX`` after the process writing it, and before writing ``NAME``
-again :func:`remove_stale` deletes the siblings of processes of this machine that no longer run.
+sibling is named ``.NAME.tmp-HOST-PID-XXXX`` after the machine (host name, process id namespace) and the
+process writing it, and before writing ``NAME`` again :func:`remove_stale` deletes the siblings of processes
+of this machine that no longer run.
 """
 
 from __future__ import annotations
@@ -19,7 +20,18 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+def _machine() -> str:
+    """Where this process's id means something: the host name and, on Linux, the process id namespace (two
+    containers may share a host name and a folder, each with its own process ids)."""
+    name = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+    try:
+        return f"{name}.{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return name
+
+
+_HOST = _machine()
 
 
 def temp_prefix(target: Path) -> str:
