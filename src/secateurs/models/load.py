@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..atomic import remove_stale, temp_prefix, umask
+from .snapshot import distinct_tensors
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +153,6 @@ def check_space(output: "str | os.PathLike", model, extra: int = 16 * 2**20) -> 
     """Refuse to start work whose result cannot be saved: the model's weights (each distinct tensor once, as
     ``save_pretrained`` writes them) and ``extra`` bytes (tokenizer, report) must fit where ``output`` goes.
     An existing output folder is replaced only after the new one is complete, so it does not count as room."""
-    from .snapshot import distinct_tensors
-
     output = Path(output)
     needed = sum(t.numel() * t.element_size() for _, t in distinct_tensors(model)) + extra
     base = nearest_existing(output.parent)
@@ -163,14 +162,18 @@ def check_space(output: "str | os.PathLike", model, extra: int = 16 * 2**20) -> 
                       f"{str(base)!r} has {free / 2**20:,.0f} MiB free")
 
 
+def _refuse_occupied(output: Path, overwrite: bool) -> None:
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise FileExistsError(f"output folder {str(output)!r} exists and is not empty (use --overwrite)")
+
+
 def check_output(output: "str | os.PathLike", overwrite: bool) -> Path:
     """Refuse an output folder that is a file or lies under one, that holds files (unless ``overwrite``), or
     that could not be written: its parent (the temporary sibling and the rename) and, if it exists, itself."""
     output = Path(output)
     if (file := file_in_the_way((output, *output.parents))) is not None:
         raise FileExistsError(f"output folder {str(output)!r}: {str(file)!r} is a file")
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {str(output)!r} exists and is not empty (use --overwrite)")
+    _refuse_occupied(output, overwrite)
     check_writable(output.parent, f"output folder {str(output)!r}")
     if output.exists():
         check_writable(output, f"output folder {str(output)!r}")
@@ -198,7 +201,7 @@ def save_model(model, tokenizer, output: "str | os.PathLike", overwrite: bool = 
             tokenizer.save_pretrained(tmp)
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
-        check_output(output, overwrite)  # again: another run may have saved there while this one worked
+        _refuse_occupied(output, overwrite)  # again: another run may have saved there while this one worked
         if output.exists():
             shutil.rmtree(output)
         tmp.rename(output)
