@@ -250,6 +250,23 @@ def _overrides(args) -> dict:
     return out
 
 
+# flags that only one method or setting reads: given where nothing reads them, they would be silently ignored
+_NARROW_FLAGS = {"blocksize": ("method sparsegpt", lambda c: getattr(c, "method", None) == "sparsegpt"),
+                 "percdamp": ("method sparsegpt", lambda c: getattr(c, "method", None) == "sparsegpt"),
+                 "refine_iters": ("--refine admm", lambda c: getattr(c, "refine", "none") != "none"),
+                 "refine_damp": ("--refine admm", lambda c: getattr(c, "refine", "none") != "none")}
+
+
+def _check_flags_used(args, configs) -> None:
+    """Refuse a flag that no config of this run reads (``--percdamp`` with Wanda): it would change nothing."""
+    from .config import ConfigError
+
+    for key, (reader, reads) in _NARROW_FLAGS.items():
+        if getattr(args, key, None) is not None and not any(reads(c) for c in configs):
+            raise ConfigError(f"--{key.replace('_', '-')} is read only with {reader}, which this run does not "
+                              f"use: drop the flag")
+
+
 def _eval_config(args, base=None):
     """Evaluation settings: command-line flags over the recipe's ``eval`` section over the defaults."""
     from dataclasses import replace
@@ -282,6 +299,7 @@ def cmd_prune(args) -> int:
 
     overrides = _overrides(args)
     recipe = Recipe.load(args.recipe, overrides) if args.recipe else Recipe([config_from_dict(overrides)])
+    _check_flags_used(args, recipe.stages)
     recipe.eval = _eval_config(args, recipe.eval)
     eval_config = None if args.no_eval else recipe.eval
     output = check_output(args.output, args.overwrite)
@@ -481,6 +499,7 @@ def cmd_iterate(args) -> int:
     if not nm:
         for t in targets:
             prune_config.override(sparsity=t)  # validates every cycle's target up front
+    _check_flags_used(args, [prune_config])
     train_config = _train_config(args)
     eval_config = _eval_config(args)
     check_output(args.output, overwrite=True)  # a folder of earlier cycles is resumed, not refused
@@ -521,7 +540,8 @@ def cmd_compare(args) -> int:
     settings = [s.strip() for s in args.sparsities.split(",") if s.strip()]
     base = PruneConfig.from_dict(_overrides(args))
     eval_config = _eval_config(args)
-    api.compare_grid(methods, settings, base)  # validate the whole grid before loading anything
+    cells = api.compare_grid(methods, settings, base)  # validate the whole grid before loading anything
+    _check_flags_used(args, [config for _, _, config in cells])
     name = args.model or "smollm2-135m"
     previous = _previous_table(args)
     if previous is not None:
