@@ -441,3 +441,47 @@ def test_a_disk_without_room_for_the_model_is_refused_before_any_work(tiny_dir, 
     assert printed.err == (f"secateurs: error: output folder '{tmp_path / saved}': saving the model needs "
                            f"{needed:,.0f} MiB, and '{tmp_path}' has 1 MiB free\n")
     assert not out.exists()
+
+
+def test_finetune_with_checkpoints_checks_room_for_two_states_up_front(tiny_dir, tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from secateurs.models.snapshot import weight_bytes
+    from secateurs.training import TrainConfig, training_state_bytes
+
+    model = tf.AutoModelForCausalLM.from_pretrained(tiny_dir / "model")
+    weights = weight_bytes(model)
+    state = training_state_bytes(model, TrainConfig(steps=3, seqlen=32))
+    free = weights + 16 * 2**20 + state  # room for the model and one state, not for two
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**40 - free, free))
+    capsys.readouterr()
+    flags = ["--model", str(tiny_dir / "model"), "--quiet", "--data", str(tiny_dir / "train.txt"), "--steps", "3",
+             "--train-seqlen", "32", "--eval-data", str(tiny_dir / "test.txt"), "--eval-seqlen", "32",
+             "--eval-windows", "2"]
+    out = tmp_path / "out"
+    assert main(["finetune", *flags, "--save-every", "1", "--output", str(out)]) == 2  # two checkpoints
+    err = capsys.readouterr().err
+    needed = (2 * state + 16 * 2**20) / 2**20
+    assert err == (f"secateurs: error: output folder '{out}': saving the model and the training state "
+                   f"(--save-every 1: 2 checkpoint(s) of ~{state / 2**20:,.0f} MiB) needs {needed:,.0f} MiB, and "
+                   f"'{tmp_path}' has {free / 2**20:,.0f} MiB free\n")
+    assert not out.exists() and not list(tmp_path.iterdir())
+    assert main(["finetune", *flags, "--save-every", "2", "--output", str(out)]) == 0  # one: it fits
+    assert (out / "config.json").exists()
+
+
+def test_training_room_counts_the_peak_of_checkpoints_and_a_state_already_on_disk(tiny_dir, tmp_path):
+    from secateurs.cli import _training_room
+    from secateurs.models.snapshot import weight_bytes
+    from secateurs.training import TrainConfig, training_state_bytes
+
+    model = tf.AutoModelForCausalLM.from_pretrained(tiny_dir / "model")
+    config = TrainConfig(steps=5)
+    state, weights, file = training_state_bytes(model, config), weight_bytes(model), tmp_path / "o.train-state.pt"
+    assert state > 3 * weights  # weights, two AdamW moments, masks
+    room = {every: _training_room(model, config, every, file)[0] for every in (0, 2, 4, 5)}
+    assert room == {0: 0, 2: 2 * state - weights, 4: state, 5: 0}  # checkpoints after steps 2 and 4; 4; none
+    file.write_bytes(b"x" * state)  # a resumed run's state: its room is taken already
+    assert _training_room(model, config, 2, file)[0] == state - weights

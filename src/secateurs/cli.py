@@ -399,7 +399,8 @@ def cmd_finetune(args) -> int:
     run = {"model": args.model or "smollm2-135m", "data": args.data, "eval": eval_config.to_dict()}
     resume = None if args.no_resume else _training_state(state_file, run, config)
     model, tokenizer = _load(args)
-    check_space(output, model)
+    room, what = _training_room(model, config, args.save_every, state_file)
+    check_space(output, model, extra=16 * 2**20 + room, what=what)
     show = not args.quiet
     train_ids = tokenize(tokenizer, load_text(args.data, "train"))
     names = list(prunable_linears(model))
@@ -426,6 +427,25 @@ def cmd_finetune(args) -> int:
     state_file.unlink(missing_ok=True)  # the finished model supersedes it
     print(f"saved to {output}", flush=True)
     return 0
+
+
+def _training_room(model, config, save_every: int, state_file: Path) -> tuple[int, str]:
+    """The disk ``finetune`` needs beyond the model's own weights, and what to call it all in an error.
+
+    Every checkpoint is written in full beside the one before it, which it then replaces, and the last one is
+    deleted only once the model is saved: the peak is two states, or one state and the model.  A state left by
+    the run being resumed already takes its room."""
+    from .models.snapshot import weight_bytes
+    from .training import training_state_bytes
+
+    saves = (config.steps - 1) // save_every if save_every else 0
+    if not saves:
+        return 0, "the model"
+    state, model_size = training_state_bytes(model, config), weight_bytes(model)
+    held = state_file.stat().st_size if state_file.exists() else 0
+    peak = max(held + state, 2 * state if saves > 1 else 0, state + model_size)
+    return peak - held - model_size, (f"the model and the training state (--save-every {save_every}: "
+                                      f"{saves} checkpoint(s) of ~{state / 2**20:,.0f} MiB)")
 
 
 def _state_file(output: str) -> Path:

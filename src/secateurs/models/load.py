@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..atomic import remove_stale, temp_prefix, umask
-from .snapshot import distinct_tensors
+from .snapshot import weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -149,16 +149,17 @@ def check_writable(folder: Path, what: str) -> None:
         raise PermissionError(f"{what}: cannot write in {str(base)!r} ({exc.strerror or exc})") from None
 
 
-def check_space(output: "str | os.PathLike", model, extra: int = 16 * 2**20) -> None:
+def check_space(output: "str | os.PathLike", model, extra: int = 16 * 2**20, what: str = "the model") -> None:
     """Refuse to start work whose result cannot be saved: the model's weights (each distinct tensor once, as
-    ``save_pretrained`` writes them) and ``extra`` bytes (tokenizer, report) must fit where ``output`` goes.
-    An existing output folder is replaced only after the new one is complete, so it does not count as room."""
+    ``save_pretrained`` writes them) and ``extra`` bytes (tokenizer, report; ``what`` names what they are
+    for) must fit where ``output`` goes.  An existing output folder is replaced only after the new one is
+    complete, so it does not count as room."""
     output = Path(output)
-    needed = sum(t.numel() * t.element_size() for _, t in distinct_tensors(model)) + extra
+    needed = weight_bytes(model) + extra
     base = nearest_existing(output.parent)
     free = shutil.disk_usage(base).free
     if free < needed:
-        raise OSError(f"output folder {str(output)!r}: saving the model needs {needed / 2**20:,.0f} MiB, and "
+        raise OSError(f"output folder {str(output)!r}: saving {what} needs {needed / 2**20:,.0f} MiB, and "
                       f"{str(base)!r} has {free / 2**20:,.0f} MiB free")
 
 

@@ -29,6 +29,11 @@ def distinct_tensors(model: nn.Module):
             yield name, t
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors :func:`distinct_tensors` yields: what the saved weights take on disk."""
+    return sum(t.numel() * t.element_size() for _, t in distinct_tensors(model))
+
+
 class SnapshotError(OSError):
     """The weights could not be written to, or read back from, the temporary file (a full disk...)."""
 

@@ -95,6 +95,23 @@ class TrainHistory:
         return asdict(self)
 
 
+def training_state_bytes(model, config: TrainConfig) -> int:
+    """About the size of one training state that :func:`train` hands to ``save_state``, known before training:
+    the weights (each shared tensor once; with LoRA also the adapters), AdamW's two moments of every trained
+    parameter, and one byte per masked weight.  Small tensors (RNG, schedule, step counts) are left out."""
+    from ..models.arch import weight_of
+    from ..models.snapshot import weight_bytes
+
+    linears = [weight_of(m) for m in prunable_linears(model).values()]
+    weights = weight_bytes(model)
+    if config.lora_rank:  # A (rank, in) and B (out, rank) per linear, in the weight's dtype
+        trained = sum(config.lora_rank * sum(W.shape) * W.element_size() for W in linears)
+        weights += trained
+    else:
+        trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return weights + 2 * trained + sum(W.numel() for W in linears)
+
+
 def train(model, train_ids: torch.Tensor, config: TrainConfig, evaluate=None, tracker: "Tracker | None" = None,
           progress: bool = True, *, save_every: int = 0, save_state=None, resume: "dict | None" = None) -> TrainHistory:
     """Train ``model`` in place on windows of ``train_ids``; masks held (or grown) throughout.
