@@ -485,3 +485,29 @@ def test_training_room_counts_the_peak_of_checkpoints_and_a_state_already_on_dis
     assert room == {0: 0, 2: 2 * state - weights, 4: state, 5: 0}  # checkpoints after steps 2 and 4; 4; none
     file.write_bytes(b"x" * state)  # a resumed run's state: its room is taken already
     assert _training_room(model, config, 2, file)[0] == state - weights
+
+
+def test_iterate_checks_room_for_every_cycle_still_to_run(tiny_dir, tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from secateurs.models.snapshot import weight_bytes
+
+    weights = weight_bytes(tf.AutoModelForCausalLM.from_pretrained(tiny_dir / "model"))
+    out = tmp_path / "out"
+    flags = ["iterate", "--model", str(tiny_dir / "model"), "--quiet", "--method", "magnitude", "--steps-per-cycle",
+             "1", "--train-data", str(tiny_dir / "train.txt"), "--train-seqlen", "32", "--eval-data",
+             str(tiny_dir / "test.txt"), "--eval-seqlen", "32", "--eval-windows", "2", "--output", str(out)]
+    assert main([*flags, "--sparsities", "0.2"]) == 0  # cycle 1 done, with room to spare
+    free = 2 * (weights + 16 * 2**20) - 1  # room for one more cycle's model, not two
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**40 - free, free))
+    capsys.readouterr()
+    assert main([*flags, "--sparsities", "0.2,0.4,0.6"]) == 2
+    needed = 2 * (weights + 16 * 2**20) / 2**20
+    assert capsys.readouterr().err == (f"secateurs: error: output folder '{out / 'cycle-002'}': saving the model "
+                                       f"of 2 cycle(s) needs {needed:,.0f} MiB, and '{out}' has "
+                                       f"{free / 2**20:,.0f} MiB free\n")
+    assert sorted(p.name for p in out.iterdir()) == ["cycle-001", "history.json"]
+    assert main([*flags, "--sparsities", "0.2,0.4"]) == 0  # one cycle left: it fits
+    assert (out / "cycle-002" / "config.json").exists()

@@ -498,7 +498,8 @@ def cmd_iterate(args) -> int:
     from .data import load_text, tokenize
     from .models import check_output, check_space
     from .patterns import Pattern
-    from .training import cycle_sparsities, iterate
+    from .models.snapshot import weight_bytes
+    from .training import cycle_sparsities, iterate, last_complete_cycle
 
     if (args.sparsities is None) == (args.cycles is None):
         raise ValueError("give --sparsities S1,S2,... or --cycles N with --final-sparsity S")
@@ -524,7 +525,13 @@ def cmd_iterate(args) -> int:
     eval_config = _eval_config(args)
     check_output(args.output, overwrite=True)  # a folder of earlier cycles is resumed, not refused
     model, tokenizer = _load(args)
-    check_space(Path(args.output) / "cycle-001", model)  # room for the next cycle's model, at least
+    # every cycle keeps its model: room for each one still to run (one that --no-resume replaces counts too)
+    done = None if args.no_resume else last_complete_cycle(Path(args.output))
+    left = len(targets) - (done[0] if done else 0)
+    if left > 0:
+        check_space(Path(args.output) / f"cycle-{len(targets) - left + 1:03d}", model,
+                    extra=(left - 1) * weight_bytes(model) + left * 16 * 2**20,
+                    what=f"the model of {left} cycle(s)" if left > 1 else "the model")
     show = not args.quiet
     calib = api.calibration_data(tokenizer, prune_config) if prune_config.needs_calibration else None
     train_ids = tokenize(tokenizer, load_text(args.train_data, "train"))
