@@ -336,6 +336,8 @@ def cmd_prune(args) -> int:
         print(f"structured: {len(result.structured)} cuts in {result.prune_seconds:.1f} s "
               f"({', '.join(f'{k} {b}->{a}' for k, b, a in cut[:4])}{' ...' if len(cut) > 4 else ''}); "
               f"{sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
+    if structured:  # the cut model's size is known now: check before its evaluation and speed measurement
+        check_space(output, model)
     ppl = None
     if eval_config:
         tracker.enter(Stage.EVALUATING)
