@@ -304,6 +304,10 @@ def test_cli_finetune_and_iterate(tiny_dir, tmp_path):
     r = json.loads(report.read_text())
     assert r["sparsity_before"] < 0.01 and r["sparsity_after"] == pytest.approx(0.5)
     assert [u["step"] for u in r["history"]["sparsity_updates"]] == [1, 2]  # cubic from 0: step 0 adds nothing
+    assert main(["finetune", *cli_args(tiny_dir, "--data", str(tiny_dir / "train.txt"), "--steps", "2",
+                                       "--schedule", "exponential", "--end-step", "1", "--k", "3"),
+                 "--output", str(gmp), "--overwrite", "--report", str(report)]) == 0  # a flag its schedule reads
+    assert json.loads(report.read_text())["train"]["schedule"]["k"] == 3
 
     it = tmp_path / "it"
     assert main(["iterate", *cli_args(tiny_dir, "--train-data", str(tiny_dir / "train.txt"), "--calib-data",
@@ -368,7 +372,19 @@ def test_cli_finetune_that_cannot_save_its_state_stops_in_one_line_and_keeps_the
 @pytest.mark.parametrize("cmd, message", [
     (["iterate", "--steps-per-cycle", "2"], "give --sparsities"),
     (["iterate", "--steps-per-cycle", "2", "--sparsities", "0.5,0.3"], "must not decrease"),
-    (["finetune", "--steps", "2", "--final-sparsity", "0.5"], "needs --schedule"),
+    (["iterate", "--steps-per-cycle", "2", "--sparsities", "0.3,0.5", "--final-sparsity", "0.6"],
+     "--final-sparsity go(es) with --cycles N, not with --sparsities"),
+    (["iterate", "--steps-per-cycle", "2", "--sparsities", "0.3", "--cycle-schedule", "cubic", "--initial-sparsity",
+      "0.1"], "--initial-sparsity, --cycle-schedule go(es) with --cycles N"),
+    (["finetune", "--steps", "2", "--final-sparsity", "0.5"], "--final-sparsity need(s) --schedule"),
+    (["finetune", "--steps", "2", "--end-step", "1", "--k", "3", "--pattern", "block:2"],
+     "--end-step, --k, --pattern need(s) --schedule"),
+    (["finetune", "--steps", "2", "--schedule", "cubic", "--k", "3"], "the cubic schedule does not read --k"),
+    (["finetune", "--steps", "2", "--schedule", "oneshot", "--end-step", "1", "--frequency", "2"],
+     "the oneshot schedule does not read --end-step, --frequency"),
+    (["finetune", "--steps", "2", "--schedule", "exponential", "--initial-sparsity", "0.1"],
+     "the exponential schedule does not read --initial-sparsity"),
+    (["finetune", "--steps", "2", "--lora-alpha", "8"], "--lora-alpha needs --lora-rank"),
     (["finetune", "--steps", "2", "--schedule", "cubic", "--lora-rank", "2"], "no LoRA"),
 ])
 def test_cli_training_errors(tiny_dir, tmp_path, capsys, cmd, message):

@@ -128,10 +128,39 @@ _TRAIN_FIELDS = {"steps": "steps", "train_batch_size": "batch_size", "train_seql
                  "train_seed": "seed"}
 
 
+_SCHEDULE_PARAMS = ("final_sparsity", "initial_sparsity", "start_step", "end_step", "frequency", "k")
+
+
+def _flag_names(keys) -> str:
+    return ", ".join("--" + k.replace("_", "-") for k in keys)
+
+
+def _check_schedule_flags(args) -> None:
+    """Refuse ``finetune``'s schedule flags without ``--schedule``, and parameters its schedule does not read
+    (``--k`` with ``cubic``): either way they would change nothing."""
+    import inspect
+
+    from .training import SCHEDULES
+
+    given = [k for k in (*_SCHEDULE_PARAMS, "pattern", "group") if getattr(args, k, None) is not None]
+    if not args.schedule:
+        if given:
+            raise ValueError(f"{_flag_names(given)} need(s) --schedule (without one the mask stays frozen)")
+        return
+    if args.schedule in SCHEDULES:  # an unknown name is refused, with the known ones, by Schedule itself
+        reads = inspect.signature(SCHEDULES[args.schedule]).parameters
+        if unread := [k for k in given if k in _SCHEDULE_PARAMS and k not in reads]:
+            raise ValueError(f"the {args.schedule} schedule does not read {_flag_names(unread)}: drop it")
+
+
 def _train_config(args):
     from .training import TrainConfig
 
     fields = {dst: getattr(args, src) for src, dst in _TRAIN_FIELDS.items() if getattr(args, src, None) is not None}
+    if hasattr(args, "end_step"):  # finetune: the gradual-pruning flags
+        _check_schedule_flags(args)
+    if fields.get("lora_alpha") is not None and not fields.get("lora_rank"):
+        raise ValueError("--lora-alpha needs --lora-rank R (without one every weight trains, no adapters)")
     if getattr(args, "schedule", None):
         sched = {"name": args.schedule, "final_sparsity": args.final_sparsity if args.final_sparsity is not None else 0.5,
                  "end_step": args.end_step if args.end_step is not None else (3 * args.steps) // 4}
@@ -142,8 +171,6 @@ def _train_config(args):
         for key in ("pattern", "group"):
             if getattr(args, key) is not None:
                 fields[key] = getattr(args, key)
-    elif getattr(args, "final_sparsity", None) is not None and hasattr(args, "end_step"):
-        raise ValueError("--final-sparsity needs --schedule (without one the mask stays frozen)")
     return TrainConfig(**fields)
 
 
@@ -201,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cycles", type=int, default=None, help="number of cycles (with --final-sparsity)")
     p.add_argument("--final-sparsity", type=float, default=None)
     p.add_argument("--initial-sparsity", type=float, default=None, help="first cycle's target")
-    p.add_argument("--cycle-schedule", default="geometric", help="geometric (default) | gradual | cubic | exponential")
+    p.add_argument("--cycle-schedule", default=None, help="geometric (default) | gradual | cubic | exponential")
     p.add_argument("--train-data", default=None, help="retraining text (train split; default enwiki)")
     _add_train(p, steps_flag="--steps-per-cycle")
     _add_eval(p)
@@ -263,7 +290,7 @@ def _check_flags_used(args, configs) -> None:
 
     for key, (reader, reads) in _NARROW_FLAGS.items():
         if getattr(args, key, None) is not None and not any(reads(c) for c in configs):
-            raise ConfigError(f"--{key.replace('_', '-')} is read only with {reader}, which this run does not "
+            raise ConfigError(f"{_flag_names([key])} is read only with {reader}, which this run does not "
                               f"use: drop the flag")
 
 
@@ -506,6 +533,9 @@ def cmd_iterate(args) -> int:
     if (args.sparsities is None) == (args.cycles is None):
         raise ValueError("give --sparsities S1,S2,... or --cycles N with --final-sparsity S")
     if args.sparsities is not None:
+        if extra := [k for k in ("final_sparsity", "initial_sparsity", "cycle_schedule") if getattr(args, k) is not None]:
+            raise ValueError(f"{_flag_names(extra)} go(es) with --cycles N, not with --sparsities (which lists "
+                             "every cycle's target)")
         try:
             targets = [float(x) for x in args.sparsities.split(",") if x.strip()]
         except ValueError:
@@ -513,7 +543,8 @@ def cmd_iterate(args) -> int:
     else:
         if args.final_sparsity is None:
             raise ValueError("--cycles needs --final-sparsity")
-        targets = cycle_sparsities(args.cycles, args.final_sparsity, args.cycle_schedule, args.initial_sparsity)
+        targets = cycle_sparsities(args.cycles, args.final_sparsity, args.cycle_schedule or "geometric",
+                                   args.initial_sparsity)
     if any(b < a for a, b in zip(targets, targets[1:])):
         raise ValueError(f"cycle sparsities must not decrease: {targets}")
     base = _overrides(args)
