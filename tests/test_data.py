@@ -37,11 +37,15 @@ def test_calibration_windows_follow_the_protocol():
         calibration_windows(ids, 30, 50, seed=0)
 
 
-def test_eval_windows():
+def test_eval_windows(caplog):
     ids = torch.arange(100)
     w = eval_windows(ids, 30)
     assert [x.shape[1] for x, _ in w] == [30, 30, 30] and [c for _, c in w] == [0, 0, 0]
-    assert len(eval_windows(ids, 30, windows=2)) == 2
+    assert len(eval_windows(ids, 30, windows=2)) == 2 and len(eval_windows(ids, 30, windows=3)) == 3
+    assert not caplog.records
+    assert len(eval_windows(ids, 30, windows=5)) == 3  # all there are, and a warning that says so
+    assert caplog.messages == ["the evaluation text holds 3 window(s) of 30 tokens, not the 5 asked for: "
+                               "perplexity over those 3"]
     strided = eval_windows(ids, 30, stride=10)
     assert [c for _, c in strided][:3] == [0, 20, 20] and strided[1][0][0, 0] == 10
     with pytest.raises(DataError):

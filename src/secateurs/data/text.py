@@ -279,4 +279,7 @@ def eval_windows(ids: torch.Tensor, seqlen: int, windows: "int | None" = None, s
         out.append((window, 0 if start == 0 else len(prefix) + body - stride))
         if windows is not None and len(out) == windows:
             break
+    if windows is not None and len(out) < windows:  # the figure then covers less text than asked: say so
+        log.warning("the evaluation text holds %d window(s) of %d tokens, not the %d asked for: perplexity over "
+                    "those %d", len(out), seqlen, windows, len(out))
     return out
