@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import transformers as tf
 
 from conftest import tiny_model
@@ -131,3 +132,17 @@ def test_a_file_written_atomically_is_as_readable_as_any_new_file_or_keeps_the_m
     atomic.write_text(tmp_path / "table.md", "| b |\n")
     assert (tmp_path / "table.md").stat().st_mode & 0o777 == 0o640
     assert (tmp_path / "table.md").read_text() == "| b |\n"
+
+
+def test_saved_weights_are_as_readable_as_the_other_files(tmp_path):
+    """safetensors 0.8 makes its files 0o600 whatever the umask; a saved model must be loadable by others."""
+    from safetensors.torch import save_file
+
+    before = os.umask(0o022)
+    try:
+        save_model(tiny_model("llama"), None, tmp_path / "out")
+        atomic.replace_file(tmp_path / "w.safetensors", lambda tmp: save_file({"a": torch.zeros(2)}, tmp))
+    finally:
+        os.umask(before)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [*(tmp_path / "out").iterdir(), tmp_path / "w.safetensors"]}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes

@@ -92,8 +92,8 @@ def replace_file(path: "str | os.PathLike", write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=path.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, mode)
         write(tmp)
+        os.chmod(tmp, mode)  # after writing: a writer may replace the file with one of its own (safetensors)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

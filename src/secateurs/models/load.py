@@ -202,6 +202,11 @@ def save_model(model, tokenizer, output: "str | os.PathLike", overwrite: bool = 
             tokenizer.save_pretrained(tmp)
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
+        # safetensors (0.8) writes its files readable by their owner only, whatever the umask: give every
+        # file the mode of an ordinary new one, so that others (a server, a container user) can load the model
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                path.chmod(0o666 & ~umask())
         _refuse_occupied(output, overwrite)  # again: another run may have saved there while this one worked
         if output.exists():
             shutil.rmtree(output)
