@@ -2,6 +2,7 @@ import json
 from datetime import datetime
 
 import pytest
+import torch
 import transformers as tf
 from safetensors import SafetensorError
 
@@ -511,3 +512,69 @@ def test_iterate_checks_room_for_every_cycle_still_to_run(tiny_dir, tmp_path, ca
     assert sorted(p.name for p in out.iterdir()) == ["cycle-001", "history.json"]
     assert main([*flags, "--sparsities", "0.2,0.4"]) == 0  # one cycle left: it fits
     assert (out / "cycle-002" / "config.json").exists()
+
+
+def test_an_interrupted_prune_resumes_its_walk_and_ends_identical(tiny_dir, tmp_path, capsys, monkeypatch):
+    from secateurs.engine import WalkCheckpoint
+
+    whole, part, state = tmp_path / "whole", tmp_path / "part", tmp_path / "part.prune-state"
+    flags = args(tiny_dir, "--method", "sparsegpt", "--no-eval")
+    assert main(["prune", *flags, "--output", str(whole)]) == 0
+    real_save = WalkCheckpoint.save
+
+    def save_then_die(self, block, *rest):  # Ctrl-C right after the state after block 0 reached the disk
+        real_save(self, block, *rest)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(WalkCheckpoint, "save", save_then_die)
+    assert main(["prune", *flags, "--save-every", "1", "--output", str(part)]) == 130
+    assert capsys.readouterr().err == (f"secateurs: interrupted; the walk's state after block 0 is in {state}; the "
+                                       "same command resumes from it\n")
+    assert not part.exists() and WalkCheckpoint(state).saved_block == 0
+    monkeypatch.undo()
+
+    changed = args(tiny_dir, "--method", "sparsegpt", "--percdamp", "0.02", "--no-eval")
+    assert main(["prune", *changed, "--save-every", "1", "--output", str(part)]) == 2
+    assert "holds the walk of another run (config differ)" in capsys.readouterr().err and state.exists()
+    assert main(["prune", *args(tiny_dir, "--method", "magnitude"), "--output", str(part)]) == 2
+    assert "holds a saved walk, which this run cannot resume (method magnitude does not walk the blocks" in (
+        capsys.readouterr().err)
+
+    report = tmp_path / "part.json"
+    assert main(["prune", *flags, "--save-every", "1", "--output", str(part), "--report", str(report)]) == 0
+    assert json.loads(report.read_text())["resumed_at_block"] == 1 and not state.exists()
+    a = tf.AutoModelForCausalLM.from_pretrained(whole).state_dict()
+    b = tf.AutoModelForCausalLM.from_pretrained(part).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prune_save_every_needs_a_walk_and_no_resume_starts_over(tiny_dir, tmp_path, capsys):
+    out, state = tmp_path / "out", tmp_path / "out.prune-state"
+    assert main(["prune", *args(tiny_dir, "--method", "magnitude"), "--save-every", "1", "--output", str(out)]) == 2
+    assert "method magnitude does not walk the blocks with calibration data" in capsys.readouterr().err
+    state.mkdir()
+    (state / "walk.json").write_text("{}")  # whatever is there is not read
+    report = tmp_path / "r.json"
+    assert main(["prune", *args(tiny_dir, "--no-eval"), "--no-resume", "--output", str(out), "--report",
+                 str(report)]) == 0
+    assert not state.exists() and "resumed_at_block" not in json.loads(report.read_text())
+
+
+def test_prune_save_every_checks_room_for_the_walk_state(tiny_dir, tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from secateurs.models.snapshot import weight_bytes
+
+    weights = weight_bytes(tf.AutoModelForCausalLM.from_pretrained(tiny_dir / "model"))
+    walk = weights + 2 * 4 * 32 * 64 * 4  # every block's weights (<= the model's), two copies of 4 x 32 outputs of 64
+    free = [weights + 16 * 2**20 + walk - 1]
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**40 - free[0], free[0]))
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert main(["prune", *args(tiny_dir, "--no-eval"), "--save-every", "1", "--output", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"secateurs: error: output folder '{out}': saving the model and the "
+                                              "walk's state (--save-every 1) needs ")
+    free[0] += 1
+    assert main(["prune", *args(tiny_dir, "--no-eval"), "--save-every", "1", "--output", str(out)]) == 0

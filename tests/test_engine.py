@@ -456,3 +456,73 @@ def test_finite_weights_whose_sum_overflows_are_not_refused():
     with pytest.raises(ValueError, match=r"^w: 1 of its 32 weights are inf or NaN"):
         _check_finite("w", W)
     _check_finite("w", torch.empty(4, 8, device="meta"))  # offloaded weights are not read
+
+
+# ----------------------------------------------------------------------------- walk checkpoints
+
+
+def _four_blocks():
+    from conftest import tiny_config
+
+    torch.manual_seed(0)
+    config = tiny_config("llama")
+    config.num_hidden_layers = 4
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("method, every, saved", [("wanda", 1, [0, 1]), ("sparsegpt", 2, [1])])
+def test_a_walk_resumed_from_its_checkpoint_ends_identical(calib_ids, tmp_path, monkeypatch, method, every, saved):
+    from secateurs.engine import WalkCheckpoint
+
+    config = PruneConfig(method=method, sparsity=0.5, batch_size=2)  # sparsegpt: true-sequential, its default
+    whole = _four_blocks()
+    uninterrupted = prune(whole, config, calib_ids, progress=False)
+
+    saves, real_save = [], WalkCheckpoint.save
+
+    def save_then_die(self, block, *args):  # killed once the state after block 1 is on the disk
+        real_save(self, block, *args)
+        saves.append(block)
+        if block == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(WalkCheckpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prune(_four_blocks(), config, calib_ids, progress=False,
+              checkpoint=WalkCheckpoint(tmp_path / "walk", {"model": "tiny"}, every=every))
+    monkeypatch.undo()
+    folder = tmp_path / "walk"
+    assert saves == saved and WalkCheckpoint(folder).saved_block == 1
+    assert sorted(p.name for p in folder.iterdir()) == ["block-000.safetensors", "block-001.safetensors",
+                                                      "hidden-001.safetensors", "walk.json"]
+
+    walked, real_walk = [], sequential._walk_at_once if method == "wanda" else sequential._walk_true_sequential
+    monkeypatch.setattr(sequential, real_walk.__name__, lambda i, *a, **k: walked.append(i) or real_walk(i, *a, **k))
+    model = _four_blocks()
+    resumed = prune(model, config, calib_ids, progress=False,
+                    checkpoint=WalkCheckpoint(folder, {"model": "tiny"}, every=every))
+    assert walked == [2, 3]  # blocks 0 and 1 came from the checkpoint
+    a, b = whole.state_dict(), model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.layers == uninterrupted.layers and len(resumed.layers) == 4 * 7
+
+
+def test_a_walk_checkpoint_of_another_run_or_setting_is_refused(calib_ids, tmp_path):
+    from secateurs.engine import WalkCheckpoint
+
+    folder = tmp_path / "walk"
+    config = PruneConfig(method="wanda", sparsity=0.5, batch_size=2)
+    checkpoint = WalkCheckpoint(folder, {"model": "tiny"})
+    checkpoint.start(config, calib_ids)
+    checkpoint.save(0, find_blocks(_four_blocks())[1], [], [torch.zeros(2, 32, 64)], 1.0)
+    for run, cfg, ids, differ in [({"model": "tiny"}, config.override(sparsity=0.6), calib_ids, "config"),
+                                  ({"model": "tiny"}, config, calib_ids[:, :16], "calibration"),
+                                  ({"model": "other"}, config, calib_ids, "model")]:
+        with pytest.raises(ConfigError, match=rf"holds the walk of another run \({differ} differ\)"):
+            prune(_four_blocks(), cfg, ids, progress=False, checkpoint=WalkCheckpoint(folder, run))
+    for cfg, message in [(PruneConfig(method="magnitude"), "method magnitude does not walk the blocks"),
+                         (PruneConfig(method="wanda", group="global"), "group=global ranks every layer"),
+                         ([config, config], "one config, not a recipe of 2 stages")]:
+        with pytest.raises(ConfigError, match=message):
+            prune(_four_blocks(), cfg, calib_ids, progress=False, checkpoint=WalkCheckpoint(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()

@@ -38,6 +38,7 @@ class PruneResult:
     prune_seconds: float = 0.0  # calibration capture to end of pruning
     stage_seconds: dict = field(default_factory=dict)
     stage: str = Stage.IDLE.value
+    resumed_at_block: "int | None" = None  # a walk resumed from a checkpoint: the block this process started at
 
     @property
     def zeros(self) -> int:
@@ -69,6 +70,7 @@ class PruneResult:
                  "pruned": r.pruned, "zeros": r.zeros, "numel": r.numel} for r in self.layers],
             **({"structured": [r.to_dict() for r in self.structured]} if self.structured else {}),
             **({"block_scores": self.block_scores} if self.block_scores is not None else {}),
+            **({"resumed_at_block": self.resumed_at_block} if self.resumed_at_block is not None else {}),
         }
 
 
@@ -136,9 +138,23 @@ def _prepare(model, configs: list, calibration) -> tuple:
     return ids, plans
 
 
+def check_checkpointable(config) -> None:
+    """A walk's checkpoint serves one weight-pruning config that walks the blocks with calibration data;
+    :class:`ConfigError` otherwise."""
+    configs = _as_configs(config)
+    if len(configs) != 1:
+        raise ConfigError(f"a walk checkpoint serves one config, not a recipe of {len(configs)} stages")
+    c = configs[0]
+    if isinstance(c, StructuredConfig) or not c.needs_calibration:
+        raise ConfigError(f"method {c.method} does not walk the blocks with calibration data: it has no walk to "
+                          "checkpoint")
+    if c.group == "global":
+        raise ConfigError("group=global ranks every layer after the walk: its walk cannot be checkpointed")
+
+
 @torch.no_grad()
 def prune(model, config, calibration: "torch.Tensor | Iterable | None" = None, *, progress: bool = True,
-          tracker: "Tracker | None" = None) -> PruneResult:
+          tracker: "Tracker | None" = None, checkpoint=None) -> PruneResult:
     """Prune ``model`` in place.
 
     ``config`` is a :class:`PruneConfig` (weights), a :class:`StructuredConfig` (channels, heads, blocks),
@@ -148,9 +164,15 @@ def prune(model, config, calibration: "torch.Tensor | Iterable | None" = None, *
     Every config and layer is validated before any weight changes.  An error found part-way (a
     :class:`~secateurs.engine.CalibrationError` at block 5, say) leaves the blocks before it pruned in
     ``model``: reload the model before trying again.  (The CLI saves nothing in that case.)
+
+    ``checkpoint`` (:class:`~secateurs.engine.WalkCheckpoint`, for one config that walks the blocks with
+    calibration data, not ``group="global"``) saves the walk after finished blocks; given to a freshly loaded
+    model after a crash, it resumes the walk after the last saved block, with the same end result.
     """
     configs = _as_configs(config)
     tracker = tracker or Tracker(show=progress)
+    if checkpoint is not None:
+        check_checkpointable(configs)
     ids, plans = _prepare(model, configs, calibration)
     result = PruneResult(configs)
     start = time.perf_counter()
@@ -168,11 +190,12 @@ def prune(model, config, calibration: "torch.Tensor | Iterable | None" = None, *
         plan = plans.get(k) or make_plan(model, cfg)
         method = cfg.build_method()
         if cfg.needs_calibration:
-            done = prune_with_data(model, plan, method, cfg, ids, tracker)
+            done = prune_with_data(model, plan, method, cfg, ids, tracker, checkpoint)
         else:
             done = prune_without_data(plan, method, cfg, tracker)
         records.update({r.name: r for r in done})  # a layer pruned by two stages keeps its last record
     result.prune_seconds = time.perf_counter() - start
+    result.resumed_at_block = checkpoint.resumed_at if checkpoint is not None else None
     tracker.enter(Stage.COMPLETE)
     result.layers = list(records.values())
     result.stage_seconds = dict(tracker.seconds)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import signal
 import sys
 import threading
@@ -206,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(p)
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity measurements")
     _add_output(p, "the pruned model")
+    p.add_argument("--save-every", type=_positive_int, default=None, metavar="N",
+                   help="save the walk's state to OUTPUT.prune-state every N blocks; the same command resumes from it")
+    p.add_argument("--no-resume", action="store_true", help="start the walk over even if OUTPUT.prune-state exists")
 
     p = sub.add_parser("finetune", help="recovery fine-tuning with the mask frozen (or gradual pruning on a schedule)")
     _add_model(p)
@@ -319,8 +323,9 @@ def _load(args):
 
 def cmd_prune(args) -> int:
     from . import api
-    from .config import Recipe, StructuredConfig, config_from_dict
+    from .config import ConfigError, Recipe, StructuredConfig, config_from_dict
     from .data import load_text, tokenize
+    from .engine import WalkCheckpoint
     from .models import check_output, check_space, save_model
     from .progress import Stage, Tracker
 
@@ -330,6 +335,19 @@ def cmd_prune(args) -> int:
     recipe.eval = _eval_config(args, recipe.eval)
     eval_config = None if args.no_eval else recipe.eval
     output = check_output(args.output, args.overwrite)
+    state_dir = _walk_state_dir(args.output)
+    if args.no_resume and state_dir.exists():
+        shutil.rmtree(state_dir)
+    checkpoint = None
+    if args.save_every or state_dir.exists():  # the walk is saved, or resumed from what an earlier run saved
+        try:
+            api.check_checkpointable(recipe)
+        except ConfigError as exc:
+            if args.save_every:
+                raise
+            raise ConfigError(f"{state_dir} holds a saved walk, which this run cannot resume ({exc}); give "
+                              "--no-resume to remove it") from None
+        checkpoint = WalkCheckpoint(state_dir, {"model": args.model or "smollm2-135m"}, every=args.save_every)
 
     model, tokenizer = _load(args)
     show = not args.quiet
@@ -342,7 +360,8 @@ def cmd_prune(args) -> int:
     api.validate(model, recipe, calib)  # a bad rule or length fails now, not after the dense evaluation
     structured = any(isinstance(c, StructuredConfig) for c in recipe.stages)
     if not structured:  # zeros take the room of the weights they replace (a structured cut saves less)
-        check_space(output, model)
+        room, what = _walk_room(model, first, checkpoint)
+        check_space(output, model, extra=16 * 2**20 + room, what=what)
     dense = api.evaluate(model, tokenizer, eval_config, ids=eval_ids, progress=show) if eval_config else None
     if dense is not None:
         print(f"dense perplexity: {dense:.3f}", flush=True)
@@ -354,7 +373,7 @@ def cmd_prune(args) -> int:
         size_speed = {"dense": {**speed.measure(model), "disk_bytes": speed.saved_bytes(model)}}
 
     tracker = Tracker(show=show)
-    result = api.prune(model, recipe, calib, tracker=tracker)
+    result = api.prune(model, recipe, calib, tracker=tracker, checkpoint=checkpoint)
     if result.layers:
         print(f"pruned {len(result.layers)} weight matrices in {result.prune_seconds:.1f} s; "
               f"measured sparsity {result.sparsity:.4f}", flush=True)
@@ -399,8 +418,28 @@ def cmd_prune(args) -> int:
     report["export_seconds"] = round(time.perf_counter() - t, 3)
     if args.report:
         atomic.write_text(args.report, json.dumps(report, indent=2) + "\n")
+    if state_dir.exists():  # the finished model supersedes it
+        shutil.rmtree(state_dir)
     print(f"saved to {output}", flush=True)
     return 0
+
+
+def _walk_state_dir(output: str) -> Path:
+    """Where ``prune --save-every`` keeps the walk's state: beside the output folder, not in it."""
+    output = Path(output)
+    return output.with_name(output.name + ".prune-state")
+
+
+def _walk_room(model, config, checkpoint) -> tuple[int, str]:
+    """The disk a walk's checkpoints need beyond the model (see :mod:`.engine.checkpoint`): every block's
+    weights once, and two copies of one block's outputs while the newer replaces the older."""
+    from .models.snapshot import weight_bytes
+
+    if checkpoint is None or checkpoint.every is None:
+        return 0, "the model"
+    width = model.get_input_embeddings().embedding_dim
+    outputs = config.calib_samples * config.calib_seqlen * width * next(model.parameters()).element_size()
+    return weight_bytes(model) + 2 * outputs, f"the model and the walk's state (--save-every {checkpoint.every})"
 
 
 def _evaluator(tokenizer, eval_config, show):
@@ -485,8 +524,6 @@ def _state_file(output: str) -> Path:
 
 def _save_state(path: Path, state: dict) -> None:
     """``torch.save``, atomically: a crash while saving keeps the previous state."""
-    import shutil
-
     import torch
 
     from .models.load import first_line
@@ -711,10 +748,15 @@ def _raise_terminated(signum, frame):
 
 def _kept_on_interrupt(args) -> str:
     """What an interrupted command leaves behind, and how to go on from it."""
+    from .engine import WalkCheckpoint
+
     if args.command == "compare" and args.report:
         return f"the cells measured so far are in {args.report}; add --resume to the same command to finish it"
     if args.command == "finetune" and (state := _state_file(args.output)).exists():
         return f"the last checkpoint is {state}; the same command resumes from it"
+    if args.command == "prune" and (block := WalkCheckpoint(_walk_state_dir(args.output)).saved_block) is not None:
+        return (f"the walk's state after block {block} is in {_walk_state_dir(args.output)}; the same command "
+                "resumes from it")
     if args.command == "iterate":
         return f"finished cycles are kept in {args.output}; the same command resumes after the last one"
     return "nothing was saved"

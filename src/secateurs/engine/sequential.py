@@ -24,6 +24,7 @@ Calibration activations live on the CPU; only one block and one batch at a time 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -356,20 +357,32 @@ def apply_mask(name: str, block: "int | None", module: nn.Module, mask: torch.Te
 
 @torch.no_grad()
 def prune_with_data(model: nn.Module, plan: Plan, method: Method, config, input_ids: torch.Tensor,
-                    tracker: Tracker) -> list[LayerRecord]:
-    """Layer-wise sequential calibration and pruning (see the module docstring)."""
+                    tracker: Tracker, checkpoint=None) -> list[LayerRecord]:
+    """Layer-wise sequential calibration and pruning (see the module docstring).
+
+    ``checkpoint`` (a :class:`.checkpoint.WalkCheckpoint`) resumes the walk from the state it holds and saves
+    the state after finished blocks, as it is told to.
+    """
     device = torch.device(config.device)
     tracker.enter(Stage.CALIBRATING)
+    started = time.perf_counter()
     hidden, calls = capture_inputs(model, plan.blocks, input_ids, config.batch_size)
 
     collect_global = config.group == "global"
     records: list[LayerRecord] = []
     scores: dict[str, torch.Tensor] = {}
     last = max(i for i, per_block in enumerate(plan.layers) if per_block)  # nothing after it needs inputs
+    first, spent = 0, 0.0
+    if checkpoint is not None and (state := checkpoint.start(config, input_ids)) is not None:
+        checkpoint.restore(plan.blocks, state)
+        first, records, hidden, spent = state.next_block, state.records, state.hidden, state.seconds
+        log.info("resuming the walk at block %d of %d from %s", first, last + 1, checkpoint.folder)
     layouts: dict[frozenset, BlockLayout] = {}  # blocks are alike: learnt once per set of hooked layers
     walk = _walk_true_sequential if config.true_sequential and not collect_global else _walk_at_once
-    bar = tracker.bar(total=last + 1)
+    bar = tracker.bar(total=last + 1, initial=first)
     for i, block in enumerate(plan.blocks[: last + 1]):
+        if i < first:  # pruned by the run that saved the checkpoint
+            continue
         prefix = f"{plan.blocks_name}.{i}."
         layers = plan.layers[i]
         key = frozenset(n[len(prefix):] for n in layers)
@@ -385,6 +398,8 @@ def prune_with_data(model: nn.Module, plan: Plan, method: Method, config, input_
         block.to("cpu")
         hidden = outs
         bar.update(1)
+        if checkpoint is not None and checkpoint.due(i, last):
+            checkpoint.save(i, plan.blocks, records, hidden, spent + time.perf_counter() - started)
     bar.close()
 
     if collect_global:
