@@ -553,8 +553,12 @@ def test_prune_save_every_needs_a_walk_and_no_resume_starts_over(tiny_dir, tmp_p
     assert main(["prune", *args(tiny_dir, "--method", "magnitude"), "--save-every", "1", "--output", str(out)]) == 2
     assert "method magnitude does not walk the blocks with calibration data" in capsys.readouterr().err
     state.mkdir()
-    (state / "walk.json").write_text("{}")  # whatever is there is not read
-    report = tmp_path / "r.json"
+    (state / "walk.json").write_text("{}")
+    assert main(["prune", *args(tiny_dir, "--no-eval"), "--output", str(out)]) == 2
+    assert capsys.readouterr().err == (f"secateurs: error: {state / 'walk.json'} is not a walk state (it lacks hidden, "
+                                       f"identity, next_block, records, seconds); remove {state} (with the CLI: "
+                                       "--no-resume) to start over\n")
+    report = tmp_path / "r.json"  # --no-resume removes it unread
     assert main(["prune", *args(tiny_dir, "--no-eval"), "--no-resume", "--output", str(out), "--report",
                  str(report)]) == 0
     assert not state.exists() and "resumed_at_block" not in json.loads(report.read_text())

@@ -63,13 +63,28 @@ class WalkCheckpoint:
         self.resumed_at: "int | None" = None  # the block a resumed walk started at
 
     def _read(self) -> "dict | None":
+        from ..config import ConfigError
+
         path = self.folder / "walk.json"
-        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+            if not (isinstance(state, dict) and _KEYS <= state.keys()):
+                raise ValueError(f"it lacks {', '.join(sorted(_KEYS - set(state)))}" if isinstance(state, dict)
+                                 else "not a mapping")
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError included
+            raise ConfigError(f"{path} is not a walk state ({exc}); remove {self.folder} (with the CLI: "
+                              "--no-resume) to start over") from None
+        return state
 
     @property
     def saved_block(self) -> "int | None":
-        """The last block whose state is saved, or None."""
-        state = self._read()
+        """The last block whose state is saved, or None (also when what is there cannot be read)."""
+        try:
+            state = self._read()
+        except ValueError:
+            return None
         return state["next_block"] - 1 if state else None
 
     def start(self, config, input_ids: torch.Tensor) -> "WalkState | None":
@@ -117,6 +132,9 @@ class WalkCheckpoint:
         for old in self.folder.glob("hidden-*.safetensors"):
             if old.name != name:
                 old.unlink()
+
+
+_KEYS = {"identity", "next_block", "hidden", "records", "seconds"}
 
 
 def _record(fields: dict) -> LayerRecord:
