@@ -519,13 +519,15 @@ def test_a_walk_checkpoint_of_another_run_or_setting_is_refused(calib_ids, tmp_p
     folder = tmp_path / "walk"
     config = PruneConfig(method="wanda", sparsity=0.5, batch_size=2)
     checkpoint = WalkCheckpoint(folder, {"model": "tiny"})
-    checkpoint.start(config, calib_ids)
+    checkpoint.start(config, calib_ids, torch.float32)
     checkpoint.save(0, find_blocks(_four_blocks())[1], [], [torch.zeros(2, 32, 64)], 1.0)
     for run, cfg, ids, differ in [({"model": "tiny"}, config.override(sparsity=0.6), calib_ids, "config"),
                                   ({"model": "tiny"}, config, calib_ids[:, :16], "calibration"),
-                                  ({"model": "other"}, config, calib_ids, "model")]:
+                                  ({"model": "other"}, config, calib_ids, "model"),
+                                  ({"model": "tiny"}, config, calib_ids, "dtype")]:
+        model = _four_blocks().to(torch.bfloat16 if differ == "dtype" else torch.float32)
         with pytest.raises(ConfigError, match=rf"holds the walk of another run \({differ} differ\)"):
-            prune(_four_blocks(), cfg, ids, progress=False, checkpoint=WalkCheckpoint(folder, run))
+            prune(model, cfg, ids, progress=False, checkpoint=WalkCheckpoint(folder, run))
     for cfg, message in [(PruneConfig(method="magnitude"), "method magnitude does not walk the blocks"),
                          (PruneConfig(method="wanda", group="global"), "group=global ranks every layer"),
                          ([config, config], "one config, not a recipe of 2 stages")]:

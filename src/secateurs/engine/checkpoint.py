@@ -40,12 +40,13 @@ class WalkState:
     seconds: float  # walk time spent before this process
 
 
-def walk_identity(run: dict, config, input_ids: torch.Tensor) -> dict:
-    """What must be equal for a saved walk to be resumed: ``run`` (the caller's: model name...), the config and
-    the calibration tokens (by digest), as JSON would give them back."""
+def walk_identity(run: dict, config, input_ids: torch.Tensor, dtype: torch.dtype) -> dict:
+    """What must be equal for a saved walk to be resumed: ``run`` (the caller's: model name...), the config, the
+    calibration tokens (by digest) and the blocks' dtype, as JSON would give them back."""
     ids = input_ids.detach().cpu().contiguous()
     digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
-    identity = {**run, "config": config.to_dict(), "calibration": {"shape": list(ids.shape), "sha256": digest}}
+    identity = {**run, "config": config.to_dict(), "calibration": {"shape": list(ids.shape), "sha256": digest},
+                "dtype": str(dtype)}
     return json.loads(json.dumps(identity))
 
 
@@ -87,12 +88,12 @@ class WalkCheckpoint:
             return None
         return state["next_block"] - 1 if state else None
 
-    def start(self, config, input_ids: torch.Tensor) -> "WalkState | None":
+    def start(self, config, input_ids: torch.Tensor, dtype: torch.dtype) -> "WalkState | None":
         """Bind this checkpoint to a walk; return its saved state, or None when there is none yet.  A state
-        saved by another run (another config, calibration or model) is refused, naming what differs."""
+        saved by another run (another config, calibration, model or dtype) is refused, naming what differs."""
         from ..config import ConfigError
 
-        self.identity = walk_identity(self.run, config, input_ids)
+        self.identity = walk_identity(self.run, config, input_ids, dtype)
         state = self._read()
         if state is None:
             return None

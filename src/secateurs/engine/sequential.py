@@ -373,7 +373,8 @@ def prune_with_data(model: nn.Module, plan: Plan, method: Method, config, input_
     scores: dict[str, torch.Tensor] = {}
     last = max(i for i, per_block in enumerate(plan.layers) if per_block)  # nothing after it needs inputs
     first, spent = 0, 0.0
-    if checkpoint is not None and (state := checkpoint.start(config, input_ids)) is not None:
+    dtype = next(plan.blocks.parameters()).dtype
+    if checkpoint is not None and (state := checkpoint.start(config, input_ids, dtype)) is not None:
         checkpoint.restore(plan.blocks, state)
         first, records, hidden, spent = state.next_block, state.records, state.hidden, state.seconds
         log.info("resuming the walk at block %d of %d from %s", first, last + 1, checkpoint.folder)
