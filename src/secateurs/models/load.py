@@ -192,7 +192,8 @@ def save_model(model, tokenizer, output: "str | os.PathLike", overwrite: bool = 
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(output)
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(output), dir=output.parent))
-    tmp.chmod(0o777 & ~umask())  # mkdtemp makes it private; the result is an ordinary folder
+    mask = umask()
+    tmp.chmod(0o777 & ~mask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         try:
             model.save_pretrained(tmp)
@@ -206,7 +207,7 @@ def save_model(model, tokenizer, output: "str | os.PathLike", overwrite: bool = 
         # file the mode of an ordinary new one, so that others (a server, a container user) can load the model
         for path in tmp.rglob("*"):
             if path.is_file():
-                path.chmod(0o666 & ~umask())
+                path.chmod(0o666 & ~mask)
         _refuse_occupied(output, overwrite)  # again: another run may have saved there while this one worked
         if output.exists():
             shutil.rmtree(output)
