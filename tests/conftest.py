@@ -46,6 +46,20 @@ def unwritable() -> str:
     pytest.skip("/sys takes new folders here")
 
 
+@pytest.fixture
+def free_space(monkeypatch):
+    """``free_space(n)``: from now on every disk reports ``n`` bytes free (``shutil.disk_usage`` is faked)."""
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+
+    def set_free(n: int) -> None:
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**40 - n, n))
+
+    return set_free
+
+
 def tiny_model(family: str, seed: int = 0):
     torch.manual_seed(seed)
     config = tiny_config(family)

@@ -424,13 +424,9 @@ def test_hub_id_loads_through_from_pretrained_from_the_local_hub_cache(tiny_dir,
     (["finetune", "--steps", "1", "--data", "{tiny}/train.txt"], "out"),
     (["iterate", "--method", "magnitude", "--sparsities", "0.2", "--steps-per-cycle", "1"], "out/cycle-001"),
 ])
-def test_a_disk_without_room_for_the_model_is_refused_before_any_work(tiny_dir, tmp_path, capsys, monkeypatch, argv,
+def test_a_disk_without_room_for_the_model_is_refused_before_any_work(tiny_dir, tmp_path, capsys, free_space, argv,
                                                                       saved):
-    import shutil
-    from collections import namedtuple
-
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))  # 1 MiB free
+    free_space(2**20)  # 1 MiB free
     model = tf.AutoModelForCausalLM.from_pretrained(tiny_dir / "model")
     weights = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights once
     capsys.readouterr()  # transformers' loading bar
@@ -444,10 +440,7 @@ def test_a_disk_without_room_for_the_model_is_refused_before_any_work(tiny_dir, 
     assert not out.exists()
 
 
-def test_finetune_with_checkpoints_checks_room_for_two_states_up_front(tiny_dir, tmp_path, capsys, monkeypatch):
-    import shutil
-    from collections import namedtuple
-
+def test_finetune_with_checkpoints_checks_room_for_two_states_up_front(tiny_dir, tmp_path, capsys, free_space):
     from secateurs.models.snapshot import weight_bytes
     from secateurs.training import TrainConfig, training_state_bytes
 
@@ -455,8 +448,7 @@ def test_finetune_with_checkpoints_checks_room_for_two_states_up_front(tiny_dir,
     weights = weight_bytes(model)
     state = training_state_bytes(model, TrainConfig(steps=3, seqlen=32))
     free = weights + 16 * 2**20 + state  # room for the model and one state, not for two
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**40 - free, free))
+    free_space(free)
     capsys.readouterr()
     flags = ["--model", str(tiny_dir / "model"), "--quiet", "--data", str(tiny_dir / "train.txt"), "--steps", "3",
              "--train-seqlen", "32", "--eval-data", str(tiny_dir / "test.txt"), "--eval-seqlen", "32",
@@ -488,10 +480,7 @@ def test_training_room_counts_the_peak_of_checkpoints_and_a_state_already_on_dis
     assert _training_room(model, config, 2, file)[0] == state - weights
 
 
-def test_iterate_checks_room_for_every_cycle_still_to_run(tiny_dir, tmp_path, capsys, monkeypatch):
-    import shutil
-    from collections import namedtuple
-
+def test_iterate_checks_room_for_every_cycle_still_to_run(tiny_dir, tmp_path, capsys, free_space):
     from secateurs.models.snapshot import weight_bytes
 
     weights = weight_bytes(tf.AutoModelForCausalLM.from_pretrained(tiny_dir / "model"))
@@ -501,8 +490,7 @@ def test_iterate_checks_room_for_every_cycle_still_to_run(tiny_dir, tmp_path, ca
              str(tiny_dir / "test.txt"), "--eval-seqlen", "32", "--eval-windows", "2", "--output", str(out)]
     assert main([*flags, "--sparsities", "0.2"]) == 0  # cycle 1 done, with room to spare
     free = 2 * (weights + 16 * 2**20) - 1  # room for one more cycle's model, not two
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**40 - free, free))
+    free_space(free)
     capsys.readouterr()
     assert main([*flags, "--sparsities", "0.2,0.4,0.6"]) == 2
     needed = 2 * (weights + 16 * 2**20) / 2**20
@@ -564,21 +552,16 @@ def test_prune_save_every_needs_a_walk_and_no_resume_starts_over(tiny_dir, tmp_p
     assert not state.exists() and "resumed_at_block" not in json.loads(report.read_text())
 
 
-def test_prune_save_every_checks_room_for_the_walk_state(tiny_dir, tmp_path, capsys, monkeypatch):
-    import shutil
-    from collections import namedtuple
-
+def test_prune_save_every_checks_room_for_the_walk_state(tiny_dir, tmp_path, capsys, free_space):
     from secateurs.models.snapshot import weight_bytes
 
     weights = weight_bytes(tf.AutoModelForCausalLM.from_pretrained(tiny_dir / "model"))
     walk = weights + 2 * 4 * 32 * 64 * 4  # every block's weights (<= the model's), two copies of 4 x 32 outputs of 64
-    free = [weights + 16 * 2**20 + walk - 1]
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**40 - free[0], free[0]))
+    free_space(weights + 16 * 2**20 + walk - 1)
     capsys.readouterr()
     out = tmp_path / "out"
     assert main(["prune", *args(tiny_dir, "--no-eval"), "--save-every", "1", "--output", str(out)]) == 2
     assert capsys.readouterr().err.startswith(f"secateurs: error: output folder '{out}': saving the model and the "
                                               "walk's state (--save-every 1) needs ")
-    free[0] += 1
+    free_space(weights + 16 * 2**20 + walk)
     assert main(["prune", *args(tiny_dir, "--no-eval"), "--save-every", "1", "--output", str(out)]) == 0

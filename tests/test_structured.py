@@ -333,19 +333,15 @@ def test_cli_structured_errors(tiny_dir, tmp_path, capsys, extra, message):
 
 
 def test_cli_structured_cut_checks_room_for_the_cut_model_before_measuring_it(tiny_dir, tmp_path, capsys,
-                                                                              monkeypatch):
-    import shutil
-    from collections import namedtuple
-
+                                                                              monkeypatch, free_space):
     from secateurs.eval import speed
 
     dense = tf.AutoModelForCausalLM.from_pretrained(tiny_dir / "model")
     removed = 2 * 3 * 64 * 32  # 2 blocks: gate, up and down each lose 32 of their 128 channels of width 64
     room = sum(p.numel() * p.element_size() for p in dense.parameters()) - 4 * removed + 16 * 2**20
-    usage = namedtuple("usage", "total used free")
-    measured, free = [], [room - 1]  # one byte short of the cut model and its 16 MiB of extras
+    measured = []
+    free_space(room - 1)  # one byte short of the cut model and its 16 MiB of extras
     monkeypatch.setattr(speed, "measure", lambda model: measured.append(1) or {})
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**40 - free[0], free[0]))
     out, flags = tmp_path / "out", cli_args(tiny_dir, "--method", "channels", "--ratio", "0.25", "--round-to", "8",
                                             "--score", "magnitude")  # no bias compensation: no biases added
     capsys.readouterr()
@@ -354,5 +350,5 @@ def test_cli_structured_cut_checks_room_for_the_cut_model_before_measuring_it(ti
     assert "structured: 2 cuts" in printed.out and "pruned perplexity" not in printed.out
     assert printed.err.startswith(f"secateurs: error: output folder '{out}': saving the model needs ")
     assert measured == [1] and not out.exists()  # the dense model was measured; the cut one was not
-    free[0] = room  # exactly enough for the cut model (the dense one is larger)
+    free_space(room)  # exactly enough for the cut model (the dense one is larger)
     assert main(["prune", *flags, "--no-speed", "--output", str(out)]) == 0
