@@ -62,6 +62,7 @@ class WalkCheckpoint:
         self.every = every
         self.identity: "dict | None" = None
         self.resumed_at: "int | None" = None  # the block a resumed walk started at
+        self._saved = 0  # blocks whose weights are in the folder: 0 .. _saved - 1
 
     def _read(self) -> "dict | None":
         from ..config import ConfigError
@@ -103,7 +104,7 @@ class WalkCheckpoint:
             raise ConfigError(f"{self.folder} holds the walk of another run ({', '.join(differ)} differ); remove it "
                               "(with the CLI: --no-resume) to start over")
         hidden = load_file(self.folder / state["hidden"])
-        self.resumed_at = state["next_block"]
+        self.resumed_at = self._saved = state["next_block"]
         return WalkState(state["next_block"], [_record(r) for r in state["records"]],
                          [hidden[str(b)] for b in range(len(hidden))], state["seconds"])
 
@@ -120,8 +121,7 @@ class WalkCheckpoint:
         """Save the walk after ``block``: the weights of the blocks finished since the last save, ``hidden``
         (that block's outputs), the ``records`` so far and the walk ``seconds`` spent in all."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        previous = self._read()
-        for j in range(previous["next_block"] if previous else 0, block + 1):
+        for j in range(self._saved, block + 1):
             tensors = {k: v.detach().cpu().contiguous() for k, v in blocks[j].state_dict().items()}
             atomic.replace_file(self.folder / f"block-{j:03d}.safetensors", lambda tmp: save_file(tensors, tmp))
         name = f"hidden-{block:03d}.safetensors"
@@ -130,6 +130,7 @@ class WalkCheckpoint:
         atomic.write_text(self.folder / "walk.json", json.dumps(
             {"identity": self.identity, "next_block": block + 1, "hidden": name,
              "records": [asdict(r) for r in records], "seconds": seconds}, indent=1) + "\n")
+        self._saved = block + 1
         for old in self.folder.glob("hidden-*.safetensors"):
             if old.name != name:
                 old.unlink()
