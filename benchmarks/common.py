@@ -63,7 +63,8 @@ def measured_on(env: dict) -> str:
     date = env.get("measured_at", time.strftime("%Y-%m-%d"))[:10]
     return (f"Measured {date} on {env['machine']['cpu']} ({env['machine']['cores']} cores, "
             f"torch threads 2), torch {env['versions']['torch']}, transformers {env['versions']['transformers']}, "
-            f"secateurs {env['versions']['secateurs']}.")
+            f"secateurs {env['versions']['secateurs']}; allocator: "
+            f"{env['machine'].get('allocator', 'system default')}.")
 
 
 def page_head(title: str, row: dict, intro: str, command: str) -> list[str]:
@@ -142,7 +143,8 @@ def held_out_markdown(script: str, rows: list[dict], title: str, intro: str, col
 def benchmark_main(script: str, doc: str, runs: list, stem: str, one, markdown, describe) -> int:
     """The command line the benchmarks share: ``--runs`` (comma list, default all), ``--out`` (folder for
     ``<stem>.json`` and ``<stem>.md``) and the hidden ``--one RUN``, which measures one row in this process.
-    Each row runs in a fresh process; both files are rewritten after every row, so a crash loses nothing
+    Each row runs in a fresh process that reuses freed memory as the command line does
+    (:func:`secateurs.reuse_freed_memory`); both files are rewritten after every row, so a crash loses nothing
     measured.  ``markdown(rows, command)`` renders the page, ``describe(row)`` the progress line."""
     import argparse
 
@@ -153,6 +155,9 @@ def benchmark_main(script: str, doc: str, runs: list, stem: str, one, markdown, 
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
+        from secateurs import reuse_freed_memory
+
+        reuse_freed_memory()  # as the command line does
         print(json.dumps(one(args.one)))
         return 0
     out = Path(args.out)

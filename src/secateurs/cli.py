@@ -688,12 +688,14 @@ def _previous_table(args) -> "dict | None":
 
 
 def main(argv=None) -> int:
+    from .allocator import reuse_freed_memory
     from .config import ConfigError
     from .data import DataError
     from .engine import CalibrationError, VerificationError
     from .models import ArchitectureError, ModelLoadError
 
     args = build_parser().parse_args(argv)
+    reuse_freed_memory()  # this process is ours: keep freed activations for reuse (see allocator.py)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.quiet:
         import transformers

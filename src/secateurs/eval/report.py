@@ -9,6 +9,8 @@ import sys
 
 import torch
 
+from .. import allocator
+
 
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (Linux reports kilobytes, macOS bytes)."""
@@ -42,4 +44,4 @@ def machine() -> dict[str, object]:
     except (OSError, StopIteration):
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform()}
+            "platform": platform.platform(), "allocator": allocator.describe()}
