@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 
@@ -12,8 +11,7 @@ import pytest
 
 from secateurs import allocator
 
-on_glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                              reason="mallopt is glibc's")
+on_glibc = pytest.mark.skipif(not allocator.on_glibc(), reason="mallopt is glibc's")
 
 # In a fresh process: where a 25 MiB tensor (a block's activation) comes from, and what is left after it is
 # dropped, from glibc's own accounting (mallinfo2: bytes in mapped blocks, free bytes held in the heap).
@@ -25,7 +23,7 @@ class Info(ctypes.Structure):
     _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                 "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+mallinfo2 = ctypes.CDLL(None).mallinfo2
 mallinfo2.restype = Info
 on = reuse_freed_memory()
 before = mallinfo2().hblkhd

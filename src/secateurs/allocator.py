@@ -19,7 +19,6 @@ itself.  ``SECATEURS_ALLOCATOR=system`` leaves glibc's defaults alone.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 
@@ -42,13 +41,18 @@ def reuse_freed_memory() -> bool:
     return _in_effect
 
 
+def on_glibc() -> bool:
+    """Whether this process runs on Linux's glibc, whose ``mallopt`` this module sets."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def _apply() -> bool:
     if os.environ.get("SECATEURS_ALLOCATOR", "").strip().lower() == "system":
         return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not on_glibc():
         return False
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    try:  # the C library this process already runs on (as models/pages.py finds madvise); no search for it
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     # mallopt returns 1 on success; setting either one stops glibc adjusting the thresholds itself
