@@ -75,3 +75,18 @@ def test_the_command_line_turns_it_on(monkeypatch):
     monkeypatch.setattr(allocator, "reuse_freed_memory", lambda: calls.append(1) or True)
     assert main(["prune", "--method", "magnitude", "--sparsity", "1.5", "--output", "unused"]) == 2
     assert calls == [1]
+
+
+def test_an_unknown_setting_is_refused_in_one_line(monkeypatch, tmp_path, capsys):
+    from secateurs.cli import main
+
+    monkeypatch.setenv("SECATEURS_ALLOCATOR", "jemalloc")
+    monkeypatch.setattr(allocator, "_in_effect", None)
+    with pytest.raises(ValueError, match="SECATEURS_ALLOCATOR='jemalloc': the only value is 'system'"):
+        allocator.reuse_freed_memory()
+    out = tmp_path / "out"
+    assert main(["prune", "--method", "magnitude", "--sparsity", "0.5", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["secateurs: error: SECATEURS_ALLOCATOR='jemalloc': the only value is 'system' (glibc's default "
+                   "thresholds); unset it to reuse freed memory"]
+    assert not out.exists()

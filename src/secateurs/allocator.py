@@ -33,7 +33,8 @@ def reuse_freed_memory() -> bool:
     """Set glibc's thresholds as the module docstring says, once per process.
 
     Returns whether the setting is in effect: False off Linux's glibc (musl, macOS, Windows), when
-    ``mallopt`` refuses, or with ``SECATEURS_ALLOCATOR=system``.
+    ``mallopt`` refuses, or with ``SECATEURS_ALLOCATOR=system``.  Any other value of that variable is a
+    ``ValueError``, rather than a setting silently ignored.
     """
     global _in_effect
     if _in_effect is None:
@@ -47,8 +48,12 @@ def on_glibc() -> bool:
 
 
 def _apply() -> bool:
-    if os.environ.get("SECATEURS_ALLOCATOR", "").strip().lower() == "system":
+    choice = os.environ.get("SECATEURS_ALLOCATOR", "")
+    if choice.strip().lower() == "system":
         return False
+    if choice.strip():
+        raise ValueError(f"SECATEURS_ALLOCATOR={choice!r}: the only value is 'system' (glibc's default thresholds); "
+                         "unset it to reuse freed memory")
     if not on_glibc():
         return False
     try:  # the C library this process already runs on (as models/pages.py finds madvise); no search for it

@@ -695,7 +695,6 @@ def main(argv=None) -> int:
     from .models import ArchitectureError, ModelLoadError
 
     args = build_parser().parse_args(argv)
-    reuse_freed_memory()  # this process is ours: keep freed activations for reuse (see allocator.py)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.quiet:
         import transformers
@@ -708,6 +707,7 @@ def main(argv=None) -> int:
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     try:
+        reuse_freed_memory()  # this process is ours: keep freed activations for reuse (see allocator.py)
         _check_file_flags(args)
         return commands[args.command](args)
     # OSError: a file in the way, a place that cannot be written, a disk that fills up while saving
