@@ -22,6 +22,8 @@ import ctypes
 import os
 import platform
 
+from .errors import ConfigError
+
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 1 << 30
@@ -52,7 +54,7 @@ def _apply() -> bool:
     if choice.strip().lower() == "system":
         return False
     if choice.strip():
-        raise ValueError(f"SECATEURS_ALLOCATOR={choice!r}: the only value is 'system' (glibc's default thresholds); "
+        raise ConfigError(f"SECATEURS_ALLOCATOR={choice!r}: the only value is 'system' (glibc's default thresholds); "
                          "unset it to reuse freed memory")
     if not on_glibc():
         return False

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from . import atomic
+from .errors import ConfigError, OutputError
 
 EXIT_USAGE = 2
 
@@ -146,12 +147,12 @@ def _check_schedule_flags(args) -> None:
     given = [k for k in (*_SCHEDULE_PARAMS, "pattern", "group") if getattr(args, k, None) is not None]
     if not args.schedule:
         if given:
-            raise ValueError(f"{_flag_names(given)} need(s) --schedule (without one the mask stays frozen)")
+            raise ConfigError(f"{_flag_names(given)} need(s) --schedule (without one the mask stays frozen)")
         return
     if args.schedule in SCHEDULES:  # an unknown name is refused, with the known ones, by Schedule itself
         reads = inspect.signature(SCHEDULES[args.schedule]).parameters
         if unread := [k for k in given if k in _SCHEDULE_PARAMS and k not in reads]:
-            raise ValueError(f"the {args.schedule} schedule does not read {_flag_names(unread)}: drop it")
+            raise ConfigError(f"the {args.schedule} schedule does not read {_flag_names(unread)}: drop it")
 
 
 def _train_config(args):
@@ -161,7 +162,7 @@ def _train_config(args):
     if hasattr(args, "end_step"):  # finetune: the gradual-pruning flags
         _check_schedule_flags(args)
     if fields.get("lora_alpha") is not None and not fields.get("lora_rank"):
-        raise ValueError("--lora-alpha needs --lora-rank R (without one every weight trains, no adapters)")
+        raise ConfigError("--lora-alpha needs --lora-rank R (without one every weight trains, no adapters)")
     if getattr(args, "schedule", None):
         sched = {"name": args.schedule, "final_sparsity": args.final_sparsity if args.final_sparsity is not None else 0.5,
                  "end_step": args.end_step if args.end_step is not None else (3 * args.steps) // 4}
@@ -270,10 +271,10 @@ def _overrides(args) -> dict:
         out["layer_sparsity"] = args.layer_sparsity
     per_layer, blocks = getattr(args, "remove_per_layer", None), getattr(args, "remove_blocks", None)
     if per_layer is not None and blocks is not None:
-        raise ValueError("give --remove-per-layer (channels, heads) or --remove-blocks (blocks), not both")
+        raise ConfigError("give --remove-per-layer (channels, heads) or --remove-blocks (blocks), not both")
     if blocks is not None:
         if out.get("method", "blocks") != "blocks":
-            raise ValueError(f"--remove-blocks is for --method blocks, not {out['method']}")
+            raise ConfigError(f"--remove-blocks is for --method blocks, not {out['method']}")
         out["method"] = "blocks"
         out["count"] = blocks
     elif per_layer is not None:
@@ -290,7 +291,6 @@ _NARROW_FLAGS = {"blocksize": ("method sparsegpt", lambda c: getattr(c, "method"
 
 def _check_flags_used(args, configs) -> None:
     """Refuse a flag that no config of this run reads (``--percdamp`` with Wanda): it would change nothing."""
-    from .config import ConfigError
 
     for key, (reader, reads) in _NARROW_FLAGS.items():
         if getattr(args, key, None) is not None and not any(reads(c) for c in configs):
@@ -452,7 +452,6 @@ def _evaluator(tokenizer, eval_config, show):
 
 def cmd_finetune(args) -> int:
     from . import api
-    from .config import ConfigError
     from .data import load_text, tokenize
     from .eval import peak_rss_bytes
     from .models import check_output, check_space, save_model
@@ -540,7 +539,6 @@ def _training_state(path: Path, run: dict, config) -> "dict | None":
     """The saved state of an interrupted ``finetune`` of the same model, data and settings, or None."""
     import torch
 
-    from .config import ConfigError
     from .models.load import first_line
 
     if not path.exists():
@@ -568,22 +566,22 @@ def cmd_iterate(args) -> int:
     from .training import cycle_sparsities, iterate, last_complete_cycle
 
     if (args.sparsities is None) == (args.cycles is None):
-        raise ValueError("give --sparsities S1,S2,... or --cycles N with --final-sparsity S")
+        raise ConfigError("give --sparsities S1,S2,... or --cycles N with --final-sparsity S")
     if args.sparsities is not None:
         if extra := [k for k in ("final_sparsity", "initial_sparsity", "cycle_schedule") if getattr(args, k) is not None]:
-            raise ValueError(f"{_flag_names(extra)} go(es) with --cycles N, not with --sparsities (which lists "
+            raise ConfigError(f"{_flag_names(extra)} go(es) with --cycles N, not with --sparsities (which lists "
                              "every cycle's target)")
         try:
             targets = [float(x) for x in args.sparsities.split(",") if x.strip()]
         except ValueError:
-            raise ValueError(f"--sparsities {args.sparsities!r} must be a comma list of numbers") from None
+            raise ConfigError(f"--sparsities {args.sparsities!r} must be a comma list of numbers") from None
     else:
         if args.final_sparsity is None:
-            raise ValueError("--cycles needs --final-sparsity")
+            raise ConfigError("--cycles needs --final-sparsity")
         targets = cycle_sparsities(args.cycles, args.final_sparsity, args.cycle_schedule or "geometric",
                                    args.initial_sparsity)
     if any(b < a for a, b in zip(targets, targets[1:])):
-        raise ValueError(f"cycle sparsities must not decrease: {targets}")
+        raise ConfigError(f"cycle sparsities must not decrease: {targets}")
     base = _overrides(args)
     nm = Pattern.parse(base.get("pattern", "unstructured")).kind == "nm"
     prune_config = PruneConfig.from_dict(base if nm else {**base, "sparsity": targets[0]})
@@ -668,7 +666,6 @@ def cmd_compare(args) -> int:
 
 def _previous_table(args) -> "dict | None":
     """With ``--resume``, the table saved in ``--report`` by an earlier run (None when there is none yet)."""
-    from .config import ConfigError
     from .models.load import first_line
 
     if not args.resume:
@@ -689,10 +686,7 @@ def _previous_table(args) -> "dict | None":
 
 def main(argv=None) -> int:
     from .allocator import reuse_freed_memory
-    from .config import ConfigError
-    from .data import DataError
-    from .engine import CalibrationError, VerificationError
-    from .models import ArchitectureError, ModelLoadError
+    from .errors import SecateursError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -710,9 +704,8 @@ def main(argv=None) -> int:
         reuse_freed_memory()  # this process is ours: keep freed activations for reuse (see allocator.py)
         _check_file_flags(args)
         return commands[args.command](args)
-    # OSError: a file in the way, a place that cannot be written, a disk that fills up while saving
-    except (ConfigError, DataError, ModelLoadError, ArchitectureError, VerificationError, CalibrationError,
-            OSError, ValueError) as exc:
+    # OSError: the machine said no (a disk that fills up, a file that vanished): not a bug, so one line too
+    except (SecateursError, OSError) as exc:
         print(f"secateurs: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as exc:
@@ -734,9 +727,9 @@ def _check_file_flags(args) -> None:
             continue
         path = Path(value)
         if path.is_dir():
-            raise FileExistsError(f"--{flag} {value!r} is a folder; give a file name")
+            raise OutputError(f"--{flag} {value!r} is a folder; give a file name")
         if (file := file_in_the_way(path.parents)) is not None:
-            raise FileExistsError(f"--{flag} {value!r}: {str(file)!r} is a file, not a folder")
+            raise OutputError(f"--{flag} {value!r}: {str(file)!r} is a file, not a folder")
         check_writable(path.parent, f"--{flag} {value!r}")
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from . import atomic
+from .errors import ConfigError
 from .methods import METHODS, get_method
 from .models.load import first_line
 from .patterns import Pattern
@@ -33,10 +34,6 @@ REFINE = ("none", "admm")  # weight reconstruction on the chosen mask, after the
 STRUCTURED = ("channels", "heads", "blocks")  # structured methods: remove whole units, not single weights
 WIDTH_SCORES = ("magnitude", "wanda", "fluctuation")
 DEPTH_SCORES = ("bi", "angular")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import ConfigError
+
 __all__ = ["Pattern", "kth_smallest", "lowest_k_mask", "lowest_in_groups", "unstructured_mask", "nm_mask", "block_mask",
            "build_mask", "check_nm", "check_tiles", "zero_where_"]
 
@@ -46,14 +48,14 @@ class Pattern:
         if match := re.fullmatch(r"(\d+):(\d+)", s):
             n, m = int(match[1]), int(match[2])
             if not 0 < n < m:
-                raise ValueError(f"N:M pattern {text!r} needs 0 < N < M (N weights kept in every M)")
+                raise ConfigError(f"N:M pattern {text!r} needs 0 < N < M (N weights kept in every M)")
             return cls("nm", n=n, m=m)
         if match := re.fullmatch(r"block:(\d+)", s):
             b = int(match[1])
             if b < 1:
-                raise ValueError(f"block pattern {text!r} needs a tile side >= 1")
+                raise ConfigError(f"block pattern {text!r} needs a tile side >= 1")
             return cls("block", block=b)
-        raise ValueError(f"unknown pattern {text!r}: use 'unstructured', 'N:M' (e.g. 2:4) or 'block:B'")
+        raise ConfigError(f"unknown pattern {text!r}: use 'unstructured', 'N:M' (e.g. 2:4) or 'block:B'")
 
     def __str__(self) -> str:
         if self.kind == "nm":
@@ -70,9 +72,9 @@ class Pattern:
     def validate_shape(self, out_features: int, in_features: int, name: str = "weight") -> None:
         """Raise a clear error when the pattern cannot tile a weight of this shape."""
         if self.kind == "nm" and in_features % self.m:
-            raise ValueError(f"{name}: input width {in_features} is not divisible by M={self.m} of pattern {self}")
+            raise ConfigError(f"{name}: input width {in_features} is not divisible by M={self.m} of pattern {self}")
         if self.kind == "block" and (out_features % self.block or in_features % self.block):
-            raise ValueError(
+            raise ConfigError(
                 f"{name}: block size {self.block} does not tile the weight of shape ({out_features}, {in_features})"
             )
 
@@ -134,7 +136,7 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "row")
     if group == "layer":
         flat = scores.reshape(1, -1)
         return lowest_k_mask(flat, int(flat.numel() * sparsity)).view_as(scores)
-    raise ValueError(f"group {group!r} is not a per-matrix group (row, layer)")
+    raise ConfigError(f"group {group!r} is not a per-matrix group (row, layer)")
 
 
 def lowest_in_groups(groups: torch.Tensor, k: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .. import atomic
+from ..errors import DataError
 from ..models.load import cache_dir, first_line
 
 log = logging.getLogger(__name__)
@@ -43,10 +44,6 @@ HF_ALIASES = {
                column="text", splits={"train": "train", "test": "test"}),
 }
 _HEADING = re.compile(r"^(=+)\s*(.*?)\s*\1$")
-
-
-class DataError(ValueError):
-    """Bad data spec or too little text for what was asked."""
 
 
 # --------------------------------------------------------------------------- built-in enwiki

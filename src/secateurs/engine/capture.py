@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ArchitectureError
+
 
 class StopForward(Exception):
     """Raised inside a forward pass to end it once what we came for has been recorded."""
@@ -61,7 +63,7 @@ def _split_hidden(args: tuple, kwargs: dict):
     if "hidden_states" in kwargs:
         rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         return kwargs["hidden_states"], BlockCall((), rest, None)
-    raise RuntimeError("cannot find the hidden states in the block's arguments")
+    raise ArchitectureError("cannot find the hidden states in the block's arguments")
 
 
 @torch.no_grad()
@@ -105,5 +107,5 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
         for block in blocks:
             del block.forward  # the class's forward is visible again
     if len(hidden) != math.ceil(len(input_ids) / batch_size) or any(len(c) != len(hidden) for c in calls):
-        raise RuntimeError("the model did not call every block once per batch; cannot calibrate it layer by layer")
+        raise ArchitectureError("the model did not call every block once per batch; cannot calibrate it layer by layer")
     return hidden, calls

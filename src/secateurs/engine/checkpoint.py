@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import atomic
+from ..errors import ConfigError
 from .sequential import LayerRecord
 
 
@@ -56,7 +57,7 @@ class WalkCheckpoint:
 
     def __init__(self, folder, run: "dict | None" = None, every: "int | None" = 1):
         if every is not None and every < 1:
-            raise ValueError(f"save every {every} blocks: must be >= 1")
+            raise ConfigError(f"save every {every} blocks: must be >= 1")
         self.folder = Path(folder)
         self.run = dict(run or {})
         self.every = every

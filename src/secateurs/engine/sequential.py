@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import CalibrationError, ConfigError, ModelLoadError, VerificationError
 from ..methods.base import InputStats, LayerTarget, Method
 from ..methods.reconstruct import admm_reconstruct
 from ..models.arch import find_blocks, find_linears, role_of, set_weight_of, weight_of
@@ -39,14 +40,6 @@ from .capture import StopForward, capture_inputs
 from .layout import BlockLayout, Replay, learn_layout
 
 log = logging.getLogger(__name__)
-
-
-class VerificationError(RuntimeError):
-    """A pruned layer does not obey its target; raised loudly rather than saving a wrong model."""
-
-
-class CalibrationError(RuntimeError):
-    """The calibration statistics of a layer are unusable (inf or NaN); nothing is pruned from them."""
 
 
 @dataclass
@@ -301,7 +294,7 @@ def _check_finite(name: str, W: torch.Tensor) -> None:
     """Refuse a weight holding inf or NaN: no ranking of its entries means anything, and the masks the
     kernels would choose among NaN scores are arbitrary."""
     if bad := non_finite(W):
-        raise ValueError(f"{name}: {bad} of its {W.numel()} weights are inf or NaN (a broken checkpoint?); "
+        raise ModelLoadError(f"{name}: {bad} of its {W.numel()} weights are inf or NaN (a broken checkpoint?); "
                          "refusing to prune it")
 
 
@@ -322,7 +315,7 @@ def make_plan(model: nn.Module, config) -> Plan:
             chosen[name] = (module, LayerTarget(pattern, config.sparsity_for(name, i), config.group))
         layers.append(chosen)
     if not any(layers):
-        raise ValueError("no linear layer matches the include/exclude selection: nothing to prune")
+        raise ConfigError("no linear layer matches the include/exclude selection: nothing to prune")
     return Plan(blocks_name, blocks, layers)
 
 

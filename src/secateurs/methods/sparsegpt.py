@@ -21,6 +21,7 @@ import logging
 
 import torch
 
+from ..errors import CalibrationError
 from ..patterns import Pattern, expand_tiles, lowest_in_groups, lowest_k_mask, tile_scores, zero_where_
 from .base import InputStats, LayerTarget, Method, register
 
@@ -47,7 +48,7 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6
         log.warning("SparseGPT: Cholesky failed with damping %.3g of mean(diag H); retrying with %.3g",
                     damp_frac, damp_frac * 10)
         damp_frac *= 10
-    raise RuntimeError(f"SparseGPT: Hessian is not positive definite even with damping {damp_frac:.3g}")
+    raise CalibrationError(f"SparseGPT: Hessian is not positive definite even with damping {damp_frac:.3g}")
 
 
 def sparsegpt_prune(

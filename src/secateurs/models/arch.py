@@ -13,6 +13,7 @@ import re
 import torch
 from torch import nn
 
+from ..errors import ArchitectureError
 from .pages import overwrite_
 
 try:  # GPT-2 family
@@ -22,10 +23,6 @@ except ImportError:  # pragma: no cover
 
 LINEAR_TYPES = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
 _ATTENTION = re.compile(r"(^|\.)[^.]*(attn|attention)[^.]*(\.|$)", re.IGNORECASE)
-
-
-class ArchitectureError(ValueError):
-    """The model has no structure secateurs can prune (e.g. no repeated blocks)."""
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

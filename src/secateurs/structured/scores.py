@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
+
 CHANNEL_SCORES = ("magnitude", "wanda", "fluctuation")
 BLOCK_SCORES = ("bi", "angular")
 
@@ -68,12 +70,12 @@ def channel_scores(kind: str, W_out: torch.Tensor, W_ins: list, stats: "ChannelS
             sq = sq + (W.double() ** 2).sum(1)
         return sq.sqrt()
     if stats is None or stats.tokens == 0:
-        raise ValueError(f"structured score {kind!r} needs calibration statistics")
+        raise ConfigError(f"structured score {kind!r} needs calibration statistics")
     if kind == "wanda":
         return W_out.abs().sum(0) * stats.sq_sum.sqrt()
     if kind == "fluctuation":
         return stats.variance * (W_out * W_out).sum(0)
-    raise ValueError(f"unknown channel score {kind!r}; known: {', '.join(CHANNEL_SCORES)}")
+    raise ConfigError(f"unknown channel score {kind!r}; known: {', '.join(CHANNEL_SCORES)}")
 
 
 def head_scores(channel: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -138,4 +140,4 @@ def blocks_to_remove(kind: str, scores: torch.Tensor, k: int) -> list[int]:
     if kind == "angular":
         start = lowest(scores, 1)[0]
         return list(range(start, start + k))
-    raise ValueError(f"unknown block score {kind!r}; known: {', '.join(BLOCK_SCORES)}")
+    raise ConfigError(f"unknown block score {kind!r}; known: {', '.join(BLOCK_SCORES)}")

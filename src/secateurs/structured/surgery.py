@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models.arch import ArchitectureError, find_blocks, is_transposed
+from ..errors import ArchitectureError, ConfigError
+from ..models.arch import find_blocks, is_transposed
 from .units import AttentionUnit, MlpUnit, find_attention, find_mlp
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def drop_blocks(model: nn.Module, remove: list) -> None:
     remove = set(remove)
     kept = [i for i in range(len(blocks)) if i not in remove]
     if not kept:
-        raise ValueError("removing every block would leave no model")
+        raise ConfigError("removing every block would leave no model")
     parent_name, _, attr = blocks_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, nn.ModuleList([blocks[i] for i in kept]))

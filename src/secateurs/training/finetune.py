@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..errors import DataError, SnapshotError
 from ..progress import Stage, Tracker
 from .lora import add_lora, merge_lora
 from .masks import GradualPruner, Masks, measured_sparsity, prunable_linears
@@ -77,7 +78,7 @@ class TrainConfig:
 def training_batch(ids: torch.Tensor, batch: int, seqlen: int, seed: int, step: int, micro: int = 0) -> torch.Tensor:
     """``(batch, seqlen)`` random windows of the token stream ``ids``, reproducible from (seed, step, micro)."""
     if len(ids) <= seqlen:
-        raise ValueError(f"training text has {len(ids)} tokens, fewer than one window of {seqlen}")
+        raise DataError(f"training text has {len(ids)} tokens, fewer than one window of {seqlen}")
     g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + micro)
     starts = torch.randint(0, len(ids) - seqlen, (batch,), generator=g)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
@@ -139,7 +140,7 @@ def train(model, train_ids: torch.Tensor, config: TrainConfig, evaluate=None, tr
     device = next(model.parameters()).device
     if resume is not None:
         if resume["train"] != config.to_dict():
-            raise ValueError("the training state to resume was saved under another training config")
+            raise SnapshotError("the training state to resume was saved under another training config")
         # the state was saved (and is loaded) on the CPU
         masks.masks = {name: mask.to(device) for name, mask in resume["masks"].items()}
         if pruner:

@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 
+from ..errors import ConfigError
 from ..progress import Stage, Tracker
 from .finetune import TrainConfig, train
 from .masks import measured_sparsity, prunable_linears
@@ -39,7 +40,7 @@ def cycle_sparsities(cycles: int, final: float, schedule: str = "geometric", ini
     to ``final`` (last cycle).  ``geometric`` (default) multiplies the sparsity by the same factor every cycle.
     """
     if cycles < 1:
-        raise ValueError("cycles must be >= 1")
+        raise ConfigError("cycles must be >= 1")
     if initial is None:
         initial = final / cycles
     if cycles == 1:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from ..models.arch import weight_of
 from .masks import prunable_linears
 
@@ -49,7 +50,7 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, seed: "int | 
     With ``seed`` the adapters' ``A`` are drawn from a generator of their own, so they do not depend on what
     else used torch's global RNG before (a resumed or iterated run starts them exactly as a fresh one)."""
     if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        raise ConfigError(f"LoRA rank must be >= 1, got {rank}")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     for p in model.parameters():
         p.requires_grad_(False)

@@ -21,6 +21,7 @@ import contextlib
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..models.arch import find_blocks, find_linears, weight_of
 from ..patterns import Pattern, build_mask, zero_where_
 from .schedules import Schedule, increment
@@ -95,7 +96,7 @@ class GradualPruner:
         self.schedule = schedule
         self.pattern = Pattern.parse(pattern)
         if self.pattern.kind == "nm":
-            raise ValueError("gradual pruning grows an unstructured or block mask; N:M has one sparsity only "
+            raise ConfigError("gradual pruning grows an unstructured or block mask; N:M has one sparsity only "
                              "(use a oneshot schedule)")
         self.group = group
         self.linears = prunable_linears(model)
