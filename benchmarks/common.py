@@ -117,7 +117,7 @@ def prune_and_score(method: str, setting: str, **options) -> dict:
     ids = tokenize(tok, load_text("enwiki", "test"))
     cfg = protocol_config(method, setting, **options)
     result = prune(model, cfg, calibration_data(tok, cfg), progress=False)
-    return {"method": method, "pattern": cfg.pattern, "true_sequential": cfg.true_sequential, "refine": cfg.refine,
+    return {"method": method, "pattern": cfg.pattern, "true_sequential": cfg.resolved.true_sequential, "refine": cfg.refine,
             "sparsity": result.sparsity, "prune_seconds": round(result.prune_seconds, 2),
             "perplexity": evaluate(model, tok, EvalConfig(seqlen=SEQLEN, windows=PROTOCOL_WINDOWS), ids=ids,
                                    progress=False),

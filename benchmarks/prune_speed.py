@@ -87,7 +87,7 @@ def one(run: str) -> dict:
     def median(key):
         return statistics.median(r[key] for r in repeats)
 
-    return {"run": run, "method": method, "pattern": cfg.pattern, "true_sequential": cfg.true_sequential,
+    return {"run": run, "method": method, "pattern": cfg.pattern, "true_sequential": cfg.resolved.true_sequential,
             "repeats": repeats, "median_ratio": median("ratio"), "median_walk_ratio": median("walk_ratio"),
             "median_pruning_seconds": median("pruning_seconds"), "median_blocks_share": median("blocks_share"),
             **environment()}

@@ -54,8 +54,8 @@ def one(run: str) -> dict:
             result = prune(model, cfg, calib, progress=False)
         # timed again after pruning (dense kernels: zeros cost the same) to average out machine drift
         dense_forward = (before + dense_forward_seconds(model, calib)) / 2
-        row.update(method=method + (" (at once)" if variant else ""), true_sequential=cfg.true_sequential,
-                   pattern=cfg.pattern, target_sparsity=cfg.sparsity, sparsity=result.sparsity,
+        row.update(method=method + (" (at once)" if variant else ""), true_sequential=cfg.resolved.true_sequential,
+                   pattern=cfg.pattern, target_sparsity=cfg.resolved.sparsity, sparsity=result.sparsity,
                    prune_seconds=round(result.prune_seconds, 2), dense_forward_seconds=round(dense_forward, 2),
                    ratio=round(result.prune_seconds / dense_forward, 3), stage_seconds=result.stage_seconds,
                    rss_before_prune_bytes=rss.before, prune_peak_rss_bytes=rss.peak)

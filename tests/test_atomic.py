@@ -8,6 +8,7 @@ import transformers as tf
 
 from conftest import tiny_model
 from secateurs import atomic, save_model
+from secateurs.errors import OutputError
 
 
 def ended_pid() -> int:
@@ -112,7 +113,7 @@ def test_a_folder_another_run_saved_meanwhile_is_not_replaced_without_overwrite(
         save(self, folder, **kw)
 
     monkeypatch.setattr(tf.PreTrainedModel, "save_pretrained", meanwhile)
-    with pytest.raises(FileExistsError, match="exists and is not empty"):
+    with pytest.raises(OutputError, match="exists and is not empty"):
         save_model(model, None, out)
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["theirs.txt"]
     out.joinpath("theirs.txt").unlink()

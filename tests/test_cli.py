@@ -37,7 +37,8 @@ def test_prune_writes_model_and_report(tiny_dir, tmp_path, capsys):
         assert key in r, key
     assert datetime.fromisoformat(r["measured_at"]).tzinfo is not None
     assert r["sparsity"] == pytest.approx(0.5) and r["stage"] == "complete" and r["config"]["pattern"] == "2:4"
-    assert r["config"]["true_sequential"] is True  # sparsegpt's default
+    assert r["config"]["true_sequential"] is None  # left to the method, and reported as resolved
+    assert r["config"]["resolved"]["true_sequential"] is True  # sparsegpt's default
     assert len(r["per_layer"]) == 14 and r["zero_params"] + r["nonzero_params"] == r["total_params"]
     assert r["dense_perplexity"] > 1 and r["perplexity"] > 1
     model = tf.AutoModelForCausalLM.from_pretrained(out)  # plain transformers
@@ -57,7 +58,8 @@ def test_refine_flags(tiny_dir, tmp_path):
     assert main(["prune", *args(tiny_dir, "--method", "magnitude", "--refine", "admm", "--refine-iters", "5",
                                 "--no-eval", "--output", str(tmp_path / "o"), "--report", str(report))]) == 0
     r = json.loads(report.read_text())
-    assert (r["config"]["refine"], r["config"]["refine_iters"], r["config"]["refine_damp"]) == ("admm", 5, 0.1)
+    assert (r["config"]["refine"], r["config"]["refine_iters"], r["config"]["refine_damp"]) == ("admm", 5, None)
+    assert (r["config"]["resolved"]["refine_iters"], r["config"]["resolved"]["refine_damp"]) == (5, 0.1)
     assert abs(r["sparsity"] - 0.5) < 1e-3
 
 
@@ -195,9 +197,9 @@ def test_a_narrow_flag_passes_when_some_config_reads_it(tmp_path, capsys, argv):
     (["--eval-seqlen", "257"], "eval seqlen 257 is longer than the model's context (256 positions)"),
     (["--device", "gpu"], "device 'gpu' is not a torch device"),
     (["--device", "cuda:99"], "device 'cuda:99' is not available here"),  # no machine has a hundredth GPU
-    (["--method", "wanda", "--percdamp", "0.05"], "--percdamp is read only with method sparsegpt"),
-    (["--method", "magnitude", "--blocksize", "64"], "--blocksize is read only with method sparsegpt"),
-    (["--method", "sparsegpt", "--refine-iters", "5"], "--refine-iters is read only with --refine admm"),
+    (["--method", "wanda", "--percdamp", "0.05"], "percdamp is an option of sparsegpt, not of wanda"),
+    (["--method", "magnitude", "--blocksize", "64"], "blocksize is an option of sparsegpt, not of magnitude"),
+    (["--method", "sparsegpt", "--refine-iters", "5"], "refine_iters is read only with refine=admm"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_output(tiny_dir, tmp_path, capsys, extra, message):
     out = tmp_path / "out"
@@ -349,8 +351,8 @@ def test_non_finite_weights_or_activations_are_refused_with_the_layer_named(tiny
     (["--methods", "magnitude,wanda,magnitude"], "methods name 'magnitude' more than once"),
     (["--sparsities", "0.5,2:4,2:4"], "sparsities name '2:4' more than once"),
     (["--methods", ","], "methods: name at least one"),
-    (["--methods", "magnitude,wanda", "--percdamp", "0.05"], "--percdamp is read only with method sparsegpt"),
-    (["--methods", "wanda,sparsegpt", "--refine-damp", "0.2"], "--refine-damp is read only with --refine admm"),
+    (["--methods", "magnitude,wanda", "--percdamp", "0.05"], "percdamp: read by none of the compared methods (magnitude, wanda)"),
+    (["--methods", "wanda,sparsegpt", "--refine-damp", "0.2"], "refine_damp: read by none of the compared methods"),
 ])
 def test_compare_refuses_a_bad_grid_before_loading(tiny_dir, capsys, grid, message):
     code = main(["compare", "--model", str(tiny_dir / "missing-model"), *grid, "--quiet"])

@@ -1,4 +1,5 @@
 import json
+from dataclasses import FrozenInstanceError
 
 import pytest
 
@@ -7,22 +8,49 @@ from secateurs.config import ConfigError, EvalConfig, LayerRule, PruneConfig, Re
 
 def test_defaults_follow_the_papers():
     c = PruneConfig()
-    assert (c.method, c.sparsity, c.pattern, c.group) == ("wanda", 0.5, "unstructured", "row")
-    assert (c.calib_samples, c.calib_seqlen, c.propagate) == (128, 2048, "pruned")
-    assert PruneConfig(method="magnitude").group == "layer"
+    assert (c.method, c.resolved.sparsity, c.pattern, c.resolved.group) == ("wanda", 0.5, "unstructured", "row")
+    assert (c.calib_samples, c.calib_seqlen, c.resolved.propagate) == (128, 2048, "pruned")
+    assert PruneConfig(method="magnitude").resolved.group == "layer"
     assert PruneConfig(method="sparsegpt").needs_calibration and not PruneConfig(method="magnitude").needs_calibration
     # true-sequential: the SparseGPT LLaMA script's option, on by default for sparsegpt only
-    assert PruneConfig(method="sparsegpt").true_sequential and not PruneConfig(method="wanda").true_sequential
-    assert not PruneConfig(method="wanda", group="global", propagate="dense").true_sequential
+    assert PruneConfig(method="sparsegpt").resolved.true_sequential
+    assert not PruneConfig(method="wanda").resolved.true_sequential
+    assert not PruneConfig(method="wanda", allocation="global").resolved.true_sequential
+    assert PruneConfig(method="wanda", allocation="global").resolved.propagate == "dense"
     # weight reconstruction is opt-in; asking for it makes even magnitude gather X^T X from calibration data
-    assert (c.refine, c.refine_iters, c.refine_damp, c.needs) == ("none", 20, 0.1, "norms")
+    assert (c.refine, c.resolved.refine_iters, c.resolved.refine_damp, c.needs) == ("none", 20, 0.1, "norms")
     refined = PruneConfig(method="magnitude", refine="admm")
     assert refined.needs_calibration and refined.needs == "hessian"
 
 
+def test_defaults_that_depend_on_the_method_stay_unresolved_in_the_config():
+    """A copy with another method gets that method's defaults (the compare bug: SparseGPT run at once)."""
+    wanda = PruneConfig(method="wanda")
+    assert (wanda.group, wanda.true_sequential, wanda.propagate, wanda.sparsity) == (None, None, None, None)
+    sparsegpt = wanda.override(method="sparsegpt")
+    assert sparsegpt.resolved.true_sequential and sparsegpt.resolved.group == "block"
+    assert sparsegpt == PruneConfig(method="sparsegpt")
+    with pytest.raises(FrozenInstanceError):
+        wanda.method = "sparsegpt"
+
+
+def test_a_method_owns_its_options():
+    c = PruneConfig.from_dict({"method": "sparsegpt", "percdamp": 0.05})  # as recipes write them
+    assert c.options == {"percdamp": 0.05} and c.build_method().percdamp == 0.05
+    assert c.to_dict()["options"] == {"percdamp": 0.05}
+    assert PruneConfig.from_dict(c.to_dict()) == c
+    assert PruneConfig(method="magnitude", options={"threshold": 0.1}).build_method().meets_target is False
+    with pytest.raises(ConfigError, match=r"method wanda has no option 'percdamp' \(it has none\)"):
+        PruneConfig(method="wanda", options={"percdamp": 0.05})
+    with pytest.raises(ConfigError, match="percdamp is an option of sparsegpt, not of wanda"):
+        PruneConfig.from_dict({"method": "wanda", "percdamp": 0.05})
+    with pytest.raises(ConfigError, match="sparsegpt option blocksize must be int, got str 'x'"):
+        PruneConfig(method="sparsegpt", options={"blocksize": "x"})
+
+
 def test_nm_implies_sparsity():
-    assert PruneConfig(pattern="2:4").sparsity == 0.5
-    assert PruneConfig(pattern="1:4").sparsity == 0.75
+    assert PruneConfig(pattern="2:4").resolved.sparsity == 0.5
+    assert PruneConfig(pattern="1:4").resolved.sparsity == 0.75
     assert PruneConfig(pattern="2:4", sparsity=0.5).pattern == "2:4"
     with pytest.raises(ConfigError, match="contradicts pattern 2:4"):
         PruneConfig(pattern="2:4", sparsity=0.6)
@@ -34,20 +62,25 @@ def test_nm_implies_sparsity():
     (dict(method="obc"), "unknown 'obc'"),
     (dict(pattern="4:4"), "pattern"),
     (dict(pattern="block:0"), "pattern"),
-    (dict(method="sparsegpt", group="global"), "not offered by sparsegpt"),
-    (dict(method="wanda", threshold=0.1), "magnitude-only"),
-    (dict(method="wanda", group="global", propagate="pruned"), "needs propagate=dense"),
-    (dict(method="wanda", group="global", propagate="dense", true_sequential=True), "true_sequential does not apply"),
+    (dict(method="sparsegpt", group="row"), "not offered by sparsegpt"),
+    (dict(method="wanda", group="global"), "group=global is now allocation=global"),
+    (dict(method="sparsegpt", allocation="global"), "sparsegpt chooses its mask inside each layer"),
+    (dict(method="magnitude", options={"threshold": 0.1}, allocation="global"), "a threshold decides every layer"),
+    (dict(method="wanda", options={"threshold": 0.1}), "method wanda has no option 'threshold'"),
+    (dict(method="wanda", allocation="global", propagate="pruned"), "needs propagate=dense"),
+    (dict(method="wanda", allocation="global", true_sequential=True), "true_sequential does not apply"),
+    (dict(allocation="owl"), "allocation must be one of uniform, global"),
     (dict(layer_sparsity=["mlp=1.5"]), r"\[0, 1\)"),
     (dict(layer_sparsity=["mlp"]), "REGEX=S"),
     (dict(pattern="2:4", layer_sparsity=["mlp=0.3"]), "N:M"),
     (dict(include=["(unclosed"]), "bad regex"),
     (dict(calib_samples=0), "calib_samples"),
-    (dict(method="sparsegpt", percdamp=0), "percdamp"),
+    (dict(method="sparsegpt", options={"percdamp": 0}), "percdamp"),
     (dict(refine="obs"), "refine must be one of"),
     (dict(refine="admm", refine_iters=0), "refine_iters must be >= 1"),
     (dict(refine="admm", refine_damp=-1), "refine_damp must be >= 0"),
-    (dict(method="magnitude", group="global", refine="admm"), "no layer can be refined"),
+    (dict(method="magnitude", allocation="global", refine="admm"), "no layer can be refined"),
+    (dict(refine_iters=5), "refine_iters is read only with refine=admm"),
     (dict(device="gpu"), "device 'gpu' is not a torch device"),
 ])
 def test_validation_errors(kwargs, message):
@@ -90,7 +123,7 @@ def test_recipe_stages_and_overrides(tmp_path):
                     "  - {include: [mlp], sparsity: 0.6, method: sparsegpt}\neval: {windows: 2}\n")
     r = Recipe.load(path, overrides={"calib_seqlen": 64})
     assert [(s.method, s.include, s.sparsity, s.calib_seqlen) for s in r.stages] == [
-        ("wanda", ["attention"], 0.4, 64), ("sparsegpt", ["mlp"], 0.6, 64)]
+        ("wanda", ("attention",), 0.4, 64), ("sparsegpt", ("mlp",), 0.6, 64)]
     assert r.eval.windows == 2
     path.write_text("method: wanda\nsparsty: 0.5\n")
     with pytest.raises(ConfigError, match="unknown config field"):

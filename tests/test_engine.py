@@ -8,10 +8,11 @@ import transformers as tf
 
 from conftest import tiny_model
 from secateurs import PruneConfig, prune
+from secateurs.errors import ModelLoadError
 from secateurs.config import ConfigError
 from secateurs.engine import capture_inputs, make_plan
 from secateurs.engine import layout as layout_module, sequential
-from secateurs.engine.sequential import run_block
+from secateurs.engine.walk import run_block
 from secateurs.models import ArchitectureError, find_blocks, find_linears, role_of, weight_of
 from secateurs.patterns import check_nm
 
@@ -83,7 +84,7 @@ def test_global_magnitude_ranks_across_layers():
     with torch.no_grad():  # make block 1 tiny: a global ranking must take most of its weights
         for m in find_linears(find_blocks(model)[1][1]).values():
             m.weight.mul_(0.01)
-    result = prune(model, PruneConfig(method="magnitude", group="global", sparsity=0.5), progress=False)
+    result = prune(model, PruneConfig(method="magnitude", allocation="global", sparsity=0.5), progress=False)
     by_block = {}
     for r in result.layers:
         by_block.setdefault(r.block, []).append(r)
@@ -94,11 +95,11 @@ def test_global_magnitude_ranks_across_layers():
 
 def test_global_wanda_and_threshold(calib_ids):
     model = tiny_model("qwen2")
-    r = prune(model, PruneConfig(method="wanda", group="global", sparsity=0.4, batch_size=3), calib_ids,
+    r = prune(model, PruneConfig(method="wanda", allocation="global", sparsity=0.4, batch_size=3), calib_ids,
               progress=False)
-    assert abs(r.sparsity - 0.4) < 1e-3 and r.configs[0].propagate == "dense"
+    assert abs(r.sparsity - 0.4) < 1e-3 and r.configs[0].resolved.propagate == "dense"
     model = tiny_model("qwen2")
-    r = prune(model, PruneConfig(method="magnitude", threshold=0.01), progress=False)
+    r = prune(model, PruneConfig(method="magnitude", options={"threshold": 0.01}), progress=False)
     for name, module in model.named_modules():
         if name in r.per_layer:
             W = weight_of(module)
@@ -437,7 +438,7 @@ def test_a_weight_holding_inf_or_nan_is_refused_before_anything_changes(calib_id
     W[2, 5] = bad
     before = copy.deepcopy(model.state_dict())
     for method in ("magnitude", "wanda"):
-        with pytest.raises(ValueError, match=re.escape(f"model.layers.1.mlp.up_proj: 2 of its {W.numel()} weights "
+        with pytest.raises(ModelLoadError, match=re.escape(f"model.layers.1.mlp.up_proj: 2 of its {W.numel()} weights "
                                                        "are inf or NaN (a broken checkpoint?); refusing to prune it")):
             prune(model, PruneConfig(method=method, sparsity=0.5, batch_size=4), calib_ids, progress=False)
         for k, v in model.state_dict().items():
@@ -453,7 +454,7 @@ def test_finite_weights_whose_sum_overflows_are_not_refused():
     assert not torch.isfinite(W.sum())
     _check_finite("w", W)  # no error
     W[1, 2] = float("-inf")
-    with pytest.raises(ValueError, match=r"^w: 1 of its 32 weights are inf or NaN"):
+    with pytest.raises(ModelLoadError, match=r"^w: 1 of its 32 weights are inf or NaN"):
         _check_finite("w", W)
     _check_finite("w", torch.empty(4, 8, device="meta"))  # offloaded weights are not read
 
@@ -502,8 +503,8 @@ def test_a_walk_resumed_from_its_checkpoint_ends_identical(family, calib_ids, tm
     assert sorted(p.name for p in folder.iterdir()) == ["block-000.safetensors", "block-001.safetensors",
                                                       "hidden-001.safetensors", "walk.json"]
 
-    walked, real_walk = [], sequential._walk_at_once if method == "wanda" else sequential._walk_true_sequential
-    monkeypatch.setattr(sequential, real_walk.__name__, lambda i, *a, **k: walked.append(i) or real_walk(i, *a, **k))
+    walked, real_visit = [], sequential._visit_at_once if method == "wanda" else sequential._visit_true_sequential
+    monkeypatch.setattr(sequential, real_visit.__name__, lambda step, job: walked.append(step.index) or real_visit(step, job))
     model = _four_blocks(family)
     resumed = prune(model, config, calib_ids, progress=False,
                     checkpoint=WalkCheckpoint(folder, {"model": "tiny"}, every=every))
@@ -529,7 +530,7 @@ def test_a_walk_checkpoint_of_another_run_or_setting_is_refused(calib_ids, tmp_p
         with pytest.raises(ConfigError, match=rf"holds the walk of another run \({differ} differ\)"):
             prune(model, cfg, ids, progress=False, checkpoint=WalkCheckpoint(folder, run))
     for cfg, message in [(PruneConfig(method="magnitude"), "method magnitude does not walk the blocks"),
-                         (PruneConfig(method="wanda", group="global"), "group=global ranks every layer"),
+                         (PruneConfig(method="wanda", allocation="global", propagate="dense"), "allocation=global ranks every layer"),
                          ([config, config], "one config, not a recipe of 2 stages")]:
         with pytest.raises(ConfigError, match=message):
             prune(_four_blocks(), cfg, calib_ids, progress=False, checkpoint=WalkCheckpoint(tmp_path / "x"))

@@ -3,6 +3,7 @@ import torch
 
 from conftest import tiny_model
 from secateurs import EvalConfig, PruneConfig, compare, load_model, prune
+from secateurs.errors import SnapshotError
 from secateurs.models.snapshot import WeightSnapshot
 
 
@@ -44,7 +45,7 @@ def test_a_snapshot_refuses_a_model_whose_tensors_changed_shape():
     model = tiny_model("llama")
     with WeightSnapshot(model) as snapshot:
         model.model.layers[0].mlp.down_proj.weight = torch.nn.Parameter(torch.zeros(64, 100))
-        with pytest.raises(ValueError, match=r"cannot restore model\.layers\.0\.mlp\.down_proj\.weight"):
+        with pytest.raises(SnapshotError, match=r"cannot restore model\.layers\.0\.mlp\.down_proj\.weight"):
             snapshot.restore(model)
 
 

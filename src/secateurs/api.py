@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Iterable, Sequence
 
@@ -21,6 +21,8 @@ from .config import (ConfigError, EvalConfig, PruneConfig, Recipe, StructuredCon
                      check_token_ids)
 from .data import calibration_windows, load_text, tokenize
 from .engine import LayerRecord, make_plan, prune_with_data, prune_without_data
+from .methods import METHODS
+from .methods.base import option_table
 from .eval import library_versions, machine, parameter_counts, peak_rss_bytes, perplexity
 from .models.load import first_line
 from .models.snapshot import WeightSnapshot
@@ -132,7 +134,10 @@ def _prepare(model, configs: list, calibration) -> tuple:
         ids = _as_ids(calibration, model)
     plans: dict[int, object] = {}
     for k, c in enumerate(configs):
-        if isinstance(c, StructuredConfig):
+        if isinstance(c, StructuredConfig):  # the model's shapes change here: later stages are checked when reached
+            from .structured import check_structured
+
+            check_structured(model, c)
             break
         plans[k] = make_plan(model, c)
     return ids, plans
@@ -148,8 +153,8 @@ def check_checkpointable(config) -> None:
     if isinstance(c, StructuredConfig) or not c.needs_calibration:
         raise ConfigError(f"method {c.method} does not walk the blocks with calibration data: it has no walk to "
                           "checkpoint")
-    if c.group == "global":
-        raise ConfigError("group=global ranks every layer after the walk: its walk cannot be checkpointed")
+    if c.allocation == "global":
+        raise ConfigError("allocation=global ranks every layer after the walk: its walk cannot be checkpointed")
 
 
 @torch.no_grad()
@@ -226,12 +231,18 @@ def build_report(result: PruneResult, model, dense_ppl, ppl, eval_config: "EvalC
         **result.to_dict(),
         **counts,
         "peak_rss_bytes": peak_rss_bytes(),
-        "config": [c.to_dict() for c in result.configs] if len(result.configs) > 1 else result.configs[0].to_dict(),
+        "config": [_described(c) for c in result.configs] if len(result.configs) > 1 else _described(result.configs[0]),
         "seed": result.configs[0].seed,
         "eval": eval_config.to_dict() if eval_config else None,
         **environment(),
         **extra,
     }
+
+
+def _described(config) -> dict:
+    """A config as saved in a report: its fields, and the defaults they resolved to in this run."""
+    resolved = getattr(config, "resolved", None)
+    return {**config.to_dict(), **({"resolved": asdict(resolved)} if resolved is not None else {})}
 
 
 def parse_setting(text: str) -> dict:
@@ -251,19 +262,52 @@ def parse_method(text: str) -> dict:
     return {"method": method, "refine": refine} if plus else {"method": method}
 
 
-def compare_grid(methods: Sequence[str], settings: Sequence[str], base: PruneConfig) -> list:
-    """The cells of a comparison, ``[(method, setting, config)]``, each config validated; names must not repeat."""
+def compare_grid(methods: Sequence[str], settings: Sequence[str], base: "PruneConfig | dict | None" = None) -> list:
+    """The cells of a comparison, ``[(method, setting, config)]``, each config validated; names must not repeat.
+
+    Each cell's config is built as :func:`prune` would build it from ``base`` (the settings every cell shares)
+    with the cell's method and pattern: defaults that depend on the method are the method's own.  A setting
+    only some methods read (a method's option, ``group``, ``refine_iters``) goes to the cells that read it; one
+    that no cell reads is refused.
+    """
     for what, names in (("methods", methods), ("sparsities", settings)):
         if not names:
             raise ConfigError(f"{what}: name at least one")
         if twice := sorted({n for n in names if list(names).count(n) > 1}):
             raise ConfigError(f"{what} name {', '.join(map(repr, twice))} more than once: one column or row each")
-    return [(m, s, base.override(**parse_method(m), **parse_setting(s), group=None, threshold=None))
-            for m in methods for s in settings]
+    shared = _shared_settings(base)
+    options = {**shared.pop("options", {}), **{k: shared.pop(k) for k in list(shared) if k in option_table()}}
+    narrow = {k: shared.pop(k) for k in ("group", "refine_iters", "refine_damp") if shared.get(k) is not None}
+    cells, read = [], set()
+    for m in methods:
+        row = parse_method(m)
+        cls = METHODS.get(row["method"])  # an unknown name is refused, with the known ones, by PruneConfig
+        refined = row.get("refine", shared.get("refine", "none")) != "none"
+        own_options = {k: v for k, v in options.items() if cls is not None and k in cls.options()}
+        own = {k: v for k, v in narrow.items()
+               if (refined if k.startswith("refine") else cls is not None and v in cls.groups)}
+        read.update(own_options, own)
+        cells += [(m, s, PruneConfig.from_dict({**shared, **own, **row, **parse_setting(s), "options": own_options}))
+                  for s in settings]
+    if unread := [k for k in [*options, *narrow] if k not in read]:
+        raise ConfigError(f"{', '.join(unread)}: read by none of the compared methods ({', '.join(methods)}); "
+                          "drop it")
+    return cells
+
+
+def _shared_settings(base) -> dict:
+    """The settings of ``base`` that every compare cell starts from: all but method, pattern and sparsity."""
+    shared = base.to_dict() if isinstance(base, PruneConfig) else dict(base or {})
+    if isinstance(base, PruneConfig):  # only what was given: a Wanda base's defaults must not reach SparseGPT
+        defaults = PruneConfig(method=base.method).to_dict()
+        shared = {k: v for k, v in shared.items() if v != defaults[k]}
+    for key in ("method", "pattern", "sparsity"):
+        shared.pop(key, None)
+    return shared
 
 
 @torch.no_grad()
-def compare(model, tokenizer, methods: Sequence[str], settings: Sequence[str], base: "PruneConfig | None" = None,
+def compare(model, tokenizer, methods: Sequence[str], settings: Sequence[str], base: "PruneConfig | dict | None" = None,
             eval_config: "EvalConfig | None" = None, progress: bool = True, on_row=None, checkpoint=None,
             previous: "dict | None" = None) -> dict:
     """Dense plus every method x setting on one model, same calibration windows and evaluation windows.
@@ -280,11 +324,11 @@ def compare(model, tokenizer, methods: Sequence[str], settings: Sequence[str], b
     same base config and evaluation (:class:`ConfigError` otherwise); every cell is measured from the dense
     weights with the same windows, so a resumed table holds what an uninterrupted one would.
     """
-    base = base or PruneConfig()
     eval_config = eval_config or EvalConfig()
     grid = compare_grid(methods, settings, base)
     table = {"methods": list(methods), "settings": list(settings), "dense_perplexity": None, "rows": [],
-             "base_config": _as_json(base.to_dict()), "eval": _as_json(eval_config.to_dict()), "complete": False}
+             "base_config": _as_json(_shared_settings(base)), "eval": _as_json(eval_config.to_dict()),
+             "complete": False}
     done = {}
     if previous is not None:
         _check_resumable(previous, table)
@@ -300,7 +344,7 @@ def compare(model, tokenizer, methods: Sequence[str], settings: Sequence[str], b
             checkpoint(table)
 
     needs_data = any(c.needs_calibration for _, _, c in todo)
-    calib = calibration_data(tokenizer, base) if needs_data else None
+    calib = calibration_data(tokenizer, grid[0][2]) if needs_data else None  # the cells share the calib_ fields
     for _, _, cfg in todo:  # against the model too, before an hour of cells ends on a typo in the last one
         validate(model, cfg, calib)
     eval_ids = tokenize(tokenizer, load_text(eval_config.data, "test"))

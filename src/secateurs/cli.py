@@ -44,8 +44,7 @@ def _add_prune(p, single_method=True):
         p.add_argument("--sparsity", type=float, default=None, help="fraction of weights removed (default 0.5; "
                        "implied by N:M)")
         p.add_argument("--pattern", default=None, help="unstructured | N:M (N kept of every M) | block:B")
-        p.add_argument("--group", default=None, help="score comparison group: row | layer | global")
-        p.add_argument("--threshold", type=float, default=None, help="magnitude: prune |w| < threshold")
+        p.add_argument("--group", default=None, help="which scores compete: row | layer (sparsegpt: block)")
         p.add_argument("--layer-sparsity", action="append", default=None, metavar="REGEX=S",
                        help="per-layer override, repeatable: 'mlp=0.6', 'blocks:0-4=0.3'")
         p.add_argument("--recipe", default=None, help="YAML/JSON recipe (flags override its top level)")
@@ -57,7 +56,6 @@ def _add_prune(p, single_method=True):
         s.add_argument("--remove-blocks", type=int, default=None, metavar="K", help="blocks: remove K whole blocks")
         s.add_argument("--score", default=None, help="channels/heads: magnitude | wanda | fluctuation (default); "
                        "blocks: bi (default) | angular")
-        s.add_argument("--allocation", default=None, help="uniform (default; plain HF config) | global")
         s.add_argument("--round-to", type=int, default=None, help="kept channels per layer: a multiple of this")
         s.add_argument("--gqa", default=None, help="heads: per-group (default) | kv-groups")
         s.add_argument("--refit", action="store_true", default=None,
@@ -73,8 +71,9 @@ def _add_prune(p, single_method=True):
     p.add_argument("--calib-seqlen", type=int, default=None, help="tokens per window (default 2048)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="calibration samples per block forward (default 8)")
-    p.add_argument("--blocksize", type=int, default=None, help="sparsegpt lazy-update block (default 128)")
-    p.add_argument("--percdamp", type=float, default=None, help="sparsegpt damping (default 0.01)")
+    p.add_argument("--allocation", default=None, help="how the sparsity is spread over layers: uniform (default; "
+                   "structured: the same width everywhere, a plain HF config) | global (one ranking of all layers)")
+    _add_method_options(p)
     p.add_argument("--refine", choices=["none", "admm"], default=None,
                    help="after masking, re-fit the kept weights to the dense layer's outputs (admm; default none)")
     p.add_argument("--refine-iters", type=int, default=None, help="admm iterations (default 20)")
@@ -85,6 +84,18 @@ def _add_prune(p, single_method=True):
                    help="prune a block's input groups one at a time, each observed after the previous one was "
                         "pruned (default: on for sparsegpt, off for wanda)")
     p.add_argument("--device", default=None, help="compute device for each block (default cpu)")
+
+
+def _add_method_options(p):
+    """One flag per method option (``--percdamp``), derived from the registry: a new method needs no edit here."""
+    from .methods import METHODS
+    from .methods.base import option_table
+
+    g = p.add_argument_group("method options")
+    for name, option in option_table().items():
+        owners = " and ".join(m for m, c in METHODS.items() if name in c.options())
+        kind = {"type": option.type} if option.type is not bool else {"action": argparse.BooleanOptionalAction}
+        g.add_argument("--" + name.replace("_", "-"), default=None, **kind, help=f"{owners}: {option.help}")
 
 
 def _add_output(p, what: str):
@@ -227,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--method", default=None, help="magnitude | wanda | sparsegpt (default: wanda)")
     p.add_argument("--pattern", default=None, help="unstructured | N:M | block:B")
-    p.add_argument("--group", default=None, help="score comparison group: row | layer | global")
+    p.add_argument("--group", default=None, help="which scores compete: row | layer (sparsegpt: block)")
     _add_prune(p, single_method=False)
     p.add_argument("--sparsities", default=None, help="comma list of per-cycle targets, e.g. 0.3,0.45,0.5")
     p.add_argument("--cycles", type=int, default=None, help="number of cycles (with --final-sparsity)")
@@ -259,14 +270,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_FLAG_FIELDS = ["method", "sparsity", "pattern", "group", "threshold", "include", "exclude", "calib_data",
-                "calib_samples", "calib_seqlen", "seed", "batch_size", "blocksize", "percdamp", "refine",
-                "refine_iters", "refine_damp", "propagate", "true_sequential", "device", "ratio", "score",
-                "allocation", "round_to", "gqa", "refit", "bias_compensation"]
+_FLAG_FIELDS = ["method", "sparsity", "pattern", "group", "include", "exclude", "calib_data", "calib_samples",
+                "calib_seqlen", "seed", "batch_size", "refine", "refine_iters", "refine_damp", "propagate",
+                "true_sequential", "device", "ratio", "score", "allocation", "round_to", "gqa", "refit",
+                "bias_compensation"]
 
 
 def _overrides(args) -> dict:
-    out = {k: getattr(args, k) for k in _FLAG_FIELDS if getattr(args, k, None) is not None}
+    """The config fields given as flags (a method's options among them, as top-level keys)."""
+    from .methods.base import option_table
+
+    out = {k: getattr(args, k) for k in [*_FLAG_FIELDS, *option_table()] if getattr(args, k, None) is not None}
     if getattr(args, "layer_sparsity", None):
         out["layer_sparsity"] = args.layer_sparsity
     per_layer, blocks = getattr(args, "remove_per_layer", None), getattr(args, "remove_blocks", None)
@@ -280,22 +294,6 @@ def _overrides(args) -> dict:
     elif per_layer is not None:
         out["count"] = per_layer
     return out
-
-
-# flags that only one method or setting reads: given where nothing reads them, they would be silently ignored
-_NARROW_FLAGS = {"blocksize": ("method sparsegpt", lambda c: getattr(c, "method", None) == "sparsegpt"),
-                 "percdamp": ("method sparsegpt", lambda c: getattr(c, "method", None) == "sparsegpt"),
-                 "refine_iters": ("--refine admm", lambda c: getattr(c, "refine", "none") != "none"),
-                 "refine_damp": ("--refine admm", lambda c: getattr(c, "refine", "none") != "none")}
-
-
-def _check_flags_used(args, configs) -> None:
-    """Refuse a flag that no config of this run reads (``--percdamp`` with Wanda): it would change nothing."""
-
-    for key, (reader, reads) in _NARROW_FLAGS.items():
-        if getattr(args, key, None) is not None and not any(reads(c) for c in configs):
-            raise ConfigError(f"{_flag_names([key])} is read only with {reader}, which this run does not "
-                              f"use: drop the flag")
 
 
 def _eval_config(args, base=None):
@@ -331,7 +329,6 @@ def cmd_prune(args) -> int:
 
     overrides = _overrides(args)
     recipe = Recipe.load(args.recipe, overrides) if args.recipe else Recipe([config_from_dict(overrides)])
-    _check_flags_used(args, recipe.stages)
     recipe.eval = _eval_config(args, recipe.eval)
     eval_config = None if args.no_eval else recipe.eval
     output = check_output(args.output, args.overwrite)
@@ -588,7 +585,6 @@ def cmd_iterate(args) -> int:
     if not nm:
         for t in targets:
             prune_config.override(sparsity=t)  # validates every cycle's target up front
-    _check_flags_used(args, [prune_config])
     train_config = _train_config(args)
     eval_config = _eval_config(args)
     check_output(args.output, overwrite=True)  # a folder of earlier cycles is resumed, not refused
@@ -633,10 +629,9 @@ def cmd_compare(args) -> int:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     settings = [s.strip() for s in args.sparsities.split(",") if s.strip()]
-    base = PruneConfig.from_dict(_overrides(args))
+    base = _overrides(args)
     eval_config = _eval_config(args)
-    cells = api.compare_grid(methods, settings, base)  # validate the whole grid before loading anything
-    _check_flags_used(args, [config for _, _, config in cells])
+    api.compare_grid(methods, settings, base)  # validate the whole grid before loading anything
     name = args.model or "smollm2-135m"
     previous = _previous_table(args)
     if previous is not None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import re
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,10 @@ from typing import Any
 import torch
 
 from . import atomic
+from .engine.allocation import ALLOCATIONS
 from .errors import ConfigError
-from .methods import METHODS, get_method
+from .methods import METHODS
+from .methods.base import option_table
 from .models.load import first_line
 from .patterns import Pattern
 
@@ -117,11 +121,53 @@ def check_seqlen(model, seqlen: int, what: str) -> None:
            f"{what} {seqlen} is longer than the model's context ({context} positions): use {context} or less")
 
 
+def _type_name(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin in (list, tuple):
+        return f"a list of {_type_name(args[0])}"
+    return {type(None): "null", dict: "a mapping", bool: "true/false"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _fits(value, hint) -> bool:
+    """Does ``value`` (as read from YAML, JSON or the API) have the field type ``hint``?  A bool is no number
+    here, a number is no string, and an int is a fine float."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool):
+        return hint is bool
+    if hint is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, hint)
+
+
+def _check_types(config) -> None:
+    """Refuse a field of the wrong type in one line naming it (``batch_size: ten``, ``include: 5``)."""
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        value = getattr(config, f.name)
+        _check(_fits(value, hints[f.name]), f"{f.name} must be {_type_name(hints[f.name])}, got {_shown(value)}")
+        if isinstance(value, list):  # frozen all the way down
+            object.__setattr__(config, f.name, tuple(value))
+
+
+def _shown(value: Any) -> str:
+    """A value's type and (shortened) form, for messages about data of the wrong kind."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
 class _Serialised:
     """Dict round trip for the config dataclasses: unknown keys are named in the error, not ignored."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
@@ -133,94 +179,130 @@ class _Serialised:
 
     def override(self, **changes):
         """A copy with ``changes`` applied, validated again."""
-        return replace(self, **changes)
+        return type(self).from_dict({**self.to_dict(), **changes})
 
 
-@dataclass
+@dataclass(frozen=True)
+class Resolved:
+    """A :class:`PruneConfig`'s settings whose defaults depend on the method or the allocation."""
+
+    sparsity: float
+    group: str
+    propagate: str
+    true_sequential: bool
+    refine_iters: int
+    refine_damp: float
+
+
+@dataclass(frozen=True)
 class PruneConfig(_Serialised):
-    """Everything one pruning run needs. Validated on construction; see the README for each field."""
+    """Everything one pruning run needs; frozen, and validated on construction (see docs/cli.md for each field).
+
+    Fields left ``None`` take a default that depends on the method or the pattern; :attr:`resolved` gives it,
+    and the config itself keeps ``None``, so that a copy with another method gets that method's defaults.
+    """
 
     method: str = "wanda"  # a registered method: magnitude | wanda | sparsegpt | ...
+    options: dict = field(default_factory=dict)  # the method's own options, e.g. {percdamp: 0.05} for sparsegpt
     sparsity: "float | None" = None  # fraction removed; None = 1 - N/M for N:M, else 0.5
     pattern: str = "unstructured"  # unstructured | N:M (N kept in every M inputs) | block:B
-    group: "str | None" = None  # row | layer | global; None = the method's own default
-    include: list = field(default_factory=lambda: ["all"])  # scopes (all/attention/mlp) or regexes
-    exclude: list = field(default_factory=list)  # regexes of layer names to leave dense
-    layer_sparsity: list = field(default_factory=list)  # ["REGEX=S", "blocks:0-4=0.3"]; last match wins
-    threshold: "float | None" = None  # magnitude only: prune |w| < threshold instead of a fraction
-    blocksize: int = 128  # sparsegpt: columns per lazy update block
-    percdamp: float = 0.01  # sparsegpt: damping as a fraction of mean(diag H)
+    group: "str | None" = None  # which scores compete: row | layer (sparsegpt: block); None = the method's
+    allocation: str = "uniform"  # uniform (layer_sparsity rules on top) | global (one ranking of all layers)
+    include: "tuple[str, ...]" = ("all",)  # scopes (all/attention/mlp) or regexes
+    exclude: "tuple[str, ...]" = ()  # regexes of layer names to leave dense
+    layer_sparsity: "tuple[str, ...]" = ()  # ("REGEX=S", "blocks:0-4=0.3"); last match wins
     refine: str = "none"  # none | admm: re-fit the kept weights to the dense layer's outputs after masking
-    refine_iters: int = 20  # admm iterations
-    refine_damp: float = 0.1  # admm: each input channel damped by this fraction of its diag(H)
+    refine_iters: "int | None" = None  # admm iterations; None = 20
+    refine_damp: "float | None" = None  # admm: each input channel damped by this fraction of its diag(H); None = 0.1
     calib_data: str = "enwiki"
     calib_samples: int = 128  # the papers' setting; the README's quick demo uses fewer
     calib_seqlen: int = 2048
     seed: int = 0
     batch_size: int = 8  # calibration samples per block forward
-    propagate: "str | None" = None  # pruned (reference default) | dense; None = pruned (dense for group=global)
-    true_sequential: "bool | None" = None  # prune q/k/v -> o -> up/gate -> down one after the other; None = method's default
+    propagate: "str | None" = None  # pruned (reference default) | dense; None = pruned (dense for allocation=global)
+    true_sequential: "bool | None" = None  # prune q/k/v -> o -> up/gate -> down one after the other; None = method's
     device: str = "cpu"  # where each block is computed; activations stay on the CPU
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PruneConfig":
+        """Also takes the method's options as top-level keys (``percdamp: 0.05``), as recipes write them."""
+        data = dict(data)
+        cls_ = METHODS.get(data.get("method", cls.method))
+        if cls_ is not None and (flat := [k for k in cls_.options() if k in data]):
+            data["options"] = {**(data.get("options") or {}), **{k: data.pop(k) for k in flat}}
+        _check(data.get("group") != "global", "group=global is now allocation=global (one ranking across layers)")
+        for key in [k for k in data if k in option_table()]:  # an option of another method
+            owners = [name for name, c in METHODS.items() if key in c.options()]
+            raise ConfigError(f"{key} is an option of {' and '.join(owners)}, not of {data.get('method', cls.method)}")
+        return super().from_dict(data)
+
     def __post_init__(self):
+        _check_types(self)
         _check(self.method in METHODS, f"method: unknown {self.method!r}; known: "
                f"{', '.join(sorted(METHODS) + list(STRUCTURED))}")
+        cls = METHODS[self.method]
+        method = self.build_method()  # checks the options
         try:
             pattern = Pattern.parse(self.pattern)
-        except ValueError as exc:
+        except ConfigError as exc:
             raise ConfigError(f"pattern: {exc}") from None
-        self.pattern = str(pattern)
         implied = pattern.implied_sparsity
-        if self.sparsity is None:
-            self.sparsity = implied if implied is not None else 0.5
-        _check(isinstance(self.sparsity, (int, float)) and 0 <= self.sparsity < 1,
-               f"sparsity must be in [0, 1), got {self.sparsity}")
-        self.sparsity = float(self.sparsity)
-        if implied is not None:
+        _check(self.sparsity is None or 0 <= self.sparsity < 1, f"sparsity must be in [0, 1), got {self.sparsity}")
+        if implied is not None and self.sparsity is not None:
             _check(abs(self.sparsity - implied) < 1e-9,
                    f"sparsity {self.sparsity} contradicts pattern {pattern} (which keeps {pattern.n} of every "
                    f"{pattern.m}: sparsity {implied:g}); omit --sparsity with N:M patterns")
-        cls = METHODS[self.method]
-        if self.group is None:
-            self.group = cls.default_group
-        _check(self.group in cls.groups,
+        _check(self.group != "global", "group=global is now allocation=global (one ranking across layers)")
+        _check(self.group is None or self.group in cls.groups,
                f"group {self.group!r} is not offered by {self.method} (choose from {', '.join(cls.groups)})")
-        self.include = list(self.include) or ["all"]
-        self.exclude = list(self.exclude)
-        for rx in [r for r in self.include if r not in SCOPES] + self.exclude:
+        _check(self.allocation in ALLOCATIONS, f"allocation must be one of {', '.join(ALLOCATIONS)}, got "
+               f"{self.allocation!r}")
+        ranked = self.allocation == "global"
+        for rx in [r for r in self.include if r not in SCOPES] + list(self.exclude):
             try:
                 re.compile(rx)
             except re.error as exc:
                 raise ConfigError(f"include/exclude: bad regex {rx!r} ({exc})") from None
-        self.layer_sparsity = [str(r) for r in self.layer_sparsity]
         rules = self.rules  # parses and validates
         _check(not (rules and implied is not None), "layer_sparsity overrides cannot be combined with an N:M pattern")
-        _check(not (rules and self.group == "global"), "layer_sparsity overrides contradict group=global (one ranking)")
-        _check(self.threshold is None or self.method == "magnitude", "threshold is a magnitude-only option")
+        _check(not (rules and ranked), "layer_sparsity overrides contradict allocation=global (one ranking)")
         _check(self.calib_samples >= 1 and self.calib_seqlen >= 1, "calib_samples and calib_seqlen must be >= 1")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check_device_name(self.device)
-        if self.propagate is None:
-            self.propagate = "dense" if self.group == "global" else "pruned"
-        _check(self.propagate in PROPAGATE, f"propagate must be one of {PROPAGATE}, got {self.propagate!r}")
-        _check(not (self.group == "global" and self.propagate == "pruned" and cls.needs != "none"),
-               "group=global ranks every layer before any is pruned, so it needs propagate=dense")
-        _check(not (self.group == "global" and pattern.kind == "nm"), "an N:M pattern has no global ranking")
-        if self.true_sequential is None:
-            self.true_sequential = cls.true_sequential and self.group != "global"
-        _check(not (self.true_sequential and self.group == "global"),
-               "group=global ranks every layer before any is pruned, so true_sequential does not apply")
+        _check(self.propagate is None or self.propagate in PROPAGATE,
+               f"propagate must be one of {PROPAGATE}, got {self.propagate!r}")
+        _check(not (ranked and self.propagate == "pruned" and cls.needs != "none"),
+               "allocation=global ranks every layer before any is pruned, so it needs propagate=dense")
+        _check(not (ranked and pattern.kind == "nm"), "an N:M pattern has no global ranking")
+        _check(not (ranked and cls.groups == ("block",)), f"{self.method} chooses its mask inside each layer: "
+               "allocation=global does not apply")
+        _check(not (ranked and not method.meets_target), "a threshold decides every layer: allocation=global "
+               "does not apply")
+        _check(not (self.true_sequential and ranked),
+               "allocation=global ranks every layer before any is pruned, so true_sequential does not apply")
         _check(self.refine in REFINE, f"refine must be one of {REFINE}, got {self.refine!r}")
-        _check(self.refine_iters >= 1, f"refine_iters must be >= 1, got {self.refine_iters}")
-        _check(self.refine_damp >= 0, f"refine_damp must be >= 0, got {self.refine_damp}")
-        _check(not (self.refine != "none" and self.group == "global"),
-               "group=global masks every layer after the walk, when no layer can be refined any more")
-        try:
-            self.build_method()
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(str(exc)) from None
+        for key in ("refine_iters", "refine_damp"):
+            _check(getattr(self, key) is None or self.refine != "none", f"{key} is read only with refine=admm")
+        _check(self.refine_iters is None or self.refine_iters >= 1, f"refine_iters must be >= 1, got {self.refine_iters}")
+        _check(self.refine_damp is None or self.refine_damp >= 0, f"refine_damp must be >= 0, got {self.refine_damp}")
+        _check(not (self.refine != "none" and ranked),
+               "allocation=global masks every layer after the walk, when no layer can be refined any more")
 
     # ------------------------------------------------------------------ derived values
+    @property
+    def resolved(self) -> Resolved:
+        """The settings left ``None`` here, as this method, pattern and allocation resolve them."""
+        cls, implied, ranked = METHODS[self.method], self.pattern_value.implied_sparsity, self.allocation == "global"
+        sparsity = self.sparsity if self.sparsity is not None else implied if implied is not None else 0.5
+        return Resolved(
+            sparsity=float(sparsity),
+            group=self.group or cls.default_group,
+            propagate=self.propagate or ("dense" if ranked else "pruned"),
+            true_sequential=self.true_sequential if self.true_sequential is not None else
+            cls.true_sequential and not ranked,
+            refine_iters=20 if self.refine_iters is None else self.refine_iters,
+            refine_damp=0.1 if self.refine_damp is None else self.refine_damp)
+
     @property
     def pattern_value(self) -> Pattern:
         return Pattern.parse(self.pattern)
@@ -240,9 +322,7 @@ class PruneConfig(_Serialised):
         return "hessian" if self.refine != "none" else METHODS[self.method].needs
 
     def build_method(self):
-        options = {"magnitude": {"threshold": self.threshold},
-                   "sparsegpt": {"blocksize": self.blocksize, "percdamp": self.percdamp}}.get(self.method, {})
-        return get_method(self.method, **options)
+        return METHODS[self.method].build(self.options)
 
     def selects(self, name: str, role: str) -> bool:
         """Is the linear layer ``name`` (with role attention/mlp) in scope?"""
@@ -250,7 +330,7 @@ class PruneConfig(_Serialised):
         return included and not any(re.search(r, name) for r in self.exclude)
 
     def sparsity_for(self, name: str, block: "int | None") -> float:
-        value = self.sparsity
+        value = self.resolved.sparsity
         for rule in self.rules:
             if rule.matches(name, block):
                 value = rule.sparsity
@@ -265,7 +345,7 @@ class PruneConfig(_Serialised):
         shared defaults of a staged recipe stay valid for each stage.
         """
         example = linears[0][0] if linears else "(none)"
-        for rx in [r for r in self.include if r not in SCOPES] + self.exclude:
+        for rx in [r for r in self.include if r not in SCOPES] + list(self.exclude):
             _check(any(re.search(rx, name) for name, _ in linears),
                    f"include/exclude: {rx!r} matches no linear layer of the model's blocks (names look like {example})")
         for text, rule in zip(self.layer_sparsity, self.rules):
@@ -278,8 +358,7 @@ class PruneConfig(_Serialised):
                        f"(names look like {example})")
 
 
-
-@dataclass
+@dataclass(frozen=True)
 class StructuredConfig(_Serialised):
     """Structured pruning: remove whole MLP channels, attention heads or decoder blocks.
 
@@ -304,24 +383,21 @@ class StructuredConfig(_Serialised):
     device: str = "cpu"
 
     def __post_init__(self):
+        _check_types(self)
         _check(self.method in STRUCTURED, f"method: {self.method!r} is not structured ({', '.join(STRUCTURED)})")
         depth = self.method == "blocks"
         scores = DEPTH_SCORES if depth else WIDTH_SCORES
-        if self.score is None:
-            self.score = "bi" if depth else "fluctuation"
-        _check(self.score in scores, f"score {self.score!r} is not offered for {self.method} ({', '.join(scores)})")
+        _check(self.score is None or self.score in scores,
+               f"score {self.score!r} is not offered for {self.method} ({', '.join(scores)})")
         _check((self.ratio is None) != (self.count is None),
                f"{self.method}: give exactly one of ratio or count (--ratio, --remove-per-layer, --remove-blocks)")
-        if self.ratio is not None:
-            _check(isinstance(self.ratio, (int, float)) and 0 < self.ratio < 1,
-                   f"ratio must be in (0, 1): removing everything leaves no model, got {self.ratio}")
-            self.ratio = float(self.ratio)
-        if self.count is not None:
-            _check(isinstance(self.count, int) and self.count >= 1, f"count must be an integer >= 1, got {self.count}")
+        _check(self.ratio is None or 0 < self.ratio < 1,
+               f"ratio must be in (0, 1): removing everything leaves no model, got {self.ratio}")
+        _check(self.count is None or self.count >= 1, f"count must be an integer >= 1, got {self.count}")
         _check(self.allocation in ("uniform", "global"), f"allocation must be uniform or global, got {self.allocation!r}")
         _check(not (self.allocation == "global" and (depth or self.count is not None)),
                "allocation=global spreads a ratio over the layers of channels or heads: give --ratio")
-        _check(isinstance(self.round_to, int) and self.round_to >= 1, f"round_to must be >= 1, got {self.round_to}")
+        _check(self.round_to >= 1, f"round_to must be >= 1, got {self.round_to}")
         _check(self.gqa in ("per-group", "kv-groups"), f"gqa must be per-group or kv-groups, got {self.gqa!r}")
         _check(not (self.refit and self.bias_compensation),
                "refit and bias_compensation are two repairs of the same projection: choose one")
@@ -331,9 +407,13 @@ class StructuredConfig(_Serialised):
         _check_device_name(self.device)
 
     @property
-    def needs_calibration(self) -> bool:
-        return self.method == "blocks" or self.score != "magnitude" or self.refit or bool(self.bias_compensation)
+    def score_name(self) -> str:
+        """The score in use: the one given, else fluctuation for width and Block Influence (bi) for depth."""
+        return self.score or ("bi" if self.method == "blocks" else "fluctuation")
 
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "blocks" or self.score_name != "magnitude" or self.refit or bool(self.bias_compensation)
 
 
 def config_from_dict(data: dict[str, Any]) -> "PruneConfig | StructuredConfig":
@@ -343,7 +423,7 @@ def config_from_dict(data: dict[str, Any]) -> "PruneConfig | StructuredConfig":
     return PruneConfig.from_dict(data)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     """Perplexity evaluation: non-overlapping windows by default (stride = seqlen)."""
 
@@ -354,6 +434,7 @@ class EvalConfig:
     batch_size: int = 1
 
     def __post_init__(self):
+        _check_types(self)
         _check(self.seqlen >= 2, f"eval seqlen must be >= 2, got {self.seqlen}")
         _check(self.windows is None or self.windows >= 1, f"eval windows must be >= 1, got {self.windows}")
         _check(self.stride is None or 0 < self.stride <= self.seqlen, "eval stride must be in 1..seqlen")
@@ -382,12 +463,6 @@ def read_mapping(path: "str | Path") -> dict[str, Any]:
         raise ConfigError(f"cannot parse {str(path)!r}: {why}") from None
     _check(isinstance(data, dict), f"{str(path)!r} must hold a mapping of config fields")
     return data
-
-
-def _shown(value: Any) -> str:
-    """A value's type and (shortened) form, for messages about data of the wrong kind."""
-    text = repr(value)
-    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
 def write_mapping(data: dict[str, Any], path: "str | Path") -> None:

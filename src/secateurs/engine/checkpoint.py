@@ -66,7 +66,7 @@ class WalkCheckpoint:
         self._saved = 0  # blocks whose weights are in the folder: 0 .. _saved - 1
 
     def _read(self) -> "dict | None":
-        from ..config import ConfigError
+        from ..errors import ConfigError
 
         path = self.folder / "walk.json"
         if not path.exists():
@@ -93,7 +93,7 @@ class WalkCheckpoint:
     def start(self, config, input_ids: torch.Tensor, dtype: torch.dtype) -> "WalkState | None":
         """Bind this checkpoint to a walk; return its saved state, or None when there is none yet.  A state
         saved by another run (another config, calibration, model or dtype) is refused, naming what differs."""
-        from ..config import ConfigError
+        from ..errors import ConfigError
 
         self.identity = walk_identity(self.run, config, input_ids, dtype)
         state = self._read()

@@ -34,10 +34,12 @@ from ..errors import CalibrationError, ConfigError, ModelLoadError, Verification
 from ..methods.base import InputStats, LayerTarget, Method
 from ..methods.reconstruct import admm_reconstruct
 from ..models.arch import find_blocks, find_linears, role_of, set_weight_of, weight_of
-from ..patterns import Pattern, check_nm, check_tiles, expand_tiles, lowest_k_mask, tile_scores, zero_where_
+from ..patterns import check_nm, check_tiles, zero_where_
 from ..progress import Stage, Tracker
+from .allocation import allocation_of
 from .capture import StopForward, capture_inputs
 from .layout import BlockLayout, Replay, learn_layout
+from .walk import BlockVisit, walk_blocks
 
 log = logging.getLogger(__name__)
 
@@ -153,25 +155,6 @@ class Observer:
         self._handles.clear()
 
 
-@torch.no_grad()
-def run_block(block: nn.Module, hidden: list, calls: list, device, keep: bool, observer: "Observer | None" = None,
-              replays: tuple = ()):
-    """Run every calibration batch through ``block``; return the outputs (on CPU) if ``keep``."""
-    outs = []
-    for b, (h, call) in enumerate(zip(hidden, calls)):
-        for r in replays:
-            r.batch = b
-        if observer is not None:
-            observer.start_batch()
-        try:
-            out = call.call(block, h.to(device), device)
-        except StopForward:
-            continue
-        if keep:
-            outs.append(out.to("cpu"))
-    return outs
-
-
 # --------------------------------------------------------------------------- pruning one layer
 
 
@@ -194,7 +177,7 @@ def verify_layer(name: str, W: torch.Tensor, mask: torch.Tensor, target: LayerTa
     if pattern.kind == "block" and (bad := check_tiles(mask, pattern.block)):
         raise VerificationError(f"{name}: {bad} tiles are only partly pruned under {pattern}")
     pruned = int(torch.count_nonzero(mask))
-    if exact_fraction and target.group != "global":
+    if exact_fraction:
         got = pruned / mask.numel()
         # every selection rounds down once per comparison group: at most one tile row per output row
         tolerance = (pattern.block or pattern.m or 1) / W.shape[1] + 1e-6
@@ -214,12 +197,13 @@ def refiner(config):
     """The weight reconstruction a config asks for, as ``f(W, W0, H, keep) -> W``, or None."""
     if config.refine == "none":
         return None
-    return lambda W, W0, H, keep: admm_reconstruct(W, W0, H, keep, config.refine_iters, config.refine_damp)
+    iters, damp = config.resolved.refine_iters, config.resolved.refine_damp
+    return lambda W, W0, H, keep: admm_reconstruct(W, W0, H, keep, iters, damp)
 
 
 @torch.no_grad()
 def prune_layers(names: list, modules: list, method: Method, stats: InputStats, targets: list,
-                 block: "int | None", device, exact_fraction: bool, refine=None) -> list[LayerRecord]:
+                 block: "int | None", device, refine=None) -> list[LayerRecord]:
     """Prune layers that share one input; weights are written back only once every one verified.
 
     ``refine`` (see :func:`refiner`) re-fits the kept weights of all of them in one pass over their
@@ -236,39 +220,21 @@ def prune_layers(names: list, modules: list, method: Method, stats: InputStats, 
         W0 = torch.cat([w.to(device=device, dtype=torch.float32) for w in originals])
         W = refine(torch.cat(Ws), W0, stats.hessian, ~torch.cat(masks))
         Ws = list(W.split([w.shape[0] for w in Ws]))
-    counts = [verify_layer(name, W, mask, target, exact_fraction)
-              for name, W, mask, target in zip(names, Ws, masks, targets)]
+    exact = method.meets_target
+    counts = [verify_layer(name, W, mask, target, exact) for name, W, mask, target in zip(names, Ws, masks, targets)]
     out = []
     for name, module, W0, W, counted, target in zip(names, modules, originals, Ws, counts, targets):
         set_weight_of(module, W.to(W0.device, W0.dtype))
-        out.append(record(name, block, W, counted, target.sparsity if exact_fraction else None))
+        out.append(record(name, block, W, counted, target.sparsity if exact else None))
     return out
 
 
-def prune_layer(name, module, method, stats, target, block, device, exact_fraction) -> LayerRecord:
-    return prune_layers([name], [module], method, stats, [target], block, device, exact_fraction)[0]
-
-
-def global_masks(scores: dict[str, torch.Tensor], pattern: Pattern, sparsity: float) -> dict[str, torch.Tensor]:
-    """One ranking across every layer: prune the lowest ``sparsity`` fraction of all scores (or tiles)."""
-    b = pattern.block if pattern.kind == "block" else 1
-    tiles = {n: tile_scores(s, b) if b > 1 else s for n, s in scores.items()}
-    flat = torch.cat([t.reshape(-1) for t in tiles.values()]).unsqueeze(0)
-    chosen = lowest_k_mask(flat, int(flat.numel() * sparsity))[0]
-    masks, offset = {}, 0
-    for n, t in tiles.items():
-        m = chosen[offset : offset + t.numel()].view_as(t)
-        masks[n] = expand_tiles(m, b) if b > 1 else m
-        offset += t.numel()
-    return masks
-
-
-# --------------------------------------------------------------------------- the walk
+# --------------------------------------------------------------------------- the plan
 
 
 @dataclass
 class Plan:
-    """Which linears of which block to prune, and to what."""
+    """Which linears of which block to prune, and to what (each layer's target from the allocation step)."""
 
     blocks_name: str
     blocks: nn.ModuleList
@@ -295,12 +261,14 @@ def _check_finite(name: str, W: torch.Tensor) -> None:
     kernels would choose among NaN scores are arbitrary."""
     if bad := non_finite(W):
         raise ModelLoadError(f"{name}: {bad} of its {W.numel()} weights are inf or NaN (a broken checkpoint?); "
-                         "refusing to prune it")
+                             "refusing to prune it")
 
 
 def make_plan(model: nn.Module, config) -> Plan:
     blocks_name, blocks = find_blocks(model)
     pattern = config.pattern_value
+    group = config.resolved.group
+    allocation = allocation_of(config)
     linears = [find_linears(block, f"{blocks_name}.{i}.") for i, block in enumerate(blocks)]
     config.check_names([(name, i) for i, found in enumerate(linears) for name in found], len(blocks))
     layers = []
@@ -312,32 +280,11 @@ def make_plan(model: nn.Module, config) -> Plan:
             W = weight_of(module)
             pattern.validate_shape(*W.shape, name=name)
             _check_finite(name, W)
-            chosen[name] = (module, LayerTarget(pattern, config.sparsity_for(name, i), config.group))
+            chosen[name] = (module, LayerTarget(pattern, allocation.target(config, name, i), group))
         layers.append(chosen)
     if not any(layers):
         raise ConfigError("no linear layer matches the include/exclude selection: nothing to prune")
     return Plan(blocks_name, blocks, layers)
-
-
-@torch.no_grad()
-def prune_without_data(plan: Plan, method: Method, config, tracker: Tracker) -> list[LayerRecord]:
-    """Methods that need no calibration (magnitude) touch the weights directly."""
-    exact = config.threshold is None
-    records = []
-    tracker.enter(Stage.COMPUTING_IMPORTANCE)
-    if config.group == "global" and exact:
-        items = list(plan.all_layers)
-        scores = {name: method.scores(weight_of(m).float(), InputStats()) for _, name, m, _ in items}
-        masks = global_masks(scores, config.pattern_value, config.sparsity)
-        del scores
-        tracker.enter(Stage.PRUNING)
-        for i, name, module, target in items:
-            records.append(apply_mask(name, i, module, masks.pop(name), target))
-        return records
-    tracker.enter(Stage.PRUNING)
-    for i, name, module, target in tracker.bar(list(plan.all_layers), unit="layer"):
-        records.append(prune_layer(name, module, method, InputStats(), target, i, config.device, exact))
-    return records
 
 
 @torch.no_grad()
@@ -346,6 +293,68 @@ def apply_mask(name: str, block: "int | None", module: nn.Module, mask: torch.Te
     mask = mask.to(W.device)
     zero_where_(W, mask)
     return record(name, block, W, verify_layer(name, W, mask, target, exact_fraction=False), None)
+
+
+def _apply_ranking(plan: Plan, config, scores: dict) -> list[LayerRecord]:
+    """A ranking allocation's masks, chosen from every layer's scores at once, applied and verified."""
+    masks = allocation_of(config).masks(scores, config.pattern_value, config.resolved.sparsity)
+    scores.clear()
+    return [apply_mask(name, i, module, masks.pop(name), target) for i, name, module, target in plan.all_layers]
+
+
+@torch.no_grad()
+def prune_without_data(plan: Plan, method: Method, config, tracker: Tracker) -> list[LayerRecord]:
+    """Methods that need no calibration (magnitude) touch the weights directly."""
+    tracker.enter(Stage.COMPUTING_IMPORTANCE)
+    if allocation_of(config).ranks:
+        scores = {name: method.scores(weight_of(m).float(), InputStats()) for _, name, m, _ in plan.all_layers}
+        tracker.enter(Stage.PRUNING)
+        return _apply_ranking(plan, config, scores)
+    tracker.enter(Stage.PRUNING)
+    return [prune_layers([name], [module], method, InputStats(), [target], i, config.device)[0]
+            for i, name, module, target in tracker.bar(list(plan.all_layers), unit="layer")]
+
+
+# --------------------------------------------------------------------------- the weight walk
+
+
+@dataclass
+class WeightJob:
+    """What every block's visit of a weight-pruning walk shares."""
+
+    plan: Plan
+    method: Method
+    config: object  # PruneConfig
+    refine: "object | None"  # f(W, W0, H, keep) -> W, see :func:`refiner`
+    scores: "dict | None"  # a ranking allocation: every layer's scores, gathered here, masks chosen after the walk
+    layouts: dict  # input groups learnt once per set of hooked layers: blocks are alike
+
+    def layers(self, step: BlockVisit) -> dict:
+        return self.plan.layers[step.index]
+
+    def groups(self, step: BlockVisit) -> list[list[str]]:
+        """The block's input groups as qualified names; hooked layers the block never ran are left dense."""
+        layers = self.layers(step)
+        if not layers:
+            return []
+        key = frozenset(n[len(step.prefix):] for n in layers)
+        if key not in self.layouts:
+            watch = {n: m for n, (m, _) in layers.items()}
+            self.layouts[key] = learn_layout(step.block, step.prefix, watch, step.calls[0], step.hidden[0],
+                                             step.device)
+        groups = [[step.prefix + r for r in g] for g in self.layouts[key].groups]
+        seen = {n for g in groups for n in g}
+        if unseen := [n for n in layers if n not in seen]:
+            log.warning("%s never ran during calibration; left dense", ", ".join(unseen))
+        return groups
+
+    def layout(self, step: BlockVisit) -> "BlockLayout | None":
+        return self.layouts.get(frozenset(n[len(step.prefix):] for n in self.layers(step)))
+
+    def prune(self, step: BlockVisit, names: list, stats: InputStats) -> list[LayerRecord]:
+        layers = self.layers(step)
+        return prune_layers(names, [layers[n][0] for n in names], self.method, stats, [layers[n][1] for n in names],
+                            step.index, step.device, self.refine)
 
 
 @torch.no_grad()
@@ -361,9 +370,9 @@ def prune_with_data(model: nn.Module, plan: Plan, method: Method, config, input_
     started = time.perf_counter()
     hidden, calls = capture_inputs(model, plan.blocks, input_ids, config.batch_size)
 
-    collect_global = config.group == "global"
+    ranks = allocation_of(config).ranks
+    job = WeightJob(plan, method, config, refiner(config), {} if ranks else None, {})
     records: list[LayerRecord] = []
-    scores: dict[str, torch.Tensor] = {}
     last = max(i for i, per_block in enumerate(plan.layers) if per_block)  # nothing after it needs inputs
     first, spent = 0, 0.0
     dtype = next(plan.blocks.parameters()).dtype
@@ -371,48 +380,22 @@ def prune_with_data(model: nn.Module, plan: Plan, method: Method, config, input_
         checkpoint.restore(plan.blocks, state)
         first, records, hidden, spent = state.next_block, state.records, state.hidden, state.seconds
         log.info("resuming the walk at block %d of %d from %s", first, last + 1, checkpoint.folder)
-    layouts: dict[frozenset, BlockLayout] = {}  # blocks are alike: learnt once per set of hooked layers
-    walk = _walk_true_sequential if config.true_sequential and not collect_global else _walk_at_once
-    bar = tracker.bar(total=last + 1, initial=first)
-    for i, block in enumerate(plan.blocks[: last + 1]):
-        if i < first:  # pruned by the run that saved the checkpoint
-            continue
-        prefix = f"{plan.blocks_name}.{i}."
-        layers = plan.layers[i]
-        key = frozenset(n[len(prefix):] for n in layers)
-        block.to(device)
-        tracker.describe(bar, Stage.CALIBRATING)
-        if layers and key not in layouts:
-            watch = {n: m for n, (m, _) in layers.items()}
-            layouts[key] = learn_layout(block, prefix, watch, calls[i][0], hidden[0], device)
-        recs, outs = walk(i, block, prefix, layers, layouts.get(key), hidden, calls[i], method, config, device,
-                          need_outputs=i < last, scores=scores if collect_global else None,
-                          describe=lambda stage: tracker.describe(bar, stage))
-        records += recs
-        block.to("cpu")
-        hidden = outs
-        bar.update(1)
+    stage = _visit_true_sequential if config.resolved.true_sequential else _visit_at_once
+
+    def visit(step: BlockVisit):
+        outs, recs = stage(step, job)
+        records.extend(recs)
+        return outs
+
+    def after(i: int, outputs: list) -> None:
         if checkpoint is not None and checkpoint.due(i, last):
-            checkpoint.save(i, plan.blocks, records, hidden, spent + time.perf_counter() - started)
-    bar.close()
+            checkpoint.save(i, plan.blocks, records, outputs, spent + time.perf_counter() - started)
 
-    if collect_global:
+    walk_blocks(plan.blocks, plan.blocks_name, hidden, calls, device, visit, tracker, first, last, after)
+    if ranks:
         tracker.enter(Stage.PRUNING)
-        masks = global_masks(scores, config.pattern_value, config.sparsity)
-        del scores
-        for i, name, module, target in plan.all_layers:
-            records.append(apply_mask(name, i, module, masks.pop(name), target))
+        records += _apply_ranking(plan, config, job.scores)
     return records
-
-
-def _layout_names(layout: "BlockLayout | None", prefix: str, layers: dict) -> list[list[str]]:
-    """The block's input groups as qualified names; hooked layers the block never ran are left dense."""
-    groups = [[prefix + r for r in g] for g in layout.groups] if layout else []
-    seen = {n for g in groups for n in g}
-    unseen = [n for n in layers if n not in seen]
-    if unseen:
-        log.warning("%s never ran during calibration; left dense", ", ".join(unseen))
-    return groups
 
 
 def _ran(groups: list, observer: Observer, block: int) -> list:
@@ -424,43 +407,37 @@ def _ran(groups: list, observer: Observer, block: int) -> list:
     return ran
 
 
-def _walk_at_once(i, block, prefix, layers, layout, hidden, calls, method, config, device, need_outputs, scores,
-                  describe):
-    """Observe every layer in one pass over the unchanged block, then prune them all (the reference way)."""
+def _visit_at_once(step: BlockVisit, job: WeightJob) -> tuple:
+    """Observe every layer in one pass over the unchanged block, then prune them all (the reference way).
+
+    With a ranking allocation the layers are only scored here; their masks are chosen after the walk."""
+    groups = job.groups(step)
+    if not groups:
+        return None, []
     records = []
-    groups = _layout_names(layout, prefix, layers)
-    dense_outputs = config.propagate == "dense"
-    outs = None
-    if groups:
-        members = [n for g in groups for n in g]
-        observer = Observer({n: layers[n][0] for n in members}, config.needs,
-                            {n: k for k, g in enumerate(groups) for n in g},
-                            stop_after=None if dense_outputs else groups[-1][0])
-        try:  # while only observing, the block's output is not needed: stop at the last group's input
-            got = run_block(block, hidden, calls, device, keep=dense_outputs, observer=observer)
-        finally:
-            observer.remove()
-        outs = got if dense_outputs else None
-        describe(Stage.PRUNING if scores is None else Stage.COMPUTING_IMPORTANCE)
-        for names in _ran(groups, observer, i):
-            stats = observer.stats_for(names[0])
-            if scores is not None:
-                for name in names:
-                    W = weight_of(layers[name][0]).to(device, torch.float32)
-                    scores[name] = method.scores(W, stats).cpu()
-            else:
-                records += prune_layers(names, [layers[n][0] for n in names], method, stats,
-                                        [layers[n][1] for n in names], i, device, config.threshold is None,
-                                        refiner(config))
-        del observer
-    if outs is None and need_outputs:
-        describe(Stage.CALIBRATING)
-        outs = run_block(block, hidden, calls, device, keep=True)
-    return records, outs
+    dense_outputs = job.config.resolved.propagate == "dense"
+    members = [n for g in groups for n in g]
+    layers = job.layers(step)
+    observer = Observer({n: layers[n][0] for n in members}, job.config.needs,
+                        {n: k for k, g in enumerate(groups) for n in g},
+                        stop_after=None if dense_outputs else groups[-1][0])
+    try:  # while only observing, the block's output is not needed: stop at the last group's input
+        got = step.run(keep=dense_outputs, observer=observer)
+    finally:
+        observer.remove()
+    step.describe(Stage.PRUNING if job.scores is None else Stage.COMPUTING_IMPORTANCE)
+    for names in _ran(groups, observer, step.index):
+        stats = observer.stats_for(names[0])
+        if job.scores is not None:
+            for name in names:
+                W = weight_of(layers[name][0]).to(step.device, torch.float32)
+                job.scores[name] = job.method.scores(W, stats).cpu()
+        else:
+            records += job.prune(step, names, stats)
+    return (got if dense_outputs else None), records
 
 
-def _walk_true_sequential(i, block, prefix, layers, layout, hidden, calls, method, config, device, need_outputs,
-                          scores, describe):
+def _visit_true_sequential(step: BlockVisit, job: WeightJob) -> tuple:
     """Observe and prune one input group at a time, each seeing the outputs of the groups pruned before it.
 
     Each observing pass stops at its group's input, and children of the block that are finished are
@@ -468,38 +445,39 @@ def _walk_true_sequential(i, block, prefix, layers, layout, hidden, calls, metho
     one forward of the block more than observing does.
     """
     records = []
-    groups = _layout_names(layout, prefix, layers)
-    outs = run_block(block, hidden, calls, device, keep=True) if config.propagate == "dense" else None
-    replay_inputs = {prefix + c.linear for c in layout.children.values()} if layout else set()
+    groups = job.groups(step)
+    layout = job.layout(step)
+    layers = job.layers(step)
+    outs = step.run() if job.config.resolved.propagate == "dense" else None
+    replay_inputs = {step.prefix + c.linear for c in layout.children.values()} if layout else set()
     pruned: set[str] = set()
     replays: list[Replay] = []
     try:
         for names in groups:
-            describe(Stage.CALIBRATING)
-            observer = Observer({n: layers[n][0] for n in names}, config.needs, {n: 0 for n in names},
+            step.describe(Stage.CALIBRATING)
+            observer = Observer({n: layers[n][0] for n in names}, job.config.needs, {n: 0 for n in names},
                                 stop_after=names[0], keep_inputs=bool(replay_inputs.intersection(names)))
             try:
-                run_block(block, hidden, calls, device, keep=False, observer=observer, replays=tuple(replays))
+                step.run(keep=False, observer=observer, replays=tuple(replays))
             finally:
                 observer.remove()
-            if not _ran([names], observer, i):
+            if not _ran([names], observer, step.index):
                 continue
-            describe(Stage.PRUNING)
-            records += prune_layers(names, [layers[n][0] for n in names], method, observer.stats_for(names[0]),
-                                    [layers[n][1] for n in names], i, device, config.threshold is None,
-                                    refiner(config))
-            pruned.update(n[len(prefix):] for n in names)
+            step.describe(Stage.PRUNING)
+            records += job.prune(step, names, observer.stats_for(names[0]))
+            pruned.update(n[len(step.prefix):] for n in names)
             for child, spec in layout.children.items():
-                if prefix + spec.linear in names and spec.members <= pruned:
-                    linear = layers[prefix + spec.linear][0]
-                    replay = Replay(block.get_submodule(child), linear, observer.inputs[0], spec.tuple_len, device)
+                if step.prefix + spec.linear in names and spec.members <= pruned:
+                    linear = layers[step.prefix + spec.linear][0]
+                    replay = Replay(step.block.get_submodule(child), linear, observer.inputs[0], spec.tuple_len,
+                                    step.device)
                     replay.install()
                     replays.append(replay)
             del observer
-        if outs is None and need_outputs:
-            describe(Stage.CALIBRATING)
-            outs = run_block(block, hidden, calls, device, keep=True, replays=tuple(replays))
+        if outs is None and step.need_outputs:
+            step.describe(Stage.CALIBRATING)
+            outs = step.run(replays=tuple(replays))
     finally:
         for replay in replays:
             replay.remove()
-    return records, outs
+    return outs, records

@@ -14,11 +14,14 @@ Weights are always given as ``W`` of shape ``(out, in)`` in float32, whatever th
 
 from __future__ import annotations
 
+import inspect
+import typing
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
+from ..errors import ConfigError
 from ..patterns import Pattern, build_mask, zero_where_
 
 NEEDS = ("none", "norms", "hessian")
@@ -35,26 +38,66 @@ class InputStats:
 
 @dataclass(frozen=True)
 class LayerTarget:
-    """What to do to one weight matrix: the pattern, the fraction to remove, how to compare scores."""
+    """What to do to one weight matrix: the pattern, the fraction to remove, the scores' comparison group."""
 
     pattern: Pattern
     sparsity: float
-    group: str = "row"  # row | layer | global (global is resolved by the engine across layers)
+    group: str = "row"  # row | layer (SparseGPT: block, its lazy-update columns)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a method: a keyword parameter of its constructor."""
+
+    name: str
+    type: type  # int | float | str | bool
+    default: Any
+    help: str
 
 
 class Method:
-    """Base class. Score-based methods only implement :meth:`scores`; others override :meth:`prune`."""
+    """Base class. Score-based methods only implement :meth:`scores`; others override :meth:`prune`.
+
+    A method's **options** are the keyword parameters of its ``__init__`` (typed, with defaults) and their
+    one-line ``help``; the constructor validates them (raising :class:`~secateurs.errors.ConfigError`).  The
+    CLI flags (``--percdamp``), recipe keys and ``compare`` cells are derived from them: a new method with
+    options needs no edit outside its own file.
+    """
 
     name: ClassVar[str] = ""
     needs: ClassVar[str] = "none"
     default_group: ClassVar[str] = "row"
-    groups: ClassVar[tuple[str, ...]] = ("row", "layer", "global")
+    groups: ClassVar[tuple[str, ...]] = ("row", "layer")
     patterns: ClassVar[tuple[str, ...]] = ("unstructured", "nm", "block")
     true_sequential: ClassVar[bool] = False  # default for PruneConfig.true_sequential
+    help: ClassVar[dict[str, str]] = {}  # option name -> one line for --help and the docs
+    meets_target: bool = True  # removes exactly the target fraction (checked); False: a threshold decides
 
-    def __init__(self, **options):
-        if options:
-            raise TypeError(f"method {self.name!r} takes no options, got {sorted(options)}")
+    @classmethod
+    def options(cls) -> dict[str, Option]:
+        """The options the constructor takes, in its order."""
+        params = [p for n, p in inspect.signature(cls.__init__).parameters.items()
+                  if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        hints = typing.get_type_hints(cls.__init__) if params else {}
+        out = {}
+        for p in params:  # "float | None" -> float: None is allowed where it is the default
+            kind = next(k for k in typing.get_args(hints[p.name]) or (hints[p.name],) if k is not type(None))
+            out[p.name] = Option(p.name, kind, p.default, cls.help.get(p.name, ""))
+        return out
+
+    @classmethod
+    def build(cls, options: "dict | None" = None) -> "Method":
+        """The method with ``options``, checked by name and type here and by value in the constructor."""
+        options = dict(options or {})
+        known = cls.options()
+        if unknown := sorted(set(options) - set(known)):
+            offer = f"its options: {', '.join(known)}" if known else "it has none"
+            raise ConfigError(f"method {cls.name} has no option {', '.join(map(repr, unknown))} ({offer})")
+        for name, value in options.items():
+            if not _fits(value, known[name]):
+                raise ConfigError(f"{cls.name} option {name} must be {known[name].type.__name__}, got "
+                                  f"{type(value).__name__} {value!r}")
+        return cls(**options)
 
     @property
     def needs_calibration(self) -> bool:
@@ -76,6 +119,14 @@ class Method:
         return [self.prune(W, stats, t) for W, t in zip(Ws, targets)]
 
 
+def _fits(value, option: Option) -> bool:
+    if value is None:
+        return option.default is None
+    if isinstance(value, bool):  # a bool is an int to Python, never to a user
+        return option.type is bool
+    return isinstance(value, option.type) or (option.type is float and isinstance(value, int))
+
+
 METHODS: dict[str, type[Method]] = {}
 
 
@@ -84,7 +135,7 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
 
     def wrap(cls: type[Method]) -> type[Method]:
         if name in METHODS:
-            raise ValueError(f"method {name!r} is registered twice")
+            raise ConfigError(f"method {name!r} is registered twice")
         cls.name = name
         METHODS[name] = cls
         return cls
@@ -93,8 +144,18 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
 
 
 def get_method(name: str, **options) -> Method:
+    """The registered method ``name`` built with ``options`` (checked: :meth:`Method.build`)."""
     try:
         cls = METHODS[name]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}") from None
-    return cls(**options)
+        raise ConfigError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}") from None
+    return cls.build(options)
+
+
+def option_table() -> dict[str, Option]:
+    """Every registered method's options by name (the first method to declare a name sets its type)."""
+    table: dict[str, Option] = {}
+    for cls in METHODS.values():
+        for name, option in cls.options().items():
+            table.setdefault(name, option)
+    return table

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
 from ..patterns import zero_where_
 from .base import InputStats, LayerTarget, Method, register
 
@@ -17,11 +18,13 @@ from .base import InputStats, LayerTarget, Method, register
 class Magnitude(Method):
     needs = "none"
     default_group = "layer"
+    help = {"threshold": "prune every |w| < threshold instead of a fraction"}
 
     def __init__(self, threshold: "float | None" = None):
         if threshold is not None and threshold < 0:
-            raise ValueError(f"magnitude threshold must be >= 0, got {threshold}")
+            raise ConfigError(f"magnitude threshold must be >= 0, got {threshold}")
         self.threshold = threshold
+        self.meets_target = threshold is None
 
     def scores(self, W: torch.Tensor, stats: InputStats) -> torch.Tensor:
         return W.abs()

@@ -21,7 +21,7 @@ import logging
 
 import torch
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, ConfigError
 from ..patterns import Pattern, expand_tiles, lowest_in_groups, lowest_k_mask, tile_scores, zero_where_
 from .base import InputStats, LayerTarget, Method, register
 
@@ -140,12 +140,14 @@ class SparseGPT(Method):
     default_group = "block"  # adaptive selection inside each lazy-update block, as in the paper
     groups = ("block",)
     true_sequential = True  # the option of the official LLaMA script; better and, with replay, faster here
+    help = {"blocksize": "columns per lazy-update batch (default 128)",
+            "percdamp": "damping of H as a fraction of mean(diag H) (default 0.01)"}
 
     def __init__(self, blocksize: int = 128, percdamp: float = 0.01):
         if blocksize < 1:
-            raise ValueError(f"sparsegpt blocksize must be >= 1, got {blocksize}")
+            raise ConfigError(f"sparsegpt blocksize must be >= 1, got {blocksize}")
         if not 0 < percdamp < 1:
-            raise ValueError(f"sparsegpt percdamp must be in (0, 1), got {percdamp}")
+            raise ConfigError(f"sparsegpt percdamp must be in (0, 1), got {percdamp}")
         self.blocksize = blocksize
         self.percdamp = percdamp
 

@@ -1,6 +1,6 @@
 """Structured pruning: remove MLP channels, attention heads and whole blocks; keep the model loadable."""
 
-from .engine import StructuredRecord, prune_depth, prune_width
+from .engine import StructuredRecord, check_structured, prune_depth, prune_width
 from .surgery import STRUCTURE_KEY, check_loadable, load, structure_of
 
 
@@ -11,5 +11,5 @@ def prune_structured(model, config, input_ids, tracker):
     return prune_width(model, config, input_ids, tracker)
 
 
-__all__ = ["StructuredRecord", "prune_depth", "prune_width", "prune_structured", "STRUCTURE_KEY",
+__all__ = ["StructuredRecord", "check_structured", "prune_depth", "prune_width", "prune_structured", "STRUCTURE_KEY",
            "check_loadable", "load", "structure_of"]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..engine.capture import capture_inputs
-from ..engine.sequential import run_block
+from ..engine.walk import BlockVisit, walk_blocks
 from ..errors import ArchitectureError, ConfigError
 from ..models.arch import find_blocks, set_weight_of, weight_of
 from ..progress import Stage, Tracker
@@ -169,26 +169,47 @@ def _probe_heads(model: nn.Module, att) -> None:
 # ----------------------------------------------------------------------------- width
 
 
+def check_structured(model: nn.Module, config) -> None:
+    """Every check that needs only the model's shapes, before any calibration or change (and, from the CLI,
+    before the dense evaluation): the count against the layer or the depth, head pruning against the config
+    family, and an explicit bias compensation against the output projection."""
+    blocks_name, blocks = find_blocks(model)
+    if config.method == "blocks":
+        L = len(blocks)
+        k = config.count if config.count is not None else round(config.ratio * L)
+        if not 0 < k < L:
+            raise ConfigError(f"cannot remove {k} of the model's {L} blocks (at least one must go, one must stay)")
+        return
+    kind = config.method
+    unit = _unit(kind, blocks[0], f"{blocks_name}.0.")
+    if kind == "heads":
+        _probe_heads(model, unit)
+    if config.allocation == "uniform":
+        n = _unit_count(kind, unit, config.gqa)
+        count = uniform_count(n, config.ratio, config.count, config.round_to)
+        if count >= n:
+            what = "channels" if kind == "channels" else f"head units ({config.gqa})"
+            raise ConfigError(f"removing {count} of {n} {what} per block would remove every one")
+    if config.bias_compensation and getattr(_output_of(kind, unit)[1], "bias", None) is None:
+        flag = "mlp_bias" if kind == "channels" else "attention_bias"
+        if not hasattr(model.config, flag):
+            raise ConfigError(f"bias compensation needs a bias on the output projection; {type(model).__name__} has "
+                              f"none and its config has no {flag!r} switch (use --no-bias-compensation)")
+
+
 @torch.no_grad()
 def prune_width(model: nn.Module, config, input_ids: "torch.Tensor | None", tracker: Tracker) -> tuple:
     """Remove MLP channels (``config.method == "channels"``) or attention heads (``"heads"``).
 
     Returns ``(records, None)``: one :class:`StructuredRecord` per block."""
+    check_structured(model, config)
     kind = config.method
     blocks_name, blocks = find_blocks(model)
-    prefixes = [f"{blocks_name}.{i}." for i in range(len(blocks))]
-    units = [_unit(kind, b, p) for b, p in zip(blocks, prefixes)]
-    if kind == "heads":
-        _probe_heads(model, units[0])
-    if config.allocation == "uniform":  # refuse an impossible count before any calibration or change
-        n = _unit_count(kind, units[0], config.gqa)
-        count = uniform_count(n, config.ratio, config.count, config.round_to)
-        if count >= n:
-            what = "channels" if kind == "channels" else f"head units ({config.gqa})"
-            raise ConfigError(f"removing {count} of {n} {what} per block would remove every one")
+    units = [_unit(kind, b, f"{blocks_name}.{i}.") for i, b in enumerate(blocks)]
     compensate = _prepare_bias(model, config, units, kind)
     device = torch.device(config.device)
-    needs_data = config.score != "magnitude" or config.refit or compensate
+    score = config.score_name
+    needs_data = score != "magnitude" or config.refit or compensate
     head_dim = units[0].head_dim if kind == "heads" else None
 
     hidden = calls = None
@@ -196,11 +217,11 @@ def prune_width(model: nn.Module, config, input_ids: "torch.Tensor | None", trac
         tracker.enter(Stage.CALIBRATING)
         hidden, calls = capture_inputs(model, blocks, input_ids, config.batch_size)
 
-    def observe(i: int, keep_outputs: bool):
-        out_name, out_module = _output_of(kind, units[i])
+    def observe(step: BlockVisit, keep: bool):
+        out_name, out_module = _output_of(kind, units[step.index])
         obs = ChannelObserver({out_name: out_module}, gram=config.refit)
         try:
-            outs = run_block(blocks[i], hidden, calls[i], device, keep=keep_outputs)
+            outs = step.run(keep=keep)
         finally:
             obs.remove()
         return obs.stats[out_name], outs
@@ -208,50 +229,45 @@ def prune_width(model: nn.Module, config, input_ids: "torch.Tensor | None", trac
     def layer_scores(i: int, st):
         unit = units[i]
         if kind == "channels":
-            return S.channel_scores(config.score, weight_of(unit.output[1]), [weight_of(m) for _, m in unit.inputs], st), None
-        ins = [] if config.score != "magnitude" else [weight_of(unit.q[1])]
-        ch = S.channel_scores(config.score, weight_of(unit.o[1]), ins, st)
+            return S.channel_scores(score, weight_of(unit.output[1]), [weight_of(m) for _, m in unit.inputs], st), None
+        ins = [] if score != "magnitude" else [weight_of(unit.q[1])]
+        ch = S.channel_scores(score, weight_of(unit.o[1]), ins, st)
         hunits, scores = head_units(unit, S.head_scores(ch, unit.head_dim), config.gqa)
         return scores, hunits
 
-    records = []
-    if config.allocation == "global":
-        tracker.enter(Stage.COMPUTING_IMPORTANCE)
-        all_stats, all_scores, all_units = [], [], []
-        for i in tracker.bar(range(len(blocks))):
-            blocks[i].to(device)
-            st, outs = observe(i, keep_outputs=True) if needs_data else (None, None)
-            blocks[i].to("cpu")
-            if needs_data:
-                hidden = outs
-            scores, hunits = layer_scores(i, st)
-            all_stats.append(st)
-            all_scores.append(scores)
-            all_units.append(hunits)
-        min_keep = config.round_to
-        counts = allocate_global(all_scores, config.ratio, config.round_to, min_keep)
-        tracker.enter(Stage.PRUNING)
-        for i in range(len(blocks)):
-            records.append(_cut(kind, units[i], all_scores[i], all_units[i], counts[i], all_stats[i], config,
-                                compensate, i))
-    else:
-        bar = tracker.bar(total=len(blocks))
-        for i, block in enumerate(blocks):
-            block.to(device)
-            st = None
-            if needs_data:
-                tracker.describe(bar, Stage.CALIBRATING)
-                st, _ = observe(i, keep_outputs=False)
-            tracker.describe(bar, Stage.PRUNING)
-            scores, hunits = layer_scores(i, st)
+    def cut(i: int, st, count: "int | None" = None, found=None) -> StructuredRecord:
+        scores, hunits = found or layer_scores(i, st)
+        if count is None:
             count = uniform_count(len(scores), config.ratio, config.count, config.round_to)
-            records.append(_cut(kind, units[i], scores, hunits, count, st, config, compensate, i))
-            if needs_data and i < len(blocks) - 1:
-                tracker.describe(bar, Stage.CALIBRATING)
-                hidden = run_block(block, hidden, calls[i], device, keep=True)
-            block.to("cpu")
-            bar.update(1)
-        bar.close()
+        return _cut(kind, units[i], scores, hunits, count, st, config, compensate, i)
+
+    records = []
+    if config.allocation == "global":  # score every block on the dense model first, then spread one budget
+        tracker.enter(Stage.COMPUTING_IMPORTANCE)
+        stats, found = [None] * len(blocks), []
+        if needs_data:
+            def visit(step: BlockVisit):
+                stats[step.index], outs = observe(step, keep=True)
+                found.append(layer_scores(step.index, stats[step.index]))
+                return outs
+
+            walk_blocks(blocks, blocks_name, hidden, calls, device, visit, tracker)
+        else:
+            found = [layer_scores(i, None) for i in range(len(blocks))]
+        counts = allocate_global([s for s, _ in found], config.ratio, config.round_to, config.round_to)
+        tracker.enter(Stage.PRUNING)
+        records = [cut(i, stats[i], counts[i], found[i]) for i in range(len(blocks))]
+    elif needs_data:  # each block is cut before the next one is observed, on the cut model's activations
+        def visit(step: BlockVisit):
+            st, _ = observe(step, keep=False)
+            step.describe(Stage.PRUNING)
+            records.append(cut(step.index, st))
+            return None  # the walk runs the cut block for the next one's inputs
+
+        walk_blocks(blocks, blocks_name, hidden, calls, device, visit, tracker)
+    else:
+        tracker.enter(Stage.PRUNING)
+        records = [cut(i, None) for i in tracker.bar(range(len(blocks)))]
     structure = sync_config(model, head_dim)
     check_loadable(model, structure)
     return records, None
@@ -263,20 +279,17 @@ def _prepare_bias(model, config, units, kind) -> bool:
     With ``bias_compensation=None`` (the default) it is used with the fluctuation score wherever possible."""
     wanted = config.bias_compensation
     if wanted is None:
-        wanted = config.score == "fluctuation" and not config.refit
+        wanted = config.score_name == "fluctuation" and not config.refit
     if not wanted:
         return False
     outs = [_output_of(kind, u)[1] for u in units]
     if all(getattr(m, "bias", None) is not None for m in outs):
         return True
     flag = "mlp_bias" if kind == "channels" else "attention_bias"
-    if not hasattr(model.config, flag):
-        if config.bias_compensation is None:
-            log.info("no bias compensation: %s has no bias on the output projection and no %r switch",
-                     type(model).__name__, flag)
-            return False
-        raise ConfigError(f"bias compensation needs a bias on the output projection; {type(model).__name__} has none "
-                         f"and its config has no {flag!r} switch (use --no-bias-compensation)")
+    if not hasattr(model.config, flag):  # asked for explicitly, check_structured has refused it already
+        log.info("no bias compensation: %s has no bias on the output projection and no %r switch",
+                 type(model).__name__, flag)
+        return False
     for u in units:
         members = [m for _, m in u.inputs] + [u.output[1]] if kind == "channels" else [u.q[1], u.k[1], u.v[1], u.o[1]]
         for m in members:
@@ -339,43 +352,37 @@ def block_scores(model: nn.Module, input_ids: torch.Tensor, score: str, n: int, 
     tracker.enter(Stage.CALIBRATING)
     hidden, calls = capture_inputs(model, blocks, input_ids, batch_size)
     tokens = sum(h.shape[0] * h.shape[1] for h in hidden)
-    if score == "bi":
-        sums = torch.zeros(L, dtype=torch.float64)
-    else:
-        sums = torch.zeros(L - n + 1, dtype=torch.float64)
-        history = [hidden]  # inputs of the last n+1 blocks
-    bar = tracker.bar(total=L)
-    for i, block in enumerate(blocks):
-        block.to(device)
-        outs = run_block(block, hidden, calls[i], device, keep=True)
-        block.to("cpu")
+    sums = torch.zeros(L if score == "bi" else L - n + 1, dtype=torch.float64)
+    history = [hidden]  # angular: the inputs of the last n+1 blocks
+
+    def visit(step: BlockVisit):
+        i, outs = step.index, step.run()
         if score == "bi":
-            sums[i] = sum(S.cosine_per_token(a, b).sum() for a, b in zip(hidden, outs))
-        else:
-            history.append(outs)
-            if len(history) > n + 1:
-                history.pop(0)
-            if i + 1 >= n:  # history[0] is block (i+1-n)'s input, history[-1] block (i+1)'s input
-                sums[i + 1 - n] = sum(S.angular_distance(S.cosine_per_token(a, b)).sum()
-                                      for a, b in zip(history[0], history[-1]))
-        hidden = outs
-        bar.update(1)
-    bar.close()
+            sums[i] = sum(S.cosine_per_token(a, b).sum() for a, b in zip(step.hidden, outs))
+            return outs
+        history.append(outs)
+        if len(history) > n + 1:
+            history.pop(0)
+        if i + 1 >= n:  # history[0] is block (i+1-n)'s input, history[-1] block (i+1)'s input
+            sums[i + 1 - n] = sum(S.angular_distance(S.cosine_per_token(a, b)).sum()
+                                  for a, b in zip(history[0], history[-1]))
+        return outs
+
+    walk_blocks(blocks, blocks_name, hidden, calls, device, visit, tracker)
     return S.block_influence(sums, tokens) if score == "bi" else sums / tokens
 
 
 @torch.no_grad()
 def prune_depth(model: nn.Module, config, input_ids: torch.Tensor, tracker: Tracker) -> tuple:
     """Remove ``config.count`` (or ``ratio`` of the) blocks; returns ``(records, block scores)``."""
+    check_structured(model, config)
     _, blocks = find_blocks(model)
-    L = len(blocks)
-    k = config.count if config.count is not None else round(config.ratio * L)
-    if not 0 < k < L:
-        raise ConfigError(f"cannot remove {k} of the model's {L} blocks (at least one must go, one must stay)")
-    scores = block_scores(model, input_ids, config.score, k, config.batch_size, torch.device(config.device), tracker)
+    k = config.count if config.count is not None else round(config.ratio * len(blocks))
+    scores = block_scores(model, input_ids, config.score_name, k, config.batch_size, torch.device(config.device),
+                          tracker)
     tracker.enter(Stage.PRUNING)
-    remove = S.blocks_to_remove(config.score, scores, k)
-    log.info("removing blocks %s (%s scores %s)", remove, config.score, [round(float(s), 4) for s in scores])
+    remove = S.blocks_to_remove(config.score_name, scores, k)
+    log.info("removing blocks %s (%s scores %s)", remove, config.score_name, [round(float(s), 4) for s in scores])
     drop_blocks(model, remove)
     check_loadable(model, None)
     return [StructuredRecord(i, "block", 1, 0, [i]) for i in remove], scores

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..errors import DataError, SnapshotError
+from ..errors import ConfigError, DataError
 from ..progress import Stage, Tracker
 from .lora import add_lora, merge_lora
 from .masks import GradualPruner, Masks, measured_sparsity, prunable_linears
@@ -48,7 +48,7 @@ class TrainConfig:
     group: str = "layer"  # gradual pruning: compare |w| per layer or per row
 
     def __post_init__(self):
-        from ..config import ConfigError
+        from ..errors import ConfigError
 
         def check(cond, msg):
             if not cond:
@@ -140,7 +140,7 @@ def train(model, train_ids: torch.Tensor, config: TrainConfig, evaluate=None, tr
     device = next(model.parameters()).device
     if resume is not None:
         if resume["train"] != config.to_dict():
-            raise SnapshotError("the training state to resume was saved under another training config")
+            raise ConfigError("the training state to resume was saved under another training config")
         # the state was saved (and is loaded) on the CPU
         masks.masks = {name: mask.to(device) for name, mask in resume["masks"].items()}
         if pruner:

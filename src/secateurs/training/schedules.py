@@ -102,7 +102,7 @@ class Schedule:
     k: float = 5.0  # exponential: steepness
 
     def __post_init__(self):
-        from ..config import ConfigError
+        from ..errors import ConfigError
 
         def check(cond, msg):
             if not cond:
