@@ -567,3 +567,56 @@ def test_prune_save_every_checks_room_for_the_walk_state(tiny_dir, tmp_path, cap
                                               "walk's state (--save-every 1) needs ")
     free_space(weights + 16 * 2**20 + walk)
     assert main(["prune", *args(tiny_dir, "--no-eval"), "--save-every", "1", "--output", str(out)]) == 0
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ("method: wanda\ninclude: 5\n", "include must be a list of str, got int 5"),
+    ("method: wanda\ninclude: mlp\n", "include must be a list of str, got str 'mlp'"),  # not split into letters
+    ("method: wanda\nexclude: [5]\n", "exclude must be a list of str, got list [5]"),
+    ("method: wanda\nbatch_size: ten\n", "batch_size must be int, got str 'ten'"),
+    ("method: wanda\nbatch_size: 2.5\n", "batch_size must be int, got float 2.5"),
+    ("method: wanda\nbatch_size: true\n", "batch_size must be int, got bool True"),
+    ("method: wanda\neval: {windows: x}\n", "windows must be int or null, got str 'x'"),
+    ("method: sparsegpt\npercdamp: high\n", "sparsegpt option percdamp must be float, got str 'high'"),
+    ("method: channels\nratio: '0.2'\n", "ratio must be float or null, got str '0.2'"),
+])
+def test_a_recipe_value_of_the_wrong_type_is_one_line(tiny_dir, tmp_path, capsys, recipe, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe)
+    code = main(["prune", *args(tiny_dir), "--recipe", str(path), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"secateurs: error: {message}" and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("line, message", [('{"text": 5}', "row 2's 'text' is int 5, not a string"),
+                                           ('{"text": null}', "row 2's 'text' is NoneType null, not a string")])
+def test_a_jsonl_row_that_is_not_text_is_one_line(tiny_dir, tmp_path, capsys, line, message):
+    data = tmp_path / "calib.jsonl"
+    data.write_text('{"text": "a real line of text"}\n' + line + "\n")
+    code = main(["prune", *args(tiny_dir, "--calib-data", str(data)), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("secateurs: error:") and message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "blocks", "--remove-blocks", "2"], "cannot remove 2 of the model's 2 blocks"),
+    (["--method", "heads", "--remove-per-layer", "2"], "removing 2 of 2 head units (per-group) per block"),
+    (["--method", "channels", "--remove-per-layer", "128"], "removing 128 of 128 channels per block"),
+])
+def test_an_impossible_structured_count_is_refused_before_the_dense_evaluation(tiny_dir, tmp_path, capsys, extra,
+                                                                                message):
+    code = main(["prune", *args(tiny_dir, *extra), "--output", str(tmp_path / "out")])
+    printed = capsys.readouterr()
+    assert code == 2 and "dense perplexity" not in printed.out and message in printed.err
+
+
+def test_a_bug_is_not_dressed_as_a_usage_error(tiny_dir, tmp_path, monkeypatch):
+    """A ValueError from inside secateurs is a bug: it keeps its traceback instead of becoming exit 2."""
+    import secateurs.api
+
+    def broken(*a, **k):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(secateurs.api, "prune", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["prune", *args(tiny_dir), "--output", str(tmp_path / "out")])

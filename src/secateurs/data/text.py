@@ -126,7 +126,11 @@ def _column_text(ds, name: str, split: str, column: str) -> str:
     if column not in ds.column_names:
         raise DataError(f"dataset {name!r} split {split!r} has no {column!r} column (columns: "
                         f"{', '.join(ds.column_names)})")
-    return "\n\n".join(t for t in ds[column] if t is not None)
+    rows = [t for t in ds[column] if t is not None]
+    if bad := next((t for t in rows if not isinstance(t, str)), None):
+        raise DataError(f"dataset {name!r} split {split!r}: its {column!r} column holds {type(bad).__name__} "
+                        f"values, not text")
+    return "\n\n".join(rows)
 
 
 def _pick_split(splits, name: str, split: str) -> str:
@@ -212,8 +216,14 @@ def _jsonl_text(spec: str, text: str) -> str:
             rows.append(json.loads(line))
         except json.JSONDecodeError as exc:
             raise DataError(f"{spec!r} line {number} is not JSON ({exc.msg})") from None
-    if not rows or any(not isinstance(r, dict) or "text" not in r for r in rows):
-        raise DataError(f"{spec!r}: every JSONL line needs a 'text' field")
+    if not rows:
+        raise DataError(f"{spec!r}: every JSONL line needs a 'text' field, and the file has no line")
+    for number, row in enumerate(rows, 1):  # checked as read: a number or null is no text to tokenize
+        if not isinstance(row, dict) or "text" not in row:
+            raise DataError(f"{spec!r}: every JSONL line needs a 'text' field (row {number} has none)")
+        if not isinstance(row["text"], str):
+            raise DataError(f"{spec!r}: row {number}'s 'text' is {type(row['text']).__name__} "
+                            f"{json.dumps(row['text'])[:40]}, not a string")
     return "\n\n".join(r["text"] for r in rows)
 
 
