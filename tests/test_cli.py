@@ -468,7 +468,7 @@ def test_finetune_with_checkpoints_checks_room_for_two_states_up_front(tiny_dir,
 
 
 def test_training_room_counts_the_peak_of_checkpoints_and_a_state_already_on_disk(tiny_dir, tmp_path):
-    from secateurs.cli import _training_room
+    from secateurs.training.state import training_room as _training_room
     from secateurs.models.snapshot import weight_bytes
     from secateurs.training import TrainConfig, training_state_bytes
 

@@ -5,6 +5,7 @@ import contextlib
 import copy
 import json
 import math
+import pathlib
 
 import pytest
 import torch
@@ -211,7 +212,7 @@ def test_a_finetune_resumed_from_its_checkpoint_ends_identical(options, monkeypa
     monkeypatch.undo()
     assert len(saved) == 1
 
-    state = torch.load(tmp_path / "state-0.pt", weights_only=False)
+    state = torch.load(tmp_path / "state-0.pt", weights_only=True)
     assert state["step"] == 4
     resumed = copy.deepcopy(start)
     history = train(resumed, STREAM, config, progress=False, resume=state)
@@ -330,7 +331,7 @@ def test_cli_finetune_resumes_from_its_saved_state(tiny_dir, tmp_path, capsys, m
     assert main(["finetune", *flags, "--save-every", "2", "--output", str(part)]) == 130
     state = tmp_path / "part.train-state.pt"
     assert f"the last checkpoint is {state}" in capsys.readouterr().err
-    assert torch.load(state, weights_only=False)["step"] == 2 and not part.exists()
+    assert torch.load(state, weights_only=True)["step"] == 2 and not part.exists()
     monkeypatch.undo()
 
     assert main(["finetune", *flags[:-2], "--lr", "2e-3", "--save-every", "2", "--output", str(part)]) == 2
@@ -365,7 +366,7 @@ def test_cli_finetune_that_cannot_save_its_state_stops_in_one_line_and_keeps_the
     assert err.startswith(f"secateurs: error: cannot save the training state to '{state}' ([enforce fail at "
                           "inline_container.cc:672] . unexpected pos 576 vs 534; ") and len(err.splitlines()) == 1
     assert err.endswith(" MiB free there); the state saved before it, if any, is kept\n")
-    assert saves == [2, 4] and torch.load(state, weights_only=False)["step"] == 2
+    assert saves == [2, 4] and torch.load(state, weights_only=True)["step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.train-state.pt"]
 
 
@@ -392,3 +393,27 @@ def test_cli_training_errors(tiny_dir, tmp_path, capsys, cmd, message):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+class _Planted:
+    """A pickle that runs code when loaded by a full unpickler: it would write the file named in its argument."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (pathlib.Path.write_text, (pathlib.Path(self.path), "code ran"))
+
+
+def test_a_planted_pickle_at_the_state_path_is_refused_without_running(tiny_dir, tmp_path, capsys):
+    from secateurs.cli import main
+    from secateurs.training.state import state_file
+
+    output, ran = tmp_path / "out", tmp_path / "code-ran.txt"
+    torch.save({"step": 1, "payload": _Planted(ran)}, state_file(output))  # a full unpickler would call write_text
+    code = main(["finetune", "--model", str(tiny_dir / "model"), "--quiet", "--data", str(tiny_dir / "train.txt"),
+                 "--steps", "2", "--eval-data", str(tiny_dir / "test.txt"), "--eval-seqlen", "32",
+                 "--eval-windows", "1", "--output", str(output)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "not a training state secateurs can read" in err and len(err.splitlines()) == 1
+    assert not ran.exists() and not output.exists()

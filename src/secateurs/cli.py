@@ -452,18 +452,18 @@ def cmd_finetune(args) -> int:
     from .data import load_text, tokenize
     from .eval import peak_rss_bytes
     from .models import check_output, check_space, save_model
-    from .training import measured_sparsity, prunable_linears, train
+    from .training import measured_sparsity, prunable_linears, state as training, train
 
     config = _train_config(args)
     eval_config = _eval_config(args)
     output = check_output(args.output, args.overwrite)
     if args.save_every < 0:
         raise ConfigError(f"--save-every must be >= 0, got {args.save_every}")
-    state_file = _state_file(args.output)
+    state_file = training.state_file(args.output)
     run = {"model": args.model or "smollm2-135m", "data": args.data, "eval": eval_config.to_dict()}
-    resume = None if args.no_resume else _training_state(state_file, run, config)
+    resume = None if args.no_resume else training.load_training_state(state_file, run, config)
     model, tokenizer = _load(args)
-    room, what = _training_room(model, config, args.save_every, state_file)
+    room, what = training.training_room(model, config, args.save_every, state_file)
     check_space(output, model, extra=16 * 2**20 + room, what=what)
     show = not args.quiet
     train_ids = tokenize(tokenizer, load_text(args.data, "train"))
@@ -475,7 +475,7 @@ def cmd_finetune(args) -> int:
           f"{', gradual ' + config.schedule['name'] + ' to ' + str(config.schedule['final_sparsity']) if config.schedule else ', mask frozen'}); "
           f"sparsity of the block linears now {before:.4f}", flush=True)
     history = train(model, train_ids, config, evaluate=_evaluator(tokenizer, eval_config, show), progress=show,
-                    save_every=args.save_every, save_state=lambda state: _save_state(state_file, {**state, "run": run}),
+                    save_every=args.save_every, save_state=lambda state: training.save_training_state(state_file, {**state, "run": run}),
                     resume=resume)
     after = measured_sparsity(model, names)
     ppl0, ppl1 = history.evals[0]["perplexity"], history.evals[-1]["perplexity"]
@@ -491,66 +491,6 @@ def cmd_finetune(args) -> int:
     state_file.unlink(missing_ok=True)  # the finished model supersedes it
     print(f"saved to {output}", flush=True)
     return 0
-
-
-def _training_room(model, config, save_every: int, state_file: Path) -> tuple[int, str]:
-    """The disk ``finetune`` needs beyond the model's own weights, and what to call it all in an error.
-
-    Every checkpoint is written in full beside the one before it, which it then replaces, and the last one is
-    deleted only once the model is saved: the peak is two states, or one state and the model.  A state left by
-    the run being resumed already takes its room."""
-    from .models.snapshot import weight_bytes
-    from .training import training_state_bytes
-
-    saves = (config.steps - 1) // save_every if save_every else 0
-    if not saves:
-        return 0, "the model"
-    state, model_size = training_state_bytes(model, config), weight_bytes(model)
-    held = state_file.stat().st_size if state_file.exists() else 0
-    peak = max(held + state, 2 * state if saves > 1 else 0, state + model_size)
-    return peak - held - model_size, (f"the model and the training state (--save-every {save_every}: "
-                                      f"{saves} checkpoint(s) of ~{state / 2**20:,.0f} MiB)")
-
-
-def _state_file(output: str) -> Path:
-    """Where ``finetune --save-every`` keeps its training state: beside the output folder, not in it."""
-    output = Path(output)
-    return output.with_name(output.name + ".train-state.pt")
-
-
-def _save_state(path: Path, state: dict) -> None:
-    """``torch.save``, atomically: a crash while saving keeps the previous state."""
-    import torch
-
-    from .models.load import first_line
-
-    try:
-        atomic.replace_file(path, lambda tmp: torch.save(state, tmp))
-    except RuntimeError as exc:  # torch's writer says a full disk as "[enforce fail ...] unexpected pos 576 vs 534"
-        free = shutil.disk_usage(path.parent).free / 2**20
-        raise OSError(f"cannot save the training state to {str(path)!r} ({first_line(exc)}; {free:,.0f} MiB free "
-                      "there); the state saved before it, if any, is kept") from exc
-
-
-def _training_state(path: Path, run: dict, config) -> "dict | None":
-    """The saved state of an interrupted ``finetune`` of the same model, data and settings, or None."""
-    import torch
-
-    from .models.load import first_line
-
-    if not path.exists():
-        return None
-    try:
-        state = torch.load(path, weights_only=False, map_location="cpu")
-    except Exception as exc:  # a truncated or foreign file: say which and how to go on
-        raise ConfigError(f"cannot resume from {path}: {first_line(exc)} (remove it or pass --no-resume)") from None
-    mine = {**run, "train": config.to_dict()}
-    theirs = {**state.get("run", {}), "train": state.get("train")}
-    differ = sorted(k for k in mine if mine[k] != theirs.get(k))
-    if differ:
-        raise ConfigError(f"cannot resume from {path}: it was saved with another {', '.join(differ)} "
-                          "(remove it or pass --no-resume)")
-    return state
 
 
 def cmd_iterate(args) -> int:
@@ -739,10 +679,11 @@ def _raise_terminated(signum, frame):
 def _kept_on_interrupt(args) -> str:
     """What an interrupted command leaves behind, and how to go on from it."""
     from .engine import WalkCheckpoint
+    from .training import state as training
 
     if args.command == "compare" and args.report:
         return f"the cells measured so far are in {args.report}; add --resume to the same command to finish it"
-    if args.command == "finetune" and (state := _state_file(args.output)).exists():
+    if args.command == "finetune" and (state := training.state_file(args.output)).exists():
         return f"the last checkpoint is {state}; the same command resumes from it"
     if args.command == "prune" and (block := WalkCheckpoint(_walk_state_dir(args.output)).saved_block) is not None:
         return (f"the walk's state after block {block} is in {_walk_state_dir(args.output)}; the same command "
