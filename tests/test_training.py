@@ -237,8 +237,9 @@ def test_training_state_bytes_estimates_the_saved_state(family, lora_rank, tmp_p
         sizes.append((tmp_path / "state.pt").stat().st_size)
 
     train(model, STREAM, config, progress=False, save_every=1, save_state=save)
-    # the estimate leaves out the archive's own records and the small tensors: 1-8% of these tiny states
-    assert sizes[0] == sizes[1] and 0.9 * sizes[0] < estimate < sizes[0]
+    # the estimate leaves out the archive's own records and the small tensors: 1-8% of these tiny states (whose
+    # history grows by a step's loss each time: the archive's 64-byte alignment may add a record's padding)
+    assert abs(sizes[0] - sizes[1]) <= 64 and all(0.9 * size < estimate < size for size in sizes)
 
 
 # ----------------------------------------------------------------------------- iterate
@@ -380,12 +381,12 @@ def test_cli_finetune_that_cannot_save_its_state_stops_in_one_line_and_keeps_the
     (["finetune", "--steps", "2", "--final-sparsity", "0.5"], "--final-sparsity need(s) --schedule"),
     (["finetune", "--steps", "2", "--end-step", "1", "--k", "3", "--pattern", "block:2"],
      "--end-step, --k, --pattern need(s) --schedule"),
-    (["finetune", "--steps", "2", "--schedule", "cubic", "--k", "3"], "the cubic schedule does not read --k"),
+    (["finetune", "--steps", "2", "--schedule", "cubic", "--k", "3"], "the cubic schedule does not read k"),
     (["finetune", "--steps", "2", "--schedule", "oneshot", "--end-step", "1", "--frequency", "2"],
-     "the oneshot schedule does not read --end-step, --frequency"),
+     "the oneshot schedule does not read end_step, frequency"),
     (["finetune", "--steps", "2", "--schedule", "exponential", "--initial-sparsity", "0.1"],
-     "the exponential schedule does not read --initial-sparsity"),
-    (["finetune", "--steps", "2", "--lora-alpha", "8"], "--lora-alpha needs --lora-rank"),
+     "the exponential schedule does not read initial_sparsity"),
+    (["finetune", "--steps", "2", "--lora-alpha", "8"], "lora_alpha needs lora_rank"),
     (["finetune", "--steps", "2", "--schedule", "cubic", "--lora-rank", "2"], "no LoRA"),
 ])
 def test_cli_training_errors(tiny_dir, tmp_path, capsys, cmd, message):

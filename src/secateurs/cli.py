@@ -141,50 +141,26 @@ _TRAIN_FIELDS = {"steps": "steps", "train_batch_size": "batch_size", "train_seql
                  "train_seed": "seed"}
 
 
-_SCHEDULE_PARAMS = ("final_sparsity", "initial_sparsity", "start_step", "end_step", "frequency", "k")
+_SCHEDULE_FLAGS = ("final_sparsity", "initial_sparsity", "start_step", "end_step", "frequency", "k")
+
+
+def _train_config(args):
+    """The TrainConfig the flags give; gradual-pruning flags go into its schedule (which checks them)."""
+    from .training import TrainConfig
+
+    fields = {dst: getattr(args, src) for src, dst in _TRAIN_FIELDS.items() if getattr(args, src, None) is not None}
+    if not hasattr(args, "end_step"):  # iterate: no schedule flags
+        return TrainConfig(**fields)
+    given = {k: getattr(args, k) for k in (*_SCHEDULE_FLAGS, "pattern", "group") if getattr(args, k) is not None}
+    if given and not args.schedule:
+        raise ConfigError(f"{_flag_names(given)} need(s) --schedule (without one the mask stays frozen)")
+    if args.schedule:
+        fields["schedule"] = {"name": args.schedule, **{k: v for k, v in given.items() if k in _SCHEDULE_FLAGS}}
+    return TrainConfig(**fields, **{k: v for k, v in given.items() if k in ("pattern", "group")})
 
 
 def _flag_names(keys) -> str:
     return ", ".join("--" + k.replace("_", "-") for k in keys)
-
-
-def _check_schedule_flags(args) -> None:
-    """Refuse ``finetune``'s schedule flags without ``--schedule``, and parameters its schedule does not read
-    (``--k`` with ``cubic``): either way they would change nothing."""
-    import inspect
-
-    from .training import SCHEDULES
-
-    given = [k for k in (*_SCHEDULE_PARAMS, "pattern", "group") if getattr(args, k, None) is not None]
-    if not args.schedule:
-        if given:
-            raise ConfigError(f"{_flag_names(given)} need(s) --schedule (without one the mask stays frozen)")
-        return
-    if args.schedule in SCHEDULES:  # an unknown name is refused, with the known ones, by Schedule itself
-        reads = inspect.signature(SCHEDULES[args.schedule]).parameters
-        if unread := [k for k in given if k in _SCHEDULE_PARAMS and k not in reads]:
-            raise ConfigError(f"the {args.schedule} schedule does not read {_flag_names(unread)}: drop it")
-
-
-def _train_config(args):
-    from .training import TrainConfig
-
-    fields = {dst: getattr(args, src) for src, dst in _TRAIN_FIELDS.items() if getattr(args, src, None) is not None}
-    if hasattr(args, "end_step"):  # finetune: the gradual-pruning flags
-        _check_schedule_flags(args)
-    if fields.get("lora_alpha") is not None and not fields.get("lora_rank"):
-        raise ConfigError("--lora-alpha needs --lora-rank R (without one every weight trains, no adapters)")
-    if getattr(args, "schedule", None):
-        sched = {"name": args.schedule, "final_sparsity": args.final_sparsity if args.final_sparsity is not None else 0.5,
-                 "end_step": args.end_step if args.end_step is not None else (3 * args.steps) // 4}
-        for key in ("initial_sparsity", "start_step", "frequency", "k"):
-            if getattr(args, key) is not None:
-                sched[key] = getattr(args, key)
-        fields["schedule"] = sched
-        for key in ("pattern", "group"):
-            if getattr(args, key) is not None:
-                fields[key] = getattr(args, key)
-    return TrainConfig(**fields)
 
 
 def _positive_int(text: str) -> int:
@@ -472,7 +448,7 @@ def cmd_finetune(args) -> int:
     if resume is not None:
         print(f"resuming from {state_file} after step {resume['step']}", flush=True)
     print(f"training {config.steps} steps ({'LoRA rank ' + str(config.lora_rank) if config.lora_rank else 'all weights'}"
-          f"{', gradual ' + config.schedule['name'] + ' to ' + str(config.schedule['final_sparsity']) if config.schedule else ', mask frozen'}); "
+          f"{', gradual ' + config.schedule_value.name + ' to ' + str(config.schedule_value.final_sparsity) if config.schedule else ', mask frozen'}); "
           f"sparsity of the block linears now {before:.4f}", flush=True)
     history = train(model, train_ids, config, evaluate=_evaluator(tokenizer, eval_config, show), progress=show,
                     save_every=args.save_every, save_state=lambda state: training.save_training_state(state_file, {**state, "run": run}),

@@ -21,7 +21,7 @@ from ..errors import ConfigError, DataError
 from ..progress import Stage, Tracker
 from .lora import add_lora, merge_lora
 from .masks import GradualPruner, Masks, measured_sparsity, prunable_linears
-from .schedules import Schedule
+from .schedules import Schedule, schedule_reads
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +40,12 @@ class TrainConfig:
     max_grad_norm: "float | None" = 1.0
     precision: str = "fp32"  # fp32 | bf16 (autocast; the weights and optimizer stay fp32)
     lora_rank: int = 0
-    lora_alpha: float = 16.0
+    lora_alpha: "float | None" = None  # LoRA scale numerator; None = 16 (read only with lora_rank > 0)
     eval_every: int = 0  # 0 = evaluate only before and after
     seed: int = 0
     schedule: "dict | None" = None  # Schedule fields: gradual pruning while training (None = frozen mask)
-    pattern: str = "unstructured"  # gradual pruning: unstructured | block:B
-    group: str = "layer"  # gradual pruning: compare |w| per layer or per row
+    pattern: "str | None" = None  # gradual pruning: unstructured (None) | block:B
+    group: "str | None" = None  # gradual pruning: compare |w| per layer (None) or per row
 
     def __post_init__(self):
         from ..errors import ConfigError
@@ -62,14 +62,24 @@ class TrainConfig:
               f"{self.lora_rank}")
         check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0")
         check(self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}")
-        check(self.group in ("layer", "row"), f"group must be layer or row, got {self.group!r}")
+        check(self.group in (None, "layer", "row"), f"group must be layer or row, got {self.group!r}")
         check(not (self.schedule is not None and self.lora_rank), "gradual pruning trains the weights: no LoRA")
+        check(self.schedule is not None or (self.pattern is None and self.group is None),
+              "pattern and group shape gradual pruning: they need a schedule (without one the mask stays frozen)")
+        check(self.lora_alpha is None or self.lora_rank > 0,
+              "lora_alpha needs lora_rank R (without one every weight trains, no adapters)")
         if self.schedule is not None:
             self.schedule_value  # validates
 
     @property
     def schedule_value(self) -> "Schedule | None":
-        return Schedule(**self.schedule) if self.schedule is not None else None
+        """The gradual-pruning schedule; its ``end_step``, where it reads one and none is given, is 3/4 of the steps."""
+        if self.schedule is None:
+            return None
+        name = self.schedule.get("name", "cubic")
+        default = {"end_step": (3 * self.steps) // 4} if self.schedule.get("end_step") is None and \
+            "end_step" in schedule_reads(name) else {}
+        return Schedule(**{**self.schedule, **default})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -134,7 +144,7 @@ def train(model, train_ids: torch.Tensor, config: TrainConfig, evaluate=None, tr
     tracker.enter(Stage.FINE_TUNING)
     names = list(prunable_linears(model))
     schedule = config.schedule_value
-    pruner = GradualPruner(model, schedule, config.pattern, config.group) if schedule else None
+    pruner = GradualPruner(model, schedule, config.pattern or "unstructured", config.group or "layer") if schedule else None
     masks = pruner.masks if pruner else Masks.from_zeros(model)
     history = TrainHistory()
     device = next(model.parameters()).device
@@ -158,7 +168,7 @@ def train(model, train_ids: torch.Tensor, config: TrainConfig, evaluate=None, tr
         log.info("step %d: perplexity %.3f, sparsity %.4f", step, ppl, history.evals[-1]["sparsity"])
 
     if config.lora_rank:
-        add_lora(model, config.lora_rank, config.lora_alpha, seed=config.seed)
+        add_lora(model, config.lora_rank, 16.0 if config.lora_alpha is None else config.lora_alpha, seed=config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warm = config.warmup_steps

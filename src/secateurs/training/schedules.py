@@ -19,6 +19,7 @@ so the measured sparsity equals the schedule's value at every update.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -89,17 +90,26 @@ def geometric(step, *, start_step, end_step, initial_sparsity, final_sparsity, f
     return initial_sparsity * (final_sparsity / initial_sparsity) ** p
 
 
-@dataclass
+def schedule_reads(name: str) -> set:
+    """The parameters the schedule ``name`` reads (none for an unknown name)."""
+    return set(inspect.signature(SCHEDULES[name]).parameters) - {"step", "_"} if name in SCHEDULES else set()
+
+
+@dataclass(frozen=True)
 class Schedule:
-    """A named schedule with its parameters, validated; ``schedule(step)`` gives the target sparsity."""
+    """A named schedule with its parameters, validated; ``schedule(step)`` gives the target sparsity.
+
+    Parameters left ``None`` take their default where they are read (:attr:`parameters`); one given to a
+    schedule that does not read it (``k`` with ``cubic``) is refused rather than silently ignored.
+    """
 
     name: str = "cubic"
     final_sparsity: float = 0.5
-    initial_sparsity: float = 0.0
+    initial_sparsity: "float | None" = None  # None = 0 (geometric needs one > 0)
     start_step: int = 0
     end_step: "int | None" = None  # None = start_step (a oneshot schedule needs no end)
-    frequency: int = 1
-    k: float = 5.0  # exponential: steepness
+    frequency: "int | None" = None  # update the target every N steps; None = every step
+    k: "float | None" = None  # exponential: steepness; None = 5
 
     def __post_init__(self):
         from ..errors import ConfigError
@@ -108,27 +118,35 @@ class Schedule:
             if not cond:
                 raise ConfigError(msg)
 
-        if self.end_step is None:
-            self.end_step = self.start_step
         check(self.name in SCHEDULES, f"schedule: unknown {self.name!r}; known: {', '.join(sorted(SCHEDULES))}")
-        check(0 <= self.initial_sparsity < 1 and 0 < self.final_sparsity < 1,
+        unread = [f for f in ("initial_sparsity", "end_step", "frequency", "k") if getattr(self, f) is not None
+                  and f not in schedule_reads(self.name)]
+        check(not unread, f"the {self.name} schedule does not read {', '.join(unread)}: drop it")
+        p = self.parameters
+        check(0 <= p["initial_sparsity"] < 1 and 0 < self.final_sparsity < 1,
               "schedule sparsities must be in [0, 1) (final > 0)")
-        check(self.initial_sparsity <= self.final_sparsity, "initial_sparsity must not exceed final_sparsity")
-        check(self.start_step >= 0 and self.end_step >= self.start_step, "need 0 <= start_step <= end_step")
-        check(self.frequency >= 1, "frequency must be >= 1")
-        check(self.k > 0, "k must be > 0")
-        check(self.name != "geometric" or self.initial_sparsity > 0, "geometric needs initial_sparsity > 0")
+        check(p["initial_sparsity"] <= self.final_sparsity, "initial_sparsity must not exceed final_sparsity")
+        check(self.start_step >= 0 and p["end_step"] >= self.start_step, "need 0 <= start_step <= end_step")
+        check(p["frequency"] >= 1, "frequency must be >= 1")
+        check(p["k"] > 0, "k must be > 0")
+        check(self.name != "geometric" or p["initial_sparsity"] > 0, "geometric needs initial_sparsity > 0")
+
+    @property
+    def parameters(self) -> dict:
+        """Every parameter with its default filled in (the schedule function reads those it names)."""
+        given = {k: v for k, v in asdict(self).items() if v is not None and k != "name"}
+        return {"initial_sparsity": 0.0, "end_step": self.start_step, "frequency": 1, "k": 5.0, **given}
 
     def __call__(self, step: int) -> float:
-        params = asdict(self)
-        return SCHEDULES[params.pop("name")](step, **params)
+        return SCHEDULES[self.name](step, **self.parameters)
 
     def is_update_step(self, step: int) -> bool:
         """Steps at which the target may change (masks are recomputed only there)."""
         if self.name == "oneshot":
             return step == self.start_step
-        return self.start_step <= step <= self.end_step and (
-            (step - self.start_step) % self.frequency == 0 or step == self.end_step)
+        p = self.parameters
+        return self.start_step <= step <= p["end_step"] and (
+            (step - self.start_step) % p["frequency"] == 0 or step == p["end_step"])
 
     def to_dict(self) -> dict:
         return asdict(self)
