@@ -68,7 +68,7 @@ def test_local_files(tmp_path):
 
 @pytest.mark.parametrize("name, content, message", [
     ("d.jsonl", b'{"text": "one"}\n\nnot json\n', "'{}' line 3 is not JSON (Expecting value)"),
-    ("e.jsonl", b'{"text": "one"}\n5\n', "'{}': every JSONL line needs a 'text' field"),
+    ("e.jsonl", b'{"text": "one"}\n5\n', "'{}': every JSONL line needs a 'text' field (row 2 has none)"),
     ("f.txt", b"caf\xe9 latin-1", "'{}' is not UTF-8 text (byte 3 cannot be decoded)"),
 ])
 def test_unreadable_local_files_say_which_and_where(tmp_path, name, content, message):

@@ -372,12 +372,12 @@ def test_cli_finetune_that_cannot_save_its_state_stops_in_one_line_and_keeps_the
 
 
 @pytest.mark.parametrize("cmd, message", [
-    (["iterate", "--steps-per-cycle", "2"], "give --sparsities"),
+    (["iterate", "--steps-per-cycle", "2"], "give the sparsities of every cycle, or a number of cycles"),
     (["iterate", "--steps-per-cycle", "2", "--sparsities", "0.5,0.3"], "must not decrease"),
     (["iterate", "--steps-per-cycle", "2", "--sparsities", "0.3,0.5", "--final-sparsity", "0.6"],
-     "--final-sparsity go(es) with --cycles N, not with --sparsities"),
+     "final_sparsity go(es) with a number of cycles, not with sparsities listed"),
     (["iterate", "--steps-per-cycle", "2", "--sparsities", "0.3", "--cycle-schedule", "cubic", "--initial-sparsity",
-      "0.1"], "--initial-sparsity, --cycle-schedule go(es) with --cycles N"),
+      "0.1"], "initial_sparsity, cycle_schedule go(es) with a number of cycles"),
     (["finetune", "--steps", "2", "--final-sparsity", "0.5"], "--final-sparsity need(s) --schedule"),
     (["finetune", "--steps", "2", "--end-step", "1", "--k", "3", "--pattern", "block:2"],
      "--end-step, --k, --pattern need(s) --schedule"),

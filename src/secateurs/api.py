@@ -10,8 +10,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from datetime import datetime, timezone
 from typing import Iterable, Sequence
 
@@ -20,12 +22,12 @@ import torch
 from .config import (ConfigError, EvalConfig, PruneConfig, Recipe, StructuredConfig, check_device, check_seqlen,
                      check_token_ids)
 from .data import calibration_windows, load_text, tokenize
-from .engine import LayerRecord, make_plan, prune_with_data, prune_without_data
+from .engine import LayerRecord, WalkCheckpoint, make_plan, prune_with_data, prune_without_data
 from .methods import METHODS
 from .methods.base import option_table
 from .eval import library_versions, machine, parameter_counts, peak_rss_bytes, perplexity
 from .models.load import first_line
-from .models.snapshot import WeightSnapshot
+from .models.snapshot import WeightSnapshot, weight_bytes
 from .progress import Stage, Tracker
 
 
@@ -155,6 +157,46 @@ def check_checkpointable(config) -> None:
                           "checkpoint")
     if c.allocation == "global":
         raise ConfigError("allocation=global ranks every layer after the walk: its walk cannot be checkpointed")
+
+
+def walk_state_dir(output) -> Path:
+    """Where a prune that saves to ``output`` keeps its walk's state: beside the output folder, not in it."""
+    output = Path(output)
+    return output.with_name(output.name + ".prune-state")
+
+
+def walk_checkpoint(config, output, run: dict, every: "int | None" = None, resume: bool = True):
+    """The :class:`~secateurs.engine.WalkCheckpoint` of a prune that saves to ``output``, or None.
+
+    ``every``: save the walk every that many blocks.  A state an earlier run left there is resumed (when it was
+    saved by the same ``run``, config and calibration; :meth:`WalkCheckpoint.start` checks) unless ``resume`` is
+    False, which removes it.  A config whose walk cannot be checkpointed is refused, also when it would only
+    find an old state there.
+    """
+    folder = walk_state_dir(output)
+    if not resume and folder.exists():
+        shutil.rmtree(folder)
+    if not every and not folder.exists():
+        return None
+    try:
+        check_checkpointable(config)
+    except ConfigError as exc:
+        if every:
+            raise
+        raise ConfigError(f"{folder} holds a saved walk, which this run cannot resume ({exc}); give --no-resume "
+                          "(resume=False) to remove it") from None
+    return WalkCheckpoint(folder, run, every=every)
+
+
+def walk_room(model, config, checkpoint) -> tuple[int, str]:
+    """The disk a walk's checkpoints need beyond the model (see :mod:`.engine.checkpoint`), and what to call it
+    all in an error: every block's weights once, and two copies of one block's outputs while the newer replaces
+    the older."""
+    if checkpoint is None or checkpoint.every is None:
+        return 0, "the model"
+    width = model.get_input_embeddings().embedding_dim
+    outputs = config.calib_samples * config.calib_seqlen * width * next(model.parameters()).element_size()
+    return weight_bytes(model) + 2 * outputs, f"the model and the walk's state (--save-every {checkpoint.every})"
 
 
 @torch.no_grad()
@@ -368,6 +410,23 @@ def compare(model, tokenizer, methods: Sequence[str], settings: Sequence[str], b
                 save()
     table["complete"] = True
     save()
+    return table
+
+
+def read_table(path, model: "str | None" = None) -> "dict | None":
+    """A compare table saved by an interrupted run (``checkpoint`` writes it), to give to :func:`compare` as
+    ``previous``; None when ``path`` does not exist yet.  ``model``: refuse a table of another model."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot resume from {path}: {first_line(exc)}") from None
+    if not isinstance(table, dict) or "rows" not in table:
+        raise ConfigError(f"cannot resume from {path}: it is not a table written by secateurs compare")
+    if model is not None and table.get("model") != model:
+        raise ConfigError(f"cannot resume: {path} is a table of model {table.get('model')!r}, not {model!r}")
     return table
 
 

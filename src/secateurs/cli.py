@@ -299,7 +299,6 @@ def cmd_prune(args) -> int:
     from . import api
     from .config import ConfigError, Recipe, StructuredConfig, config_from_dict
     from .data import load_text, tokenize
-    from .engine import WalkCheckpoint
     from .models import check_output, check_space, save_model
     from .progress import Stage, Tracker
 
@@ -308,19 +307,8 @@ def cmd_prune(args) -> int:
     recipe.eval = _eval_config(args, recipe.eval)
     eval_config = None if args.no_eval else recipe.eval
     output = check_output(args.output, args.overwrite)
-    state_dir = _walk_state_dir(args.output)
-    if args.no_resume and state_dir.exists():
-        shutil.rmtree(state_dir)
-    checkpoint = None
-    if args.save_every or state_dir.exists():  # the walk is saved, or resumed from what an earlier run saved
-        try:
-            api.check_checkpointable(recipe)
-        except ConfigError as exc:
-            if args.save_every:
-                raise
-            raise ConfigError(f"{state_dir} holds a saved walk, which this run cannot resume ({exc}); give "
-                              "--no-resume to remove it") from None
-        checkpoint = WalkCheckpoint(state_dir, {"model": args.model or "smollm2-135m"}, every=args.save_every)
+    checkpoint = api.walk_checkpoint(recipe, args.output, {"model": args.model or "smollm2-135m"}, args.save_every,
+                                     resume=not args.no_resume)
 
     model, tokenizer = _load(args)
     show = not args.quiet
@@ -333,7 +321,7 @@ def cmd_prune(args) -> int:
     api.validate(model, recipe, calib)  # a bad rule or length fails now, not after the dense evaluation
     structured = any(isinstance(c, StructuredConfig) for c in recipe.stages)
     if not structured:  # zeros take the room of the weights they replace (a structured cut saves less)
-        room, what = _walk_room(model, first, checkpoint)
+        room, what = api.walk_room(model, first, checkpoint)
         check_space(output, model, extra=16 * 2**20 + room, what=what)
     dense = api.evaluate(model, tokenizer, eval_config, ids=eval_ids, progress=show) if eval_config else None
     if dense is not None:
@@ -391,28 +379,10 @@ def cmd_prune(args) -> int:
     report["export_seconds"] = round(time.perf_counter() - t, 3)
     if args.report:
         atomic.write_text(args.report, json.dumps(report, indent=2) + "\n")
-    if state_dir.exists():  # the finished model supersedes it
+    if (state_dir := api.walk_state_dir(args.output)).exists():  # the finished model supersedes it
         shutil.rmtree(state_dir)
     print(f"saved to {output}", flush=True)
     return 0
-
-
-def _walk_state_dir(output: str) -> Path:
-    """Where ``prune --save-every`` keeps the walk's state: beside the output folder, not in it."""
-    output = Path(output)
-    return output.with_name(output.name + ".prune-state")
-
-
-def _walk_room(model, config, checkpoint) -> tuple[int, str]:
-    """The disk a walk's checkpoints need beyond the model (see :mod:`.engine.checkpoint`): every block's
-    weights once, and two copies of one block's outputs while the newer replaces the older."""
-    from .models.snapshot import weight_bytes
-
-    if checkpoint is None or checkpoint.every is None:
-        return 0, "the model"
-    width = model.get_input_embeddings().embedding_dim
-    outputs = config.calib_samples * config.calib_seqlen * width * next(model.parameters()).element_size()
-    return weight_bytes(model) + 2 * outputs, f"the model and the walk's state (--save-every {checkpoint.every})"
 
 
 def _evaluator(tokenizer, eval_config, show):
@@ -473,45 +443,23 @@ def cmd_iterate(args) -> int:
     from . import api
     from .config import PruneConfig
     from .data import load_text, tokenize
-    from .models import check_output, check_space
-    from .patterns import Pattern
-    from .models.snapshot import weight_bytes
-    from .training import cycle_sparsities, iterate, last_complete_cycle
+    from .models import check_output
+    from .training import iterate
+    from .training.iterate import check_room, cycle_targets
 
-    if (args.sparsities is None) == (args.cycles is None):
-        raise ConfigError("give --sparsities S1,S2,... or --cycles N with --final-sparsity S")
+    listed = None
     if args.sparsities is not None:
-        if extra := [k for k in ("final_sparsity", "initial_sparsity", "cycle_schedule") if getattr(args, k) is not None]:
-            raise ConfigError(f"{_flag_names(extra)} go(es) with --cycles N, not with --sparsities (which lists "
-                             "every cycle's target)")
         try:
-            targets = [float(x) for x in args.sparsities.split(",") if x.strip()]
+            listed = [float(x) for x in args.sparsities.split(",") if x.strip()]
         except ValueError:
             raise ConfigError(f"--sparsities {args.sparsities!r} must be a comma list of numbers") from None
-    else:
-        if args.final_sparsity is None:
-            raise ConfigError("--cycles needs --final-sparsity")
-        targets = cycle_sparsities(args.cycles, args.final_sparsity, args.cycle_schedule or "geometric",
-                                   args.initial_sparsity)
-    if any(b < a for a, b in zip(targets, targets[1:])):
-        raise ConfigError(f"cycle sparsities must not decrease: {targets}")
-    base = _overrides(args)
-    nm = Pattern.parse(base.get("pattern", "unstructured")).kind == "nm"
-    prune_config = PruneConfig.from_dict(base if nm else {**base, "sparsity": targets[0]})
-    if not nm:
-        for t in targets:
-            prune_config.override(sparsity=t)  # validates every cycle's target up front
+    targets = cycle_targets(listed, args.cycles, args.final_sparsity, args.initial_sparsity, args.cycle_schedule)
+    prune_config = PruneConfig.from_dict(_overrides(args))
     train_config = _train_config(args)
     eval_config = _eval_config(args)
     check_output(args.output, overwrite=True)  # a folder of earlier cycles is resumed, not refused
     model, tokenizer = _load(args)
-    # every cycle keeps its model: room for each one still to run (one that --no-resume replaces counts too)
-    done = None if args.no_resume else last_complete_cycle(Path(args.output))
-    left = len(targets) - (done[0] if done else 0)
-    if left > 0:
-        check_space(Path(args.output) / f"cycle-{len(targets) - left + 1:03d}", model,
-                    extra=(left - 1) * weight_bytes(model) + left * 16 * 2**20,
-                    what=f"the model of {left} cycle(s)" if left > 1 else "the model")
+    check_room(model, args.output, len(targets), resume=not args.no_resume)
     show = not args.quiet
     calib = api.calibration_data(tokenizer, prune_config) if prune_config.needs_calibration else None
     train_ids = tokenize(tokenizer, load_text(args.train_data, "train"))
@@ -551,9 +499,6 @@ def cmd_compare(args) -> int:
     name = args.model or "smollm2-135m"
     previous = _previous_table(args)
     if previous is not None:
-        if previous.get("model") != name:
-            raise ConfigError(f"cannot resume: {args.report} is a table of model {previous.get('model')!r}, "
-                              f"not {name!r}")
         print(f"resuming {args.report}: dense and {len(previous.get('rows', []))} cell(s) already measured",
               flush=True)
     model, tokenizer = _load(args)
@@ -577,22 +522,13 @@ def cmd_compare(args) -> int:
 
 def _previous_table(args) -> "dict | None":
     """With ``--resume``, the table saved in ``--report`` by an earlier run (None when there is none yet)."""
-    from .models.load import first_line
+    from . import api
 
     if not args.resume:
         return None
     if not args.report:
         raise ConfigError("--resume needs --report FILE.json: the table to continue")
-    path = Path(args.report)
-    if not path.exists():
-        return None
-    try:
-        table = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot resume from {path}: {first_line(exc)}") from None
-    if not isinstance(table, dict) or "rows" not in table:
-        raise ConfigError(f"cannot resume from {path}: it is not a table written by secateurs compare")
-    return table
+    return api.read_table(args.report, model=args.model or "smollm2-135m")
 
 
 def main(argv=None) -> int:
@@ -654,6 +590,7 @@ def _raise_terminated(signum, frame):
 
 def _kept_on_interrupt(args) -> str:
     """What an interrupted command leaves behind, and how to go on from it."""
+    from . import api
     from .engine import WalkCheckpoint
     from .training import state as training
 
@@ -661,8 +598,8 @@ def _kept_on_interrupt(args) -> str:
         return f"the cells measured so far are in {args.report}; add --resume to the same command to finish it"
     if args.command == "finetune" and (state := training.state_file(args.output)).exists():
         return f"the last checkpoint is {state}; the same command resumes from it"
-    if args.command == "prune" and (block := WalkCheckpoint(_walk_state_dir(args.output)).saved_block) is not None:
-        return (f"the walk's state after block {block} is in {_walk_state_dir(args.output)}; the same command "
+    if args.command == "prune" and (block := WalkCheckpoint(api.walk_state_dir(args.output)).saved_block) is not None:
+        return (f"the walk's state after block {block} is in {api.walk_state_dir(args.output)}; the same command "
                 "resumes from it")
     if args.command == "iterate":
         return f"finished cycles are kept in {args.output}; the same command resumes after the last one"

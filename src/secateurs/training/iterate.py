@@ -49,6 +49,48 @@ def cycle_sparsities(cycles: int, final: float, schedule: str = "geometric", ini
     return [sched(c) for c in range(1, cycles + 1)]
 
 
+def cycle_targets(sparsities: "list | None" = None, cycles: "int | None" = None, final: "float | None" = None,
+                  initial: "float | None" = None, schedule: "str | None" = None) -> list:
+    """Every cycle's target: the ``sparsities`` listed, or ``cycles`` of them scheduled up to ``final`` (from
+    ``initial``, by ``schedule``: see :func:`cycle_sparsities`).  Refuses a mix of both, and targets that fall."""
+    if (sparsities is None) == (cycles is None):
+        raise ConfigError("give the sparsities of every cycle, or a number of cycles with a final sparsity")
+    if sparsities is not None:
+        if extra := [k for k, v in (("final_sparsity", final), ("initial_sparsity", initial),
+                                    ("cycle_schedule", schedule)) if v is not None]:
+            raise ConfigError(f"{', '.join(extra)} go(es) with a number of cycles, not with sparsities listed for "
+                              "every cycle")
+        targets = list(sparsities)
+    else:
+        if final is None:
+            raise ConfigError("a number of cycles needs a final sparsity")
+        targets = cycle_sparsities(cycles, final, schedule or "geometric", initial)
+    if not targets:
+        raise ConfigError("no cycle: give at least one sparsity")
+    if any(b < a for a, b in zip(targets, targets[1:])):
+        raise ConfigError(f"cycle sparsities must not decrease: {targets}")
+    return targets
+
+
+def cycle_config(prune_config, target: float):
+    """The config of the cycle with ``target``: an N:M pattern fixes its own sparsity, every cycle the same."""
+    return prune_config if prune_config.pattern_value.kind == "nm" else prune_config.override(sparsity=target)
+
+
+def check_room(model, output, cycles: int, resume: bool = True) -> None:
+    """Every cycle keeps its model: refuse to start unless there is room for each one still to run (one that
+    ``resume=False`` would replace counts too)."""
+    from ..models.load import check_space
+    from ..models.snapshot import weight_bytes
+
+    done = last_complete_cycle(Path(output)) if resume else None
+    left = cycles - (done[0] if done else 0)
+    if left > 0:
+        check_space(Path(output) / f"cycle-{cycles - left + 1:03d}", model,
+                    extra=(left - 1) * weight_bytes(model) + left * 16 * 2**20,
+                    what=f"the model of {left} cycle(s)" if left > 1 else "the model")
+
+
 def last_complete_cycle(output: Path) -> "tuple[int, Path] | None":
     done = sorted((int(m[1]), p) for p in output.glob("cycle-*") if (m := CYCLE.search(p.name))
                   and (p / "history.json").exists())
@@ -68,7 +110,8 @@ def iterate(model, tokenizer, prune_config, sparsities: list, train_config: Trai
     from ..config import check_seqlen
     from ..models.load import save_model
 
-    validate(model, prune_config, calibration)  # fail before the first cycle, not in the middle of one
+    for target in sparsities:  # fail before the first cycle, not in the middle of one
+        validate(model, cycle_config(prune_config, target), calibration)
     check_seqlen(model, train_config.seqlen, "training seqlen")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -98,8 +141,7 @@ def iterate(model, tokenizer, prune_config, sparsities: list, train_config: Trai
         entry = {"cycle": c, "target_sparsity": target}
         if evaluate:
             entry["perplexity_before"] = evaluate(model)
-        # N:M fixes its own sparsity: every cycle re-applies the same pattern
-        cfg = prune_config if prune_config.pattern_value.kind == "nm" else prune_config.override(sparsity=target)
+        cfg = cycle_config(prune_config, target)
         tracker = Tracker(show=progress)
         result = prune(model, cfg, calibration, tracker=tracker, progress=progress)
         entry["sparsity"] = measured_sparsity(model, names)
