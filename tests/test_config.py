@@ -28,7 +28,7 @@ def test_defaults_that_depend_on_the_method_stay_unresolved_in_the_config():
     wanda = PruneConfig(method="wanda")
     assert (wanda.group, wanda.true_sequential, wanda.propagate, wanda.sparsity) == (None, None, None, None)
     sparsegpt = wanda.override(method="sparsegpt")
-    assert sparsegpt.resolved.true_sequential and sparsegpt.resolved.group == "block"
+    assert sparsegpt.resolved.true_sequential and sparsegpt.resolved.group == "lazy-batch"
     assert sparsegpt == PruneConfig(method="sparsegpt")
     with pytest.raises(FrozenInstanceError):
         wanda.method = "sparsegpt"
@@ -64,7 +64,7 @@ def test_nm_implies_sparsity():
     (dict(pattern="block:0"), "pattern"),
     (dict(method="sparsegpt", group="row"), "not offered by sparsegpt"),
     (dict(method="wanda", group="global"), "group=global is now allocation=global"),
-    (dict(method="sparsegpt", allocation="global"), "sparsegpt chooses its mask inside each layer"),
+    (dict(method="sparsegpt", allocation="global"), "sparsegpt chooses its masks inside each layer"),
     (dict(method="magnitude", options={"threshold": 0.1}, allocation="global"), "a threshold decides every layer"),
     (dict(method="wanda", options={"threshold": 0.1}), "method wanda has no option 'threshold'"),
     (dict(method="wanda", allocation="global", propagate="pruned"), "needs propagate=dense"),

@@ -204,3 +204,45 @@ def test_admm_with_a_dead_input_channel_stays_finite():
         live = [i for i in range(8) if i != 3]  # on the live channels it is still the exact optimum
         want = masked_least_squares(W0[:, live], H[live][:, live], keep[:, live], damp)
         assert torch.allclose(got[:, live], want, atol=1e-6)
+
+
+def test_a_new_method_with_an_option_needs_only_its_own_file(tiny_dir, tmp_path, request):
+    """Registering a method is the only edit: its option reaches the CLI flags, recipes, compare and the config."""
+    import json
+
+    from conftest import cli_args
+    from secateurs import METHODS, Method, PruneConfig, register
+    from secateurs.cli import build_parser, main
+    from secateurs.errors import ConfigError
+
+    import secateurs.api as api_module
+
+    request.addfinalizer(lambda: METHODS.pop("wanda-power", None))  # registered for this test only
+
+    @register("wanda-power")
+    class WandaPower(Method):
+        needs = "norms"
+        help = {"power": "exponent of the input norm (Wanda: 1)"}
+
+        def __init__(self, power: float = 1.0):
+            if power <= 0:
+                raise ConfigError(f"wanda-power power must be > 0, got {power}")
+            self.power = power
+
+        def scores(self, W, stats):
+            return W.abs() * stats.sq_norms.sqrt() ** self.power
+
+    assert "wanda-power: exponent of the input norm" in build_parser()._subparsers._group_actions[0].choices[
+        "prune"].format_help()
+    assert PruneConfig.from_dict({"method": "wanda-power", "power": 2}).options == {"power": 2}
+    with pytest.raises(ConfigError, match="wanda-power option power must be float, got str 'high'"):
+        PruneConfig.from_dict({"method": "wanda-power", "power": "high"})
+    with pytest.raises(ConfigError, match="wanda-power power must be > 0"):
+        PruneConfig(method="wanda-power", options={"power": -1.0})
+    report = tmp_path / "r.json"
+    assert main(["prune", *cli_args(tiny_dir, "--method", "wanda-power", "--power", "2", "--no-eval"),
+                 "--output", str(tmp_path / "out"), "--report", str(report)]) == 0
+    r = json.loads(report.read_text())
+    assert r["config"]["options"] == {"power": 2.0} and r["sparsity"] == pytest.approx(0.5)
+    cells = api_module.compare_grid(["wanda", "wanda-power"], ["0.5"], {"power": 3.0})
+    assert [c.options for _, _, c in cells] == [{}, {"power": 3.0}]

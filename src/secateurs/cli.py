@@ -44,7 +44,7 @@ def _add_prune(p, single_method=True):
         p.add_argument("--sparsity", type=float, default=None, help="fraction of weights removed (default 0.5; "
                        "implied by N:M)")
         p.add_argument("--pattern", default=None, help="unstructured | N:M (N kept of every M) | block:B")
-        p.add_argument("--group", default=None, help="which scores compete: row | layer (sparsegpt: block)")
+        p.add_argument("--group", default=None, help="which scores compete: row | layer (sparsegpt: lazy-batch)")
         p.add_argument("--layer-sparsity", action="append", default=None, metavar="REGEX=S",
                        help="per-layer override, repeatable: 'mlp=0.6', 'blocks:0-4=0.3'")
         p.add_argument("--recipe", default=None, help="YAML/JSON recipe (flags override its top level)")
@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--method", default=None, help="magnitude | wanda | sparsegpt (default: wanda)")
     p.add_argument("--pattern", default=None, help="unstructured | N:M | block:B")
-    p.add_argument("--group", default=None, help="which scores compete: row | layer (sparsegpt: block)")
+    p.add_argument("--group", default=None, help="which scores compete: row | layer (sparsegpt: lazy-batch)")
     _add_prune(p, single_method=False)
     p.add_argument("--sparsities", default=None, help="comma list of per-cycle targets, e.g. 0.3,0.45,0.5")
     p.add_argument("--cycles", type=int, default=None, help="number of cycles (with --final-sparsity)")

@@ -28,7 +28,7 @@ from . import atomic
 from .engine.allocation import ALLOCATIONS
 from .errors import ConfigError
 from .methods import METHODS
-from .methods.base import option_table
+from .methods.base import Method, option_table
 from .models.load import first_line
 from .patterns import Pattern
 
@@ -206,7 +206,7 @@ class PruneConfig(_Serialised):
     options: dict = field(default_factory=dict)  # the method's own options, e.g. {percdamp: 0.05} for sparsegpt
     sparsity: "float | None" = None  # fraction removed; None = 1 - N/M for N:M, else 0.5
     pattern: str = "unstructured"  # unstructured | N:M (N kept in every M inputs) | block:B
-    group: "str | None" = None  # which scores compete: row | layer (sparsegpt: block); None = the method's
+    group: "str | None" = None  # which scores compete: row | layer (sparsegpt: lazy-batch); None = the method's
     allocation: str = "uniform"  # uniform (layer_sparsity rules on top) | global (one ranking of all layers)
     include: "tuple[str, ...]" = ("all",)  # scopes (all/attention/mlp) or regexes
     exclude: "tuple[str, ...]" = ()  # regexes of layer names to leave dense
@@ -274,8 +274,8 @@ class PruneConfig(_Serialised):
         _check(not (ranked and self.propagate == "pruned" and cls.needs != "none"),
                "allocation=global ranks every layer before any is pruned, so it needs propagate=dense")
         _check(not (ranked and pattern.kind == "nm"), "an N:M pattern has no global ranking")
-        _check(not (ranked and cls.groups == ("block",)), f"{self.method} chooses its mask inside each layer: "
-               "allocation=global does not apply")
+        _check(not (ranked and cls.scores is Method.scores), f"{self.method} chooses its masks inside each layer, "
+               "with no scores to rank across layers: allocation=global does not apply")
         _check(not (ranked and not method.meets_target), "a threshold decides every layer: allocation=global "
                "does not apply")
         _check(not (self.true_sequential and ranked),

@@ -42,7 +42,7 @@ class LayerTarget:
 
     pattern: Pattern
     sparsity: float
-    group: str = "row"  # row | layer (SparseGPT: block, its lazy-update columns)
+    group: str = "row"  # row | layer (SparseGPT: lazy-batch, its lazy-update columns)
 
 
 @dataclass(frozen=True)

@@ -137,8 +137,8 @@ def _select(score: torch.Tensor, pattern: Pattern, sparsity: float) -> torch.Ten
 @register("sparsegpt")
 class SparseGPT(Method):
     needs = "hessian"
-    default_group = "block"  # adaptive selection inside each lazy-update block, as in the paper
-    groups = ("block",)
+    default_group = "lazy-batch"  # adaptive selection inside each lazy-update batch of columns, as in the paper
+    groups = ("lazy-batch",)
     true_sequential = True  # the option of the official LLaMA script; better and, with replay, faster here
     help = {"blocksize": "columns per lazy-update batch (default 128)",
             "percdamp": "damping of H as a fraction of mean(diag H) (default 0.01)"}
