@@ -17,14 +17,18 @@ import time
 from pathlib import Path
 
 from . import atomic
-from .errors import ConfigError, OutputError
+from .errors import ConfigError
+from .config import STRUCTURED
+from .methods import METHODS
+from .methods.base import option_table
+from .models.load import DEFAULT_MODEL
 
 EXIT_USAGE = 2
 
 
 def _add_model(p):
     p.add_argument("--model", default=None, help="hub id, local folder, .gguf file or built-in name "
-                   "(default: smollm2-135m)")
+                   f"(default: {DEFAULT_MODEL})")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -39,8 +43,8 @@ def _add_eval(p, data_flag="--eval-data"):
 
 def _add_prune(p, single_method=True):
     if single_method:
-        p.add_argument("--method", default=None, help="magnitude | wanda | sparsegpt (weights, default wanda); "
-                       "channels | heads | blocks (structured)")
+        p.add_argument("--method", default=None, help=f"{' | '.join(METHODS)} (weights, default wanda); "
+                       f"{' | '.join(STRUCTURED)} (structured)")
         p.add_argument("--sparsity", type=float, default=None, help="fraction of weights removed (default 0.5; "
                        "implied by N:M)")
         p.add_argument("--pattern", default=None, help="unstructured | N:M (N kept of every M) | block:B")
@@ -88,8 +92,6 @@ def _add_prune(p, single_method=True):
 
 def _add_method_options(p):
     """One flag per method option (``--percdamp``), derived from the registry: a new method needs no edit here."""
-    from .methods import METHODS
-    from .methods.base import option_table
 
     g = p.add_argument_group("method options")
     for name, option in option_table().items():
@@ -212,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("iterate", help="iterative prune-retrain cycles with a checkpoint after each")
     _add_model(p)
-    p.add_argument("--method", default=None, help="magnitude | wanda | sparsegpt (default: wanda)")
+    p.add_argument("--method", default=None, help=f"{' | '.join(METHODS)} (default: wanda)")
     p.add_argument("--pattern", default=None, help="unstructured | N:M | block:B")
     p.add_argument("--group", default=None, help="which scores compete: row | layer (sparsegpt: lazy-batch)")
     _add_prune(p, single_method=False)
@@ -254,8 +256,6 @@ _FLAG_FIELDS = ["method", "sparsity", "pattern", "group", "include", "exclude", 
 
 def _overrides(args) -> dict:
     """The config fields given as flags (a method's options among them, as top-level keys)."""
-    from .methods.base import option_table
-
     out = {k: getattr(args, k) for k in [*_FLAG_FIELDS, *option_table()] if getattr(args, k, None) is not None}
     if getattr(args, "layer_sparsity", None):
         out["layer_sparsity"] = args.layer_sparsity
@@ -299,6 +299,7 @@ def cmd_prune(args) -> int:
     from . import api
     from .config import ConfigError, Recipe, StructuredConfig, config_from_dict
     from .data import load_text, tokenize
+    from .eval import speed
     from .models import check_output, check_space, save_model
     from .progress import Stage, Tracker
 
@@ -307,7 +308,7 @@ def cmd_prune(args) -> int:
     recipe.eval = _eval_config(args, recipe.eval)
     eval_config = None if args.no_eval else recipe.eval
     output = check_output(args.output, args.overwrite)
-    checkpoint = api.walk_checkpoint(recipe, args.output, {"model": args.model or "smollm2-135m"}, args.save_every,
+    checkpoint = api.walk_checkpoint(recipe, args.output, {"model": args.model or DEFAULT_MODEL}, args.save_every,
                                      resume=not args.no_resume)
 
     model, tokenizer = _load(args)
@@ -327,11 +328,7 @@ def cmd_prune(args) -> int:
     if dense is not None:
         print(f"dense perplexity: {dense:.3f}", flush=True)
 
-    size_speed = None
-    if structured and not args.no_speed:
-        from .eval import speed
-
-        size_speed = {"dense": {**speed.measure(model), "disk_bytes": speed.saved_bytes(model)}}
+    dense_size_speed = speed.size_and_speed(model) if structured and not args.no_speed else None
 
     tracker = Tracker(show=show)
     result = api.prune(model, recipe, calib, tracker=tracker, checkpoint=checkpoint)
@@ -352,18 +349,13 @@ def cmd_prune(args) -> int:
         print(f"pruned perplexity: {ppl:.3f}" + (f" (dense {dense:.3f})" if dense is not None else ""), flush=True)
     tracker.enter(Stage.EXPORTING)
     t = time.perf_counter()
-    report = api.build_report(result, model, dense, ppl, eval_config, model_name=args.model or "smollm2-135m")
+    report = api.build_report(result, model, dense, ppl, eval_config, model_name=args.model or DEFAULT_MODEL)
     import yaml
 
-    if size_speed is not None:
+    if dense_size_speed is not None:
         tracker.enter(Stage.EVALUATING)
-        from .eval import speed
-
-        size_speed["pruned"] = {**speed.measure(model), "disk_bytes": speed.saved_bytes(model)}
-        size_speed["ratios"] = {**speed.speed_ratios(size_speed["dense"], size_speed["pruned"]),
-                                "disk_ratio": size_speed["pruned"]["disk_bytes"] / size_speed["dense"]["disk_bytes"]}
-        report["size_speed"] = size_speed
-        r, d, p = size_speed["ratios"], size_speed["dense"], size_speed["pruned"]
+        report["size_speed"] = speed.size_speed_report(dense_size_speed, speed.size_and_speed(model))
+        r, d, p = (report["size_speed"][k] for k in ("ratios", "dense", "pruned"))
         print(f"parameters {d['params']:,} -> {p['params']:,}; disk {d['disk_bytes'] / 2**20:.1f} -> "
               f"{p['disk_bytes'] / 2**20:.1f} MiB; prefill {d['prefill_tokens_per_s']['median']:.0f} -> "
               f"{p['prefill_tokens_per_s']['median']:.0f} tokens/s ({r['prefill_speedup']:.2f}x); decode "
@@ -406,7 +398,7 @@ def cmd_finetune(args) -> int:
     if args.save_every < 0:
         raise ConfigError(f"--save-every must be >= 0, got {args.save_every}")
     state_file = training.state_file(args.output)
-    run = {"model": args.model or "smollm2-135m", "data": args.data, "eval": eval_config.to_dict()}
+    run = {"model": args.model or DEFAULT_MODEL, "data": args.data, "eval": eval_config.to_dict()}
     resume = None if args.no_resume else training.load_training_state(state_file, run, config)
     model, tokenizer = _load(args)
     room, what = training.training_room(model, config, args.save_every, state_file)
@@ -429,7 +421,7 @@ def cmd_finetune(args) -> int:
           f"{history.seconds:.0f} s", flush=True)
     report = {"perplexity_before": ppl0, "perplexity_after": ppl1, "sparsity_before": before, "sparsity_after": after,
               "history": history.to_dict(), "train": config.to_dict(), "eval": eval_config.to_dict(),
-              "peak_rss_bytes": peak_rss_bytes(), "model_name": args.model or "smollm2-135m", **api.environment()}
+              "peak_rss_bytes": peak_rss_bytes(), "model_name": args.model or DEFAULT_MODEL, **api.environment()}
     save_model(model, tokenizer, output, overwrite=args.overwrite,
                extra_files={"secateurs_report.json": json.dumps(report, indent=2) + "\n"})
     if args.report:
@@ -496,7 +488,7 @@ def cmd_compare(args) -> int:
     base = _overrides(args)
     eval_config = _eval_config(args)
     api.compare_grid(methods, settings, base)  # validate the whole grid before loading anything
-    name = args.model or "smollm2-135m"
+    name = args.model or DEFAULT_MODEL
     previous = _previous_table(args)
     if previous is not None:
         print(f"resuming {args.report}: dense and {len(previous.get('rows', []))} cell(s) already measured",
@@ -528,7 +520,7 @@ def _previous_table(args) -> "dict | None":
         return None
     if not args.report:
         raise ConfigError("--resume needs --report FILE.json: the table to continue")
-    return api.read_table(args.report, model=args.model or "smollm2-135m")
+    return api.read_table(args.report, model=args.model or DEFAULT_MODEL)
 
 
 def main(argv=None) -> int:
@@ -566,18 +558,11 @@ def main(argv=None) -> int:
 
 def _check_file_flags(args) -> None:
     """Refuse a --report/--markdown path that cannot become a file before any work, not after it."""
-    from .models.load import check_writable, file_in_the_way
+    from .models.load import check_file_path
 
     for flag in ("report", "markdown"):
-        value = getattr(args, flag, None)
-        if not value:
-            continue
-        path = Path(value)
-        if path.is_dir():
-            raise OutputError(f"--{flag} {value!r} is a folder; give a file name")
-        if (file := file_in_the_way(path.parents)) is not None:
-            raise OutputError(f"--{flag} {value!r}: {str(file)!r} is a file, not a folder")
-        check_writable(path.parent, f"--{flag} {value!r}")
+        if value := getattr(args, flag, None):
+            check_file_path(value, f"--{flag} {value!r}")
 
 
 class Terminated(KeyboardInterrupt):

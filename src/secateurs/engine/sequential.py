@@ -1,24 +1,23 @@
-"""The one calibration engine every method shares: walk the blocks, observe, prune, propagate.
+"""Weight pruning on the one block walk (:mod:`.walk`): observe, prune, propagate.
 
-For each decoder block in turn::
+Each block's visit::
 
-    move block to the compute device
     observe  -- run the calibration batches through it; forward pre-hooks on its linears accumulate the
                 statistics the method needs (nothing, input norms, or X^T X)
-    prune    -- hand each weight matrix and its statistics to the method (pure math)
-    recompute the block's outputs with the pruned weights (``propagate="pruned"``, the reference
-                behaviour) or keep the dense outputs seen while observing (``propagate="dense"``)
-    move the block back; its outputs are the next block's inputs
+    prune    -- hand each weight matrix, its statistics and its target (from the allocation step,
+                :mod:`.allocation`) to the method (pure math); verify every layer before writing it back
+    outputs  -- recomputed with the pruned weights (``propagate="pruned"``, the reference behaviour) or the
+                dense outputs seen while observing (``propagate="dense"``) feed the next block
 
 With ``refine="admm"`` the statistics are always ``X^T X`` and, after the method has chosen a layer's mask,
 the kept weights are re-fitted to the dense layer's outputs (:mod:`..methods.reconstruct`).
 
-Linears that are fed the *same tensor object* (q/k/v; gate/up) form one input group: they share a single
-statistics accumulator (one ``X^T X``, not three); the groups are learnt from one call of the block
-(:mod:`.layout`).  With ``true_sequential`` each group is pruned before the next one is observed
+Linears that are fed the *same tensor object* (q/k/v; gate/up) form one **input set**: they share a single
+statistics accumulator (one ``X^T X``, not three); the sets are learnt from one call of the block
+(:mod:`.layout`).  With ``true_sequential`` each set is pruned before the next one is observed
 (attention inputs -> attention output -> MLP in -> MLP out), and finished parts of the block are replayed
-from cached inputs rather than recomputed.
-Calibration activations live on the CPU; only one block and one batch at a time visit the device.
+from cached inputs rather than recomputed.  With a ranking allocation (``global``) the walk only scores, and
+the masks are chosen after it.
 """
 
 from __future__ import annotations

@@ -119,3 +119,14 @@ def speed_ratios(dense: dict, pruned: dict) -> dict:
     return {"prefill_speedup": pruned["prefill_tokens_per_s"]["median"] / dense["prefill_tokens_per_s"]["median"],
             "decode_speedup": dense["decode_ms_per_token"]["median"] / pruned["decode_ms_per_token"]["median"],
             "params_ratio": pruned["params"] / dense["params"]}
+
+
+def size_and_speed(model) -> dict:
+    """What a structured cut changes, measured on ``model`` as it is now: :func:`measure` and the saved bytes."""
+    return {**measure(model), "disk_bytes": saved_bytes(model)}
+
+
+def size_speed_report(dense: dict, pruned: dict) -> dict:
+    """The report's ``size_speed``: both :func:`size_and_speed` measurements and pruned-over-dense ratios."""
+    return {"dense": dense, "pruned": pruned, "ratios": {**speed_ratios(dense, pruned),
+                                                         "disk_ratio": pruned["disk_bytes"] / dense["disk_bytes"]}}

@@ -178,6 +178,17 @@ def check_output(output: "str | os.PathLike", overwrite: bool) -> Path:
     return output
 
 
+def check_file_path(path: "str | os.PathLike", what: str) -> None:
+    """Refuse a path that cannot become a file (a report, a table), before any work rather than after it: a
+    folder, a place under a file, or a folder that cannot be written.  ``what`` names it in the message."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{what} is a folder; give a file name")
+    if (file := file_in_the_way(path.parents)) is not None:
+        raise OutputError(f"{what}: {str(file)!r} is a file, not a folder")
+    check_writable(path.parent, what)
+
+
 def save_model(model, tokenizer, output: "str | os.PathLike", overwrite: bool = False, extra_files=None) -> Path:
     """``save_pretrained`` into a temporary sibling folder, then move it into place in one rename.
 
