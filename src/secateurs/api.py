@@ -23,6 +23,8 @@ from .config import (ConfigError, EvalConfig, PruneConfig, Recipe, StructuredCon
                      check_token_ids)
 from .data import calibration_windows, load_text, tokenize
 from .engine import LayerRecord, WalkCheckpoint, make_plan, prune_with_data, prune_without_data
+from .engine.allocation import allocation_of
+from .models.arch import find_blocks
 from .methods import METHODS
 from .methods.base import option_table
 from .eval import library_versions, machine, parameter_counts, peak_rss_bytes, perplexity
@@ -459,3 +461,81 @@ def markdown_table(table: dict) -> str:
         lines.append(f"| {m} | " + " | ".join(
             f"{cell[(m, s)]['perplexity']:.2f}" if (m, s) in cell else "–" for s in settings) + " |")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- streamed
+
+
+def prune_streamed(source, config, calibration, output, *, dtype: "torch.dtype | None" = None, tokenizer=None,
+                   extra_files=None, finishing=None, overwrite: bool = False, progress: bool = True,
+                   tracker: "Tracker | None" = None) -> PruneResult:
+    """Prune the safetensors checkpoint in folder ``source`` into folder ``output``, one block in memory at a time.
+
+    The model is never loaded whole: its skeleton has no weights (``meta``), each block is read from the
+    (memory-mapped, possibly sharded) files when the walk reaches it, pruned, written to its own output shard
+    and freed; tensors the walk does not change are copied.  ``dtype`` None keeps the checkpoint's own; the
+    method's math runs in float32 whatever it is.  The output (written atomically, with
+    ``model.safetensors.index.json``, the config, ``tokenizer`` if given and ``extra_files``) loads in plain
+    transformers and holds the weights :func:`prune` gives the same model in memory.  ``finishing(folder,
+    result)``, if given, runs once the model is written but before the folder is moved into place, and returns
+    more files to write there (the command line evaluates the pruned model and writes its report so).
+
+    One weight-pruning config; a ranking allocation (``global``), walk checkpoints and structured methods are
+    not streamed (:func:`prune` them in memory).
+    """
+    from .models.load import check_space, written_folder
+    from .models.stream import BlockStream, ShardWriter, open_streamed
+
+    configs = _as_configs(config)
+    if len(configs) != 1 or isinstance(configs[0], StructuredConfig):
+        raise ConfigError("a streamed prune takes one weight-pruning config (magnitude, wanda, sparsegpt...); "
+                          "recipes of several stages and structured methods run in memory")
+    cfg = configs[0]
+    if allocation_of(cfg).ranks:
+        raise ConfigError("allocation=global ranks every layer at once, which is not streamed: prune in memory")
+    model, checkpoint = open_streamed(source, dtype)
+    dtype = dtype or checkpoint.stored_dtype
+    tracker = tracker or Tracker(show=progress)
+    ids, plans = _prepare(model, [cfg], calibration)
+    plan = plans[0]
+    check_space(output, None, extra=checkpoint.size_in(dtype) + 16 * 2**20, what="the model")
+    start = time.perf_counter()
+    with written_folder(output, overwrite) as folder:
+        stream = BlockStream(model, checkpoint, dtype, plan.blocks_name, ShardWriter(folder, len(plan.blocks) + 1))
+        method = cfg.build_method()
+        if cfg.needs_calibration:
+            records = prune_with_data(model, plan, method, cfg, ids, tracker, source=stream)
+        else:
+            records = prune_without_data(plan, method, cfg, tracker, source=stream)
+        seconds = time.perf_counter() - start
+        tracker.enter(Stage.EXPORTING)
+        stream.copy_the_rest(len(plan.blocks))
+        stream.writer.finish()
+        model.config.dtype = dtype
+        model.config.save_pretrained(folder)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        result = PruneResult([cfg], layers=records, prune_seconds=seconds)
+        more = finishing(folder, result) if finishing is not None else {}
+        for name, text in {**(extra_files or {}), **more}.items():
+            (folder / name).write_text(text)
+    tracker.enter(Stage.COMPLETE)
+    result.stage_seconds, result.stage = dict(tracker.seconds), tracker.stage.value
+    return result
+
+
+def evaluate_streamed(source, tokenizer, config: "EvalConfig | None" = None, ids: "torch.Tensor | None" = None,
+                      dtype: "torch.dtype | None" = None, progress: bool = True) -> float:
+    """:func:`evaluate` of the checkpoint in folder ``source`` without loading it whole: every evaluation window
+    goes through one block at a time, read from disk (the same figure as in memory, to the last bit)."""
+    from .eval.perplexity import perplexity_streamed
+    from .models.stream import BlockStream, open_streamed
+
+    model, checkpoint = open_streamed(source, dtype)
+    blocks_name, _ = find_blocks(model)
+    tracker = Tracker(show=progress)
+    tracker.enter(Stage.EVALUATING)
+    stream = BlockStream(model, checkpoint, dtype or checkpoint.stored_dtype, blocks_name)
+    return perplexity_streamed(model, stream, tokenizer, config or EvalConfig(), ids=ids, tracker=tracker)

@@ -11,6 +11,7 @@ give different layers different masks and rotary tables.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ class BlockCall:
     args: tuple
     kwargs: dict
     hidden_pos: "int | None"
+    returns_tuple: bool = False  # learnt from the first real call: does the block return (hidden, ...)?
 
     def call(self, block: nn.Module, hidden: torch.Tensor, device: torch.device):
         args = tuple(to_device(a, device) for a in self.args)
@@ -41,7 +43,8 @@ class BlockCall:
         else:
             args = args[: self.hidden_pos] + (hidden,) + args[self.hidden_pos + 1 :]
         out = block(*args, **kwargs)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        self.returns_tuple = isinstance(out, (tuple, list))
+        return out[0] if self.returns_tuple else out
 
 
 def to_device(value: Any, device: torch.device) -> Any:
@@ -109,3 +112,28 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
     if len(hidden) != math.ceil(len(input_ids) / batch_size) or any(len(c) != len(hidden) for c in calls):
         raise ArchitectureError("the model did not call every block once per batch; cannot calibrate it layer by layer")
     return hidden, calls
+
+
+@contextmanager
+def outputs_given(blocks: nn.ModuleList, output: torch.Tensor, calls: list):
+    """While inside, a forward of the model skips its blocks: each passes its input on and the last returns
+    ``output`` (as each block returns it, learnt from ``calls[i]``, one :class:`BlockCall` per block), so the
+    model's own code runs the embeddings, then the final norm and LM head on a final state computed elsewhere
+    (a streamed walk)."""
+    last = len(blocks) - 1
+
+    def skip(i: int):
+        def forward(*args, **kwargs):
+            h, _ = _split_hidden(args, kwargs)
+            out = output.to(h.device) if i == last else h
+            return (out,) if calls[i].returns_tuple else out
+
+        return forward
+
+    for i, block in enumerate(blocks):
+        block.forward = skip(i)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward

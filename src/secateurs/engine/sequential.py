@@ -38,7 +38,7 @@ from ..progress import Stage, Tracker
 from .allocation import allocation_of
 from .capture import StopForward, capture_inputs
 from .layout import BlockLayout, Replay, learn_layout
-from .walk import BlockVisit, walk_blocks
+from .walk import IN_MEMORY, BlockVisit, InMemory, walk_blocks
 
 log = logging.getLogger(__name__)
 
@@ -302,16 +302,25 @@ def _apply_ranking(plan: Plan, config, scores: dict) -> list[LayerRecord]:
 
 
 @torch.no_grad()
-def prune_without_data(plan: Plan, method: Method, config, tracker: Tracker) -> list[LayerRecord]:
-    """Methods that need no calibration (magnitude) touch the weights directly."""
+def prune_without_data(plan: Plan, method: Method, config, tracker: Tracker,
+                       source: InMemory = IN_MEMORY) -> list[LayerRecord]:
+    """Methods that need no calibration (magnitude) touch the weights directly, block by block (``source``
+    brings each into memory and takes it away, as in a walk)."""
     tracker.enter(Stage.COMPUTING_IMPORTANCE)
     if allocation_of(config).ranks:
         scores = {name: method.scores(weight_of(m).float(), InputStats()) for _, name, m, _ in plan.all_layers}
         tracker.enter(Stage.PRUNING)
         return _apply_ranking(plan, config, scores)
     tracker.enter(Stage.PRUNING)
-    return [prune_layers([name], [module], method, InputStats(), [target], i, config.device)[0]
-            for i, name, module, target in tracker.bar(list(plan.all_layers), unit="layer")]
+    records = []
+    for i, block in enumerate(tracker.bar(plan.blocks)):
+        if not plan.layers[i]:
+            continue  # nothing to prune: a streamed model copies it as it is
+        source.enter(i, block)
+        records += [prune_layers([name], [module], method, InputStats(), [target], i, config.device)[0]
+                    for name, (module, target) in plan.layers[i].items()]
+        source.leave(i, block)
+    return records
 
 
 # --------------------------------------------------------------------------- the weight walk
@@ -358,16 +367,18 @@ class WeightJob:
 
 @torch.no_grad()
 def prune_with_data(model: nn.Module, plan: Plan, method: Method, config, input_ids: torch.Tensor,
-                    tracker: Tracker, checkpoint=None) -> list[LayerRecord]:
+                    tracker: Tracker, checkpoint=None, source: InMemory = IN_MEMORY) -> list[LayerRecord]:
     """Layer-wise sequential calibration and pruning (see the module docstring).
 
     ``checkpoint`` (a :class:`.checkpoint.WalkCheckpoint`) resumes the walk from the state it holds and saves
-    the state after finished blocks, as it is told to.
+    the state after finished blocks, as it is told to.  ``source`` brings each block into memory for its visit
+    and takes it away after (a streamed model), and what runs before the blocks while inputs are captured.
     """
     device = torch.device(config.device)
     tracker.enter(Stage.CALIBRATING)
     started = time.perf_counter()
-    hidden, calls = capture_inputs(model, plan.blocks, input_ids, config.batch_size)
+    with source.outside_blocks():
+        hidden, calls = capture_inputs(model, plan.blocks, input_ids, config.batch_size)
 
     ranks = allocation_of(config).ranks
     job = WeightJob(plan, method, config, refiner(config), {} if ranks else None, {})
@@ -390,7 +401,7 @@ def prune_with_data(model: nn.Module, plan: Plan, method: Method, config, input_
         if checkpoint is not None and checkpoint.due(i, last):
             checkpoint.save(i, plan.blocks, records, outputs, spent + time.perf_counter() - started)
 
-    walk_blocks(plan.blocks, plan.blocks_name, hidden, calls, device, visit, tracker, first, last, after)
+    walk_blocks(plan.blocks, plan.blocks_name, hidden, calls, device, visit, tracker, first, last, after, source)
     if ranks:
         tracker.enter(Stage.PRUNING)
         records += _apply_ranking(plan, config, job.scores)

@@ -13,6 +13,7 @@ Only one block and one batch at a time visit the device; activations stay on the
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -45,6 +46,24 @@ def run_block(block: nn.Module, hidden: list, calls: list, device, keep: bool, o
     return outs
 
 
+class InMemory:
+    """Where a walk's blocks come from and go to when the whole model is in memory: nowhere."""
+
+    def enter(self, i: int, block: nn.Module) -> None:
+        """Block ``i`` is about to be visited (a streamed model reads it from disk here)."""
+
+    def leave(self, i: int, block: nn.Module) -> None:
+        """Block ``i`` is finished (a streamed model writes and frees it here)."""
+
+    @contextmanager
+    def outside_blocks(self, output: bool = False):
+        """While inside, what runs before the blocks (and with ``output``, after them) is in memory."""
+        yield
+
+
+IN_MEMORY = InMemory()
+
+
 @dataclass
 class BlockVisit:
     """One block's turn in the walk: what a stage needs to observe, change and run it."""
@@ -65,17 +84,20 @@ class BlockVisit:
 @torch.no_grad()
 def walk_blocks(blocks: nn.ModuleList, blocks_name: str, hidden: list, calls: list, device,
                 visit: Callable[[BlockVisit], "list | None"], tracker: Tracker, first: int = 0,
-                last: "int | None" = None, after: "Callable[[int, list], None] | None" = None) -> list:
+                last: "int | None" = None, after: "Callable[[int, list], None] | None" = None,
+                source: InMemory = IN_MEMORY) -> list:
     """Walk blocks ``first..last`` (default: all); return the last block's outputs.
 
     ``visit(step)`` returns the block's outputs, or None to have them computed here from the block as the
     visit left it (needed only while a later block reads them).  ``after(i, outputs)`` runs once block ``i``
-    is finished and back on the CPU (a checkpoint saves the walk there).
+    is finished and back on the CPU (a checkpoint saves the walk there).  ``source`` brings each block into
+    memory before its visit and takes it away after (a streamed model: :class:`~..models.stream.BlockStream`).
     """
     last = len(blocks) - 1 if last is None else last
     bar = tracker.bar(total=last + 1, initial=first)
     for i in range(first, last + 1):
         block = blocks[i]
+        source.enter(i, block)
         block.to(device)
         step = BlockVisit(i, block, f"{blocks_name}.{i}.", hidden, calls[i], device, need_outputs=i < last,
                           describe=lambda stage: tracker.describe(bar, stage))
@@ -85,6 +107,7 @@ def walk_blocks(blocks: nn.ModuleList, blocks_name: str, hidden: list, calls: li
             step.describe(Stage.CALIBRATING)
             outs = step.run()
         block.to("cpu")
+        source.leave(i, block)
         hidden = outs
         bar.update(1)
         if after is not None:

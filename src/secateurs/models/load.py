@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -150,9 +151,10 @@ def check_space(output: "str | os.PathLike", model, extra: int = 16 * 2**20, wha
     """Refuse to start work whose result cannot be saved: the model's weights (each distinct tensor once, as
     ``save_pretrained`` writes them) and ``extra`` bytes (tokenizer, report; ``what`` names what they are
     for) must fit where ``output`` goes.  An existing output folder is replaced only after the new one is
-    complete, so it does not count as room."""
+    complete, so it does not count as room.  ``model`` None: a model that is not in memory, counted in
+    ``extra`` (a streamed prune writes as many bytes as its checkpoint holds, in the output's dtype)."""
     output = Path(output)
-    needed = weight_bytes(model) + extra
+    needed = (weight_bytes(model) if model is not None else 0) + extra
     base = nearest_existing(output.parent)
     free = shutil.disk_usage(base).free
     if free < needed:
@@ -189,12 +191,14 @@ def check_file_path(path: "str | os.PathLike", what: str) -> None:
     check_writable(path.parent, what)
 
 
-def save_model(model, tokenizer, output: "str | os.PathLike", overwrite: bool = False, extra_files=None) -> Path:
-    """``save_pretrained`` into a temporary sibling folder, then move it into place in one rename.
+@contextmanager
+def written_folder(output: "str | os.PathLike", overwrite: bool = False):
+    """``with written_folder(out) as tmp:`` -- write into the temporary sibling ``tmp``; when the block ends
+    without error it is moved into place as ``out`` in one rename, else removed.
 
     A crash or error leaves no half-written ``output``, and the half-written folders of earlier runs that
-    were killed while saving are removed first (:mod:`..atomic`).  ``extra_files`` maps file names to text
-    written beside the weights (the report and recipe).
+    were killed while saving are removed first (:mod:`..atomic`).  Every file gets the mode of an ordinary
+    new one.  An ``output`` another run filled meanwhile is not replaced without ``overwrite``.
     """
     output = check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -203,14 +207,7 @@ def save_model(model, tokenizer, output: "str | os.PathLike", overwrite: bool = 
     mask = umask()
     tmp.chmod(0o777 & ~mask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
-        try:
-            model.save_pretrained(tmp)
-        except SafetensorError as exc:  # safetensors' own type, also for an OSError underneath (a full disk)
-            raise OutputError(f"cannot save the model in {str(output)!r}: {first_line(exc)}") from exc
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for fname, text in (extra_files or {}).items():
-            (tmp / fname).write_text(text)
+        yield tmp
         # safetensors (0.8) writes its files readable by their owner only, whatever the umask: give every
         # file the mode of an ordinary new one, so that others (a server, a container user) can load the model
         for path in tmp.rglob("*"):
@@ -223,4 +220,19 @@ def save_model(model, tokenizer, output: "str | os.PathLike", overwrite: bool = 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return output
+
+
+def save_model(model, tokenizer, output: "str | os.PathLike", overwrite: bool = False, extra_files=None) -> Path:
+    """``save_pretrained`` into a temporary sibling folder, then move it into place in one rename
+    (:func:`written_folder`).  ``extra_files`` maps file names to text written beside the weights (the report
+    and recipe)."""
+    with written_folder(output, overwrite) as tmp:
+        try:
+            model.save_pretrained(tmp)
+        except SafetensorError as exc:  # safetensors' own type, also for an OSError underneath (a full disk)
+            raise OutputError(f"cannot save the model in {str(output)!r}: {first_line(exc)}") from exc
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
+    return Path(output)

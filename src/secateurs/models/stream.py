@@ -1,0 +1,273 @@
+"""Models that stay on disk: a weightless skeleton whose blocks are read one at a time from safetensors.
+
+A pruning walk only ever needs one decoder block in memory.  :func:`open_streamed` builds the model's skeleton
+on the ``meta`` device (accelerate's ``init_empty_weights``: parameters take no memory, buffers such as rotary
+tables are real) and reads, from the checkpoint's memory-mapped safetensors files, only what the moment needs:
+the embeddings while the first block's inputs are captured, one block while it is walked, the final norm and
+LM head while logits are computed.  :class:`ShardWriter` writes each finished block to its own shard of the
+output folder, so peak memory does not grow with the number of blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from ..errors import ModelLoadError
+from .load import first_line
+
+log = logging.getLogger(__name__)
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class Checkpoint:
+    """A safetensors checkpoint folder (one ``model.safetensors`` or shards with an index), read lazily.
+
+    Only the files' headers are read here: each tensor's file, dtype and shape.  A missing or truncated shard,
+    or an index naming a file that is not there, is refused in one line naming the file.
+    """
+
+    def __init__(self, folder: "str | os.PathLike"):
+        self.folder = Path(folder)
+        index = self.folder / INDEX
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ModelLoadError(f"{index}: not a safetensors index ({first_line(exc)})") from None
+            files = sorted(set(weight_map.values()))
+        elif (self.folder / SINGLE).exists():
+            files, weight_map = [SINGLE], None
+        else:
+            raise ModelLoadError(f"{self.folder}: no safetensors weights ({SINGLE} or {INDEX})")
+        self.file_of: dict[str, Path] = {}
+        self.shape: dict[str, tuple] = {}
+        self.dtype: dict[str, torch.dtype] = {}
+        for name in files:
+            path = self.folder / name
+            if not path.is_file():
+                raise ModelLoadError(f"{path}: missing (the checkpoint's index names it)")
+            try:
+                with safe_open(path, framework="pt") as f:
+                    for key in f.keys():
+                        if weight_map is not None and weight_map.get(key) != name:
+                            continue
+                        part = f.get_slice(key)
+                        self.file_of[key] = path
+                        self.shape[key] = tuple(part.get_shape())
+                        self.dtype[key] = _DTYPES.get(part.get_dtype(), torch.float32)
+            except SafetensorError as exc:  # safetensors checks that the data covers the file: a truncated one fails
+                raise ModelLoadError(f"{path}: not a readable safetensors file, truncated or damaged? "
+                                     f"({first_line(exc)})") from None
+        if weight_map is not None and (lost := sorted(set(weight_map) - set(self.file_of))):
+            raise ModelLoadError(f"{self.folder / weight_map[lost[0]]}: lacks {lost[0]} (and {len(lost) - 1} more) "
+                                 "that the index names")
+
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype most of the checkpoint's bytes are stored in (its floating-point weights')."""
+        sizes: dict[torch.dtype, int] = {}
+        for key, dtype in self.dtype.items():
+            if dtype.is_floating_point:
+                sizes[dtype] = sizes.get(dtype, 0) + int(torch.Size(self.shape[key]).numel())
+        return max(sizes, key=sizes.get) if sizes else torch.float32
+
+    def size_in(self, dtype: "torch.dtype | None") -> int:
+        """Bytes of every tensor, the floating-point ones in ``dtype`` (None: as stored)."""
+        def size(key):
+            kind = dtype if dtype is not None and self.dtype[key].is_floating_point else self.dtype[key]
+            return int(torch.Size(self.shape[key]).numel()) * torch.empty(0, dtype=kind).element_size()
+
+        return sum(size(k) for k in self.shape)
+
+    def read(self, names, dtype: "torch.dtype | None" = None) -> dict[str, torch.Tensor]:
+        """The tensors ``names``, read from their files (each file opened once), floats cast to ``dtype``."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.file_of[name], []).append(name)
+        out = {}
+        for path, keys in by_file.items():
+            try:
+                with safe_open(path, framework="pt") as f:
+                    for key in keys:
+                        t = f.get_tensor(key)
+                        out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            except SafetensorError as exc:
+                raise ModelLoadError(f"{path}: cannot read {keys[0]} ({first_line(exc)})") from None
+        return out
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def open_streamed(folder: "str | os.PathLike", dtype: "torch.dtype | None" = None):
+    """``(model, checkpoint)``: the model of ``folder`` with every parameter on the ``meta`` device.
+
+    ``dtype`` None keeps the checkpoint's own.  The skeleton's parameter shapes are checked against the files
+    before anything is read, so a checkpoint that disagrees with its config fails here, naming the file.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    checkpoint = Checkpoint(folder)
+    dtype = dtype or checkpoint.stored_dtype
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot build the model of {str(folder)!r}: {first_line(exc)}") from exc
+    model.eval()
+    head = _prefix(model, model.get_output_embeddings()) + "weight" if tied_head(model) else None
+    for name, p in model.named_parameters():
+        if name == head:
+            continue  # stored once, as the embeddings
+        if name not in checkpoint.shape:
+            raise ModelLoadError(f"{folder}: the checkpoint has no {name} (a shard is missing, or another model's)")
+        if checkpoint.shape[name] != tuple(p.shape):
+            raise ModelLoadError(f"{checkpoint.file_of[name]}: {name} has shape {checkpoint.shape[name]}, the config "
+                                 f"says {tuple(p.shape)}")
+    return model, checkpoint
+
+
+def tied_head(model: nn.Module) -> bool:
+    """Does the LM head share the input embeddings' weight (``tie_word_embeddings``)?  Then the checkpoint
+    holds it once, under the embeddings' name."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head is not None and bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+def load_into(model: nn.Module, module: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype,
+              recurse: bool = True) -> None:
+    """Read ``module``'s parameters (a submodule of ``model``; only its own with ``recurse=False``) from the
+    checkpoint into memory, in ``dtype``."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    prefix = _prefix(model, module)
+    names = [n for n, _ in module.named_parameters(recurse=recurse)]
+    values = checkpoint.read([prefix + n for n in names], dtype)
+    for n in names:
+        set_module_tensor_to_device(module, n, "cpu", value=values[prefix + n])
+
+
+def release(module: nn.Module, recurse: bool = True) -> None:
+    """Hand ``module``'s parameters back to the ``meta`` device: their memory is freed."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    for n, _ in list(module.named_parameters(recurse=recurse)):
+        set_module_tensor_to_device(module, n, "meta")
+
+
+def _prefix(model: nn.Module, module: nn.Module) -> str:
+    name = next((n for n, m in model.named_modules() if m is module), None)
+    if name is None:
+        raise ValueError("module is not part of the model")
+    return f"{name}." if name else ""
+
+
+def outside_blocks(model: nn.Module, blocks_name: str) -> list[nn.Module]:
+    """The modules holding every parameter that is not in a block (embeddings, final norm, LM head)."""
+    out = []
+    for name, module in model.named_modules():
+        if name == blocks_name or name.startswith(blocks_name + ".") or not list(module.parameters(recurse=False)):
+            continue
+        out.append(module)
+    return out
+
+
+class ShardWriter:
+    """Writes a model's tensors into ``folder`` as they are finished: one shard per :meth:`write`, then the
+    standard ``model.safetensors.index.json`` that ``from_pretrained`` reads (:meth:`finish`)."""
+
+    def __init__(self, folder: Path, shards: int):
+        self.folder = Path(folder)
+        self.shards = shards
+        self.written = 0
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        if self.written == self.shards:
+            raise ValueError(f"all {self.shards} shards are written already")
+        self.written += 1
+        name = f"model-{self.written:05d}-of-{self.shards:05d}.safetensors"
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, self.folder / name, metadata={"format": "pt"})
+        except SafetensorError as exc:  # safetensors' own type, also for an OSError underneath (a full disk)
+            from ..errors import OutputError
+
+            raise OutputError(f"cannot write {self.folder / name}: {first_line(exc)}") from exc
+        self.weight_map.update({k: name for k in tensors})
+        self.total_size += sum(v.numel() * v.element_size() for v in tensors.values())
+
+    def finish(self) -> None:
+        if self.written != self.shards:
+            raise ValueError(f"{self.written} of {self.shards} shards written")
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+class BlockStream:
+    """Reads each block from the checkpoint as a walk enters it and frees it when the walk leaves; with a
+    ``writer``, the block's finished tensors go to their own output shard first."""
+
+    def __init__(self, model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype, blocks_name: str,
+                 writer: "ShardWriter | None" = None):
+        self.model, self.checkpoint, self.dtype = model, checkpoint, dtype
+        self.blocks_name = blocks_name
+        self.writer = writer
+        self.done: set[int] = set()
+
+    def enter(self, i: int, block: nn.Module) -> None:
+        load_into(self.model, block, self.checkpoint, self.dtype)
+
+    @contextmanager
+    def outside_blocks(self, output: bool = False):
+        """While inside, the parameters outside the blocks are in memory: the embeddings and whatever else runs
+        before the blocks, and with ``output`` the final norm and LM head too (an untied LM head, as large
+        as the embeddings, is read only then)."""
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        embeddings = self.model.get_input_embeddings()
+        tied = tied_head(self.model)
+        wanted = [m for m in outside_blocks(self.model, self.blocks_name) if m is not head or (output and not tied)]
+        for m in wanted:
+            load_into(self.model, m, self.checkpoint, self.dtype, recurse=False)
+        if tied and output:
+            head.weight = embeddings.weight
+        try:
+            yield
+        finally:
+            for m in wanted + ([head] if tied and output else []):
+                release(m, recurse=False)
+
+    def leave(self, i: int, block: nn.Module) -> None:
+        if self.writer is not None:
+            prefix = f"{self.blocks_name}.{i}."
+            self.writer.write({prefix + n: t for n, t in block.state_dict().items()})
+        release(block)
+        self.done.add(i)
+
+    def copy_the_rest(self, n_blocks: int) -> None:
+        """Write every tensor no walk changed, straight from the checkpoint: the blocks never entered, one shard
+        each, then everything outside the blocks (embeddings, final norm, LM head) in the last shard."""
+        for i in range(n_blocks):
+            if i not in self.done:
+                prefix = f"{self.blocks_name}.{i}."
+                self.writer.write(self.checkpoint.read([k for k in self.checkpoint.file_of if k.startswith(prefix)],
+                                                       self.dtype))
+        inside = f"{self.blocks_name}."
+        self.writer.write(self.checkpoint.read([k for k in self.checkpoint.file_of if not k.startswith(inside)],
+                                               self.dtype))
