@@ -128,7 +128,8 @@ def test_a_kill_while_saving_leaves_no_folder_behind(tiny_dir, tmp_path, capsys,
 
     monkeypatch.setattr(tf.PreTrainedModel, "save_pretrained", save_then_get_killed)
     handler = signal.getsignal(signal.SIGTERM)
-    code = main(["prune", *args(tiny_dir, "--method", "magnitude", "--no-eval", "--output", str(tmp_path / "out"))])
+    code = main(["prune", *args(tiny_dir, "--method", "magnitude", "--no-eval", "--no-stream", "--output",
+                                str(tmp_path / "out"))])
     assert code == 128 + signal.SIGTERM
     assert "secateurs: terminated; nothing was saved" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary sibling
@@ -269,7 +270,8 @@ def test_crash_while_saving_is_one_line_and_leaves_no_output(tiny_dir, tmp_path,
         raise error
 
     monkeypatch.setattr(tf.PreTrainedModel, "save_pretrained", boom)
-    assert main(["prune", *args(tiny_dir, "--method", "magnitude", "--no-eval"), "--output", str(tmp_path / "o")]) == 2
+    assert main(["prune", *args(tiny_dir, "--method", "magnitude", "--no-eval", "--no-stream"),
+                 "--output", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err == f"secateurs: error: {message.format(out=tmp_path / 'o')}\n"
     assert list(tmp_path.iterdir()) == []
 
@@ -619,4 +621,4 @@ def test_a_bug_is_not_dressed_as_a_usage_error(tiny_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(secateurs.api, "prune", broken)
     with pytest.raises(ValueError, match="a bug"):
-        main(["prune", *args(tiny_dir), "--output", str(tmp_path / "out")])
+        main(["prune", *args(tiny_dir, "--no-stream"), "--output", str(tmp_path / "out")])

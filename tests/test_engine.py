@@ -448,7 +448,7 @@ def test_a_weight_holding_inf_or_nan_is_refused_before_anything_changes(calib_id
 
 
 def test_finite_weights_whose_sum_overflows_are_not_refused():
-    from secateurs.engine.sequential import _check_finite
+    from secateurs.models.arch import check_finite as _check_finite
 
     W = torch.full((4, 8), 3e38)  # every weight finite, their sum is not
     assert not torch.isfinite(W.sum())

@@ -28,6 +28,7 @@ from .models.arch import find_blocks
 from .methods import METHODS
 from .methods.base import option_table
 from .eval import library_versions, machine, parameter_counts, peak_rss_bytes, perplexity
+from .eval.report import parameter_counts_in
 from .models.load import first_line
 from .models.snapshot import WeightSnapshot, weight_bytes
 from .progress import Stage, Tracker
@@ -267,8 +268,9 @@ def environment() -> dict:
 
 
 def build_report(result: PruneResult, model, dense_ppl, ppl, eval_config: "EvalConfig | None", **extra) -> dict:
-    """The ``--report`` JSON: figures measured in this run, the full config, seed and versions."""
-    counts = parameter_counts(model)
+    """The ``--report`` JSON: figures measured in this run, the full config, seed and versions.  ``model`` is
+    the pruned model, or the folder a streamed prune wrote it to."""
+    counts = parameter_counts(model) if isinstance(model, torch.nn.Module) else parameter_counts_in(model)
     return {
         "dense_perplexity": dense_ppl,
         "perplexity": ppl,
@@ -498,7 +500,7 @@ def prune_streamed(source, config, calibration, output, *, dtype: "torch.dtype |
     tracker = tracker or Tracker(show=progress)
     ids, plans = _prepare(model, [cfg], calibration)
     plan = plans[0]
-    check_space(output, None, extra=checkpoint.size_in(dtype) + 16 * 2**20, what="the model")
+    check_space(output, None, extra=streamed_room(checkpoint, dtype), what="the model")
     start = time.perf_counter()
     with written_folder(output, overwrite) as folder:
         stream = BlockStream(model, checkpoint, dtype, plan.blocks_name, ShardWriter(folder, len(plan.blocks) + 1))
@@ -517,13 +519,31 @@ def prune_streamed(source, config, calibration, output, *, dtype: "torch.dtype |
             model.generation_config.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-        result = PruneResult([cfg], layers=records, prune_seconds=seconds)
+        tracker.enter(Stage.COMPLETE)  # the model is written: what finishing does is measuring it
+        result = PruneResult([cfg], layers=records, prune_seconds=seconds, stage_seconds=dict(tracker.seconds),
+                             stage=tracker.stage.value)
         more = finishing(folder, result) if finishing is not None else {}
         for name, text in {**(extra_files or {}), **more}.items():
             (folder / name).write_text(text)
-    tracker.enter(Stage.COMPLETE)
-    result.stage_seconds, result.stage = dict(tracker.seconds), tracker.stage.value
     return result
+
+
+def streamed_room(checkpoint, dtype: "torch.dtype | None") -> int:
+    """The disk a streamed prune of ``checkpoint`` writes (its tensors in ``dtype``; zeros take the room of the
+    weights they replace), plus 16 MiB for the tokenizer, config and report."""
+    return checkpoint.size_in(dtype) + 16 * 2**20
+
+
+def stream_source(model: "str | None", config) -> "Path | None":
+    """The safetensors folder from which :func:`prune_streamed` would prune ``model`` (a folder or built-in name)
+    with ``config``, or None where the whole model must be loaded: a GGUF file, a hub id, per-block widths,
+    several stages, a structured method or a ranking allocation."""
+    from .models.load import streamable
+
+    configs = _as_configs(config)
+    if len(configs) != 1 or isinstance(configs[0], StructuredConfig) or allocation_of(configs[0]).ranks:
+        return None
+    return streamable(model)
 
 
 def evaluate_streamed(source, tokenizer, config: "EvalConfig | None" = None, ids: "torch.Tensor | None" = None,

@@ -21,7 +21,7 @@ from .errors import ConfigError
 from .config import STRUCTURED
 from .methods import METHODS
 from .methods.base import option_table
-from .models.load import DEFAULT_MODEL
+from .models.load import DEFAULT_MODEL, DTYPES
 
 EXIT_USAGE = 2
 
@@ -30,6 +30,9 @@ def _add_model(p):
     p.add_argument("--model", default=None, help="hub id, local folder, .gguf file or built-in name "
                    f"(default: {DEFAULT_MODEL})")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="auto",
+                   help="the model's dtype in memory and on disk (default auto: the checkpoint's own). Statistics "
+                        "and each method's math run in float32 whatever it is; float16 forwards on a CPU are slow")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -200,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=_positive_int, default=None, metavar="N",
                    help="save the walk's state to OUTPUT.prune-state every N blocks; the same command resumes from it")
     p.add_argument("--no-resume", action="store_true", help="start the walk over even if OUTPUT.prune-state exists")
+    p.add_argument("--no-stream", action="store_true",
+                   help="load the whole model instead of streaming its blocks from its safetensors files (streaming "
+                        "is the default for one weight-pruning config, without --save-every or --allocation global)")
 
     p = sub.add_parser("finetune", help="recovery fine-tuning with the mask frozen (or gradual pruning on a schedule)")
     _add_model(p)
@@ -292,7 +298,7 @@ def _load(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load_model(args.model)
+    return load_model(args.model, args.dtype)
 
 
 def cmd_prune(args) -> int:
@@ -310,6 +316,8 @@ def cmd_prune(args) -> int:
     output = check_output(args.output, args.overwrite)
     checkpoint = api.walk_checkpoint(recipe, args.output, {"model": args.model or DEFAULT_MODEL}, args.save_every,
                                      resume=not args.no_resume)
+    if not args.no_stream and checkpoint is None and (source := api.stream_source(args.model, recipe)) is not None:
+        return _prune_streamed(args, recipe, source, eval_config)
 
     model, tokenizer = _load(args)
     show = not args.quiet
@@ -349,7 +357,8 @@ def cmd_prune(args) -> int:
         print(f"pruned perplexity: {ppl:.3f}" + (f" (dense {dense:.3f})" if dense is not None else ""), flush=True)
     tracker.enter(Stage.EXPORTING)
     t = time.perf_counter()
-    report = api.build_report(result, model, dense, ppl, eval_config, model_name=args.model or DEFAULT_MODEL)
+    report = api.build_report(result, model, dense, ppl, eval_config, model_name=args.model or DEFAULT_MODEL,
+                              streamed=False)
     import yaml
 
     if dense_size_speed is not None:
@@ -374,6 +383,54 @@ def cmd_prune(args) -> int:
     if (state_dir := api.walk_state_dir(args.output)).exists():  # the finished model supersedes it
         shutil.rmtree(state_dir)
     print(f"saved to {output}", flush=True)
+    return 0
+
+
+def _prune_streamed(args, recipe, source, eval_config) -> int:
+    """``prune`` of a safetensors folder, one block in memory at a time (:func:`api.prune_streamed`)."""
+    from . import api
+    from .data import load_text, tokenize
+    from .models.load import as_dtype, check_space, load_tokenizer
+    from .models.stream import open_streamed
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    dtype = as_dtype(args.dtype)
+    dtype = None if dtype == "auto" else dtype
+    tokenizer = load_tokenizer(source)
+    show = not args.quiet
+    config = recipe.stages[0]
+    calib = api.calibration_data(tokenizer, config) if config.needs_calibration else None
+    skeleton, checkpoint = open_streamed(source, dtype)
+    api.validate(skeleton, config, calib)  # before the dense evaluation, and so is the room for the output
+    check_space(args.output, None, extra=api.streamed_room(checkpoint, dtype), what="the model")
+    eval_ids = tokenize(tokenizer, load_text(eval_config.data, "test")) if eval_config else None
+    dense = api.evaluate_streamed(source, tokenizer, eval_config, eval_ids, dtype, progress=show) if eval_config \
+        else None
+    if dense is not None:
+        print(f"dense perplexity: {dense:.3f}", flush=True)
+    name = args.model or DEFAULT_MODEL
+
+    def finishing(folder, result):  # the model is written, not yet in place: measure it and write its report
+        print(f"pruned {len(result.layers)} weight matrices in {result.prune_seconds:.1f} s; "
+              f"measured sparsity {result.sparsity:.4f}", flush=True)
+        ppl = api.evaluate_streamed(folder, tokenizer, eval_config, eval_ids, dtype, progress=show) \
+            if eval_config else None
+        if ppl is not None:
+            print(f"pruned perplexity: {ppl:.3f}" + (f" (dense {dense:.3f})" if dense is not None else ""), flush=True)
+        report = api.build_report(result, folder, dense, ppl, eval_config, model_name=name, streamed=True)
+        if args.report:
+            atomic.write_text(args.report, json.dumps(report, indent=2) + "\n")
+        return {"secateurs_report.json": json.dumps(report, indent=2) + "\n"}
+
+    import yaml
+
+    api.prune_streamed(source, config, calib, args.output, dtype=dtype, tokenizer=tokenizer,
+                       extra_files={"secateurs_recipe.yaml": yaml.safe_dump(recipe.to_dict(), sort_keys=False)},
+                       finishing=finishing, overwrite=args.overwrite, progress=show)
+    print(f"saved to {args.output}", flush=True)
     return 0
 
 

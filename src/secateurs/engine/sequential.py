@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import CalibrationError, ConfigError, ModelLoadError, VerificationError
+from ..errors import CalibrationError, ConfigError, VerificationError
 from ..methods.base import InputStats, LayerTarget, Method
 from ..methods.reconstruct import admm_reconstruct
-from ..models.arch import find_blocks, find_linears, role_of, set_weight_of, weight_of
+from ..models.arch import check_finite, find_blocks, find_linears, non_finite, role_of, set_weight_of, weight_of
 from ..patterns import check_nm, check_tiles, zero_where_
 from ..progress import Stage, Tracker
 from .allocation import allocation_of
@@ -246,23 +246,6 @@ class Plan:
                 yield i, name, module, target
 
 
-def non_finite(W: torch.Tensor) -> int:
-    """How many entries of ``W`` are inf or NaN: one ``sum`` (no copy) when there are none, which is almost
-    always; an exact count only when that sum is not finite (inf or NaN somewhere, or finite values whose
-    sum overflowed).  Weights on the ``meta`` device (offloaded, never loaded) count as finite."""
-    if W.device.type == "meta" or bool(torch.isfinite(W.sum())):
-        return 0
-    return W.numel() - int(torch.count_nonzero(torch.isfinite(W)))
-
-
-def _check_finite(name: str, W: torch.Tensor) -> None:
-    """Refuse a weight holding inf or NaN: no ranking of its entries means anything, and the masks the
-    kernels would choose among NaN scores are arbitrary."""
-    if bad := non_finite(W):
-        raise ModelLoadError(f"{name}: {bad} of its {W.numel()} weights are inf or NaN (a broken checkpoint?); "
-                             "refusing to prune it")
-
-
 def make_plan(model: nn.Module, config) -> Plan:
     blocks_name, blocks = find_blocks(model)
     pattern = config.pattern_value
@@ -278,7 +261,7 @@ def make_plan(model: nn.Module, config) -> Plan:
                 continue
             W = weight_of(module)
             pattern.validate_shape(*W.shape, name=name)
-            _check_finite(name, W)
+            check_finite(name, W)
             chosen[name] = (module, LayerTarget(pattern, allocation.target(config, name, i), group))
         layers.append(chosen)
     if not any(layers):

@@ -27,6 +27,20 @@ def parameter_counts(model) -> dict[str, int]:
     return {"total_params": total, "zero_params": zeros, "nonzero_params": total - zeros}
 
 
+def parameter_counts_in(folder) -> dict[str, int]:
+    """:func:`parameter_counts` of a saved model, read tensor by tensor from its safetensors files."""
+    from ..models.stream import Checkpoint
+
+    checkpoint = Checkpoint(folder)
+    total = zeros = 0
+    for name in checkpoint.file_of:
+        if checkpoint.dtype[name].is_floating_point:
+            t = checkpoint.read([name])[name]
+            total += t.numel()
+            zeros += t.numel() - int(torch.count_nonzero(t))
+    return {"total_params": total, "zero_params": zeros, "nonzero_params": total - zeros}
+
+
 def library_versions() -> dict[str, str]:
     import transformers
 

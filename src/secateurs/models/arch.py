@@ -13,7 +13,7 @@ import re
 import torch
 from torch import nn
 
-from ..errors import ArchitectureError
+from ..errors import ArchitectureError, ModelLoadError
 from .pages import overwrite_
 
 try:  # GPT-2 family
@@ -75,3 +75,20 @@ def block_index(name: str, blocks_name: str) -> "int | None":
     """Index of the block a qualified module name lives in, or None."""
     match = re.match(re.escape(blocks_name) + r"\.(\d+)\.", name)
     return int(match[1]) if match else None
+
+
+def non_finite(W: torch.Tensor) -> int:
+    """How many entries of ``W`` are inf or NaN: one ``sum`` (no copy) when there are none, which is almost
+    always; an exact count only when that sum is not finite (inf or NaN somewhere, or finite values whose
+    sum overflowed).  Weights on the ``meta`` device (offloaded, never loaded) count as finite."""
+    if W.device.type == "meta" or bool(torch.isfinite(W.sum())):
+        return 0
+    return W.numel() - int(torch.count_nonzero(torch.isfinite(W)))
+
+
+def check_finite(name: str, W: torch.Tensor) -> None:
+    """Refuse a weight holding inf or NaN: no ranking of its entries means anything, and the masks the
+    kernels would choose among NaN scores are arbitrary."""
+    if bad := non_finite(W):
+        raise ModelLoadError(f"{name}: {bad} of its {W.numel()} weights are inf or NaN (a broken checkpoint?); "
+                             "refusing to prune it")

@@ -84,14 +84,61 @@ def _load_builtin(name: str, dtype: torch.dtype):
             if not (cached / "config.json").exists():  # a read-only home, a full disk: the model works all the same
                 log.warning("cannot cache the converted model in %s (%s); it will be converted again next time "
                             "unless SECATEURS_CACHE names a folder that can be written", cached, first_line(exc))
-                return model.to(dtype), tokenizer
+                return (model if dtype == "auto" else model.to(dtype)), tokenizer
             log.info("another run cached %s first; using its copy", name)  # the same conversion of the same file
     return _from_pretrained(str(cached), dtype)
 
 
-def load_model(spec: "str | os.PathLike | None" = None, dtype: torch.dtype = torch.float32):
-    """Return ``(model, tokenizer)`` for a built-in name, a ``.gguf`` file, a local folder or a hub id."""
+def streamable(spec: "str | os.PathLike | None") -> "Path | None":
+    """The safetensors folder a prune of ``spec`` can stream from: a local model folder with safetensors
+    weights, or a built-in model's converted cache (made now if it is not there yet); None for a GGUF file, a hub
+    id or a folder with per-block widths (loaded whole)."""
     spec = str(spec) if spec is not None else DEFAULT_MODEL
+    if spec in BUILTIN_MODELS:
+        cached = cache_dir() / "models" / spec
+        if not (cached / "config.json").exists():
+            _load_builtin(spec, torch.float32)  # converts and caches it
+        folder = cached
+    else:
+        folder = Path(spec).expanduser()
+    if not (folder / "config.json").is_file() or not any((folder / f).exists() for f in
+                                                          ("model.safetensors", "model.safetensors.index.json")):
+        return None
+    if "secateurs_structure" in json.loads((folder / "config.json").read_text()):
+        return None
+    return folder
+
+
+def load_tokenizer(folder: "str | os.PathLike"):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of {str(folder)!r}: {first_line(exc)}") from exc
+
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def as_dtype(dtype: "str | torch.dtype | None") -> "str | torch.dtype":
+    """``auto`` (the checkpoint's own), a torch dtype, or its name (``bfloat16``)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype or "auto"
+    if dtype not in DTYPES:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load_model(spec: "str | os.PathLike | None" = None, dtype: "str | torch.dtype" = "auto"):
+    """Return ``(model, tokenizer)`` for a built-in name, a ``.gguf`` file, a local folder or a hub id.
+
+    ``dtype`` ``auto`` keeps the checkpoint's own (a bf16 model stays bf16; the built-in model's converted
+    cache is float32, and so is a de-quantised GGUF file)."""
+    spec = str(spec) if spec is not None else DEFAULT_MODEL
+    dtype = as_dtype(dtype)
     path = Path(spec).expanduser()
     try:
         if spec in BUILTIN_MODELS:
@@ -99,7 +146,7 @@ def load_model(spec: "str | os.PathLike | None" = None, dtype: torch.dtype = tor
         elif path.suffix == ".gguf":
             if not path.is_file():
                 raise ModelLoadError(f"GGUF file {spec!r} does not exist")
-            model, tokenizer = _load_gguf(path, dtype)
+            model, tokenizer = _load_gguf(path, torch.float32 if dtype == "auto" else dtype)
         elif path.exists():
             if not (path / "config.json").is_file():
                 raise ModelLoadError(f"{spec!r} is not a model folder (no config.json)")

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import ModelLoadError
+from .arch import check_finite
 from .load import first_line
 
 log = logging.getLogger(__name__)
@@ -233,6 +234,8 @@ class BlockStream:
 
     def enter(self, i: int, block: nn.Module) -> None:
         load_into(self.model, block, self.checkpoint, self.dtype)
+        for name, p in block.named_parameters():  # read only now: a broken checkpoint shows here
+            check_finite(f"{self.blocks_name}.{i}.{name.removesuffix('.weight')}", p)
 
     @contextmanager
     def outside_blocks(self, output: bool = False):

@@ -204,8 +204,10 @@ def check_loadable(model: nn.Module, structure: "dict | None") -> None:
                                 f"from what its config builds (first: {bad[0]}: {want.get(bad[0])} vs {got.get(bad[0])})")
 
 
-def load(path: "str | Path", dtype: torch.dtype = torch.float32):
-    """Load a saved model -- uniform (plain ``from_pretrained``) or with per-block widths -- and its tokenizer."""
+def load(path: "str | Path", dtype: "torch.dtype | str" = "auto"):
+    """Load a saved model -- uniform (plain ``from_pretrained``) or with per-block widths -- and its tokenizer.
+
+    ``dtype`` ``auto``: the dtype the model was saved in."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -217,6 +219,9 @@ def load(path: "str | Path", dtype: torch.dtype = torch.float32):
     from safetensors.torch import load_file
 
     delattr(config, STRUCTURE_KEY)
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     apply_structure(model, structure)
     setattr(model.config, STRUCTURE_KEY, structure)  # saved again if the model is saved again

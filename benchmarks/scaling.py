@@ -1,0 +1,168 @@
+"""How the cost of a streamed prune grows with the model: random-weight Llama-shaped bf16 checkpoints.
+
+    python benchmarks/scaling.py                      # every run below (~1 h on 2 CPU cores)
+    python benchmarks/scaling.py --runs d22:wanda,llama3b:wanda
+
+Each shape is written once as a real sharded bf16 safetensors checkpoint (random weights, std 0.02; the
+built-in model's tokenizer, so the vocabulary is at least its 49,152) in ``$SECATEURS_SCALING_DIR``
+(default ``/tmp/secateurs-scaling``), never committed.  Each run is the README's command on it, in a fresh
+process whose peak resident memory (``ru_maxrss``) is the figure:
+
+    secateurs prune --model DIR --method M --sparsity 0.5 --calib-samples 8 --calib-seqlen 256 --no-eval \\
+                    --output OUT --threads 2
+
+Shapes: depth varied at TinyLlama's width (2048, MLP 5632, 32 heads, 4 KV heads: 2 to 22 blocks, the last
+being TinyLlama's 1.1B), width varied at 16 blocks (1024 to 3072), and Llama-3.2-3B's shape (3072, MLP 8192,
+28 blocks, 24 heads, 8 KV heads, vocabulary 128,256, tied embeddings: 3.2B parameters, 6.4 GB).
+Results go to ``benchmarks/results/scaling.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import benchmark_main
+
+SHAPES = {  # name: (hidden, intermediate, blocks, heads, kv heads, vocabulary, tied)
+    "small": (768, 2048, 8, 12, 4, 49152, True),
+    "d2": (2048, 5632, 2, 32, 4, 49152, False),
+    "d6": (2048, 5632, 6, 32, 4, 49152, False),
+    "d11": (2048, 5632, 11, 32, 4, 49152, False),
+    "d22": (2048, 5632, 22, 32, 4, 49152, False),  # TinyLlama-1.1B's shape
+    "w1024": (1024, 2816, 16, 16, 4, 49152, False),
+    "w2048": (2048, 5632, 16, 32, 4, 49152, False),
+    "w3072": (3072, 8192, 16, 24, 8, 49152, False),
+    "llama3b": (3072, 8192, 28, 24, 8, 128256, True),  # Llama-3.2-3B's shape
+}
+RUNS = [f"{s}:wanda" for s in SHAPES] + ["d22:sparsegpt", "llama3b:sparsegpt"]
+
+
+def scratch() -> Path:
+    return Path(os.environ.get("SECATEURS_SCALING_DIR", "/tmp/secateurs-scaling"))
+
+
+def build_checkpoint(name: str) -> Path:
+    """The random-weight bf16 checkpoint of shape ``name``, one shard per block, written block by block so that
+    building it never holds more than one block (and the embeddings) in memory."""
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from secateurs.models.load import load_model
+
+    folder = scratch() / name
+    if (folder / "model.safetensors.index.json").exists():
+        return folder
+    hidden, inter, blocks, heads, kv, vocab, tied = SHAPES[name]
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=blocks,
+                         num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                         tie_word_embeddings=tied, max_position_embeddings=4096, dtype="bfloat16")
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=scratch()))
+    g = torch.Generator().manual_seed(0)
+    shards = [[n for n, _ in model.named_parameters() if n.startswith(f"model.layers.{i}.")] for i in range(blocks)]
+    rest = [n for n, _ in model.named_parameters() if not n.startswith("model.layers.")]
+    shapes = dict((n, p.shape) for n, p in model.named_parameters())
+    weight_map, total = {}, 0
+    for k, names in enumerate(shards + [rest], 1):
+        file = f"model-{k:05d}-of-{len(shards) + 1:05d}.safetensors"
+        tensors = {n: (torch.ones(shapes[n]) if "norm" in n else torch.randn(shapes[n], generator=g) * 0.02)
+                   .to(torch.bfloat16) for n in names}
+        save_file(tensors, tmp / file, metadata={"format": "pt"})
+        weight_map.update({n: file for n in names})
+        total += sum(t.numel() * 2 for t in tensors.values())
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                   "weight_map": weight_map}, indent=2))
+    config.save_pretrained(tmp)
+    _, tokenizer = load_model()  # the built-in model's tokenizer: ids < 49,152 <= every vocabulary here
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def one(run: str) -> dict:
+    name, method = run.split(":")
+    folder = build_checkpoint(name)
+    out = scratch() / f"out-{name}-{method}"
+    report = scratch() / f"report-{name}-{method}.json"
+    cmd = [sys.executable, "-m", "secateurs.cli", "prune", "--model", str(folder), "--method", method,
+           "--sparsity", "0.5", "--calib-samples", "8", "--calib-seqlen", "256", "--no-eval", "--output", str(out),
+           "--overwrite", "--threads", "2", "--quiet", "--report", str(report)]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode:
+        raise SystemExit(f"{run}: {proc.stderr.strip().splitlines()[-1]}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # this process's only child
+    r = json.loads(report.read_text())
+    hidden, inter, blocks, heads, kv, vocab, tied = SHAPES[name]
+    out_config = json.loads((out / "config.json").read_text())
+    row = {"run": run, "shape": name, "method": method, "hidden": hidden, "intermediate": inter, "blocks": blocks,
+           "vocab": vocab, "params": r["total_params"], "checkpoint_bytes": folder_bytes(folder),
+           "output_bytes": folder_bytes(out), "output_dtype": out_config.get("dtype") or out_config.get("torch_dtype"),
+           "sparsity": r["sparsity"], "peak_rss_bytes": peak, "prune_seconds": r["prune_seconds"],
+           "seconds_per_block": r["prune_seconds"] / blocks, "wall_seconds": round(wall, 1),
+           "versions": r["versions"], "machine": r["machine"], "measured_at": r["measured_at"]}
+    for p in out.glob("*.safetensors"):  # the output is measured: free the disk for the next run
+        p.unlink()
+    return row
+
+
+def markdown(rows: list, command: str) -> str:
+    from common import page_head
+
+    lines = page_head("Scaling: streamed prune of random-weight Llama-shaped bf16 checkpoints", rows[0], __doc__.split(
+        "\n\n")[1].strip(), command)
+    lines += ["| run | blocks | hidden | params | checkpoint GB | output GB | output dtype | peak RSS GiB | prune s | "
+              "s / block | sparsity |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['blocks']} | {r['hidden']} | {r['params'] / 1e9:.2f}B | "
+                     f"{r['checkpoint_bytes'] / 1e9:.2f} | {r['output_bytes'] / 1e9:.2f} | {r['output_dtype']} | "
+                     f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['prune_seconds']:.0f} | {r['seconds_per_block']:.1f} | "
+                     f"{r['sparsity']:.4f} |")
+    _plot(rows)
+    return "\n".join(lines + ["", "![peak RSS and prune time against model size](scaling.png)", ""])
+
+
+def _plot(rows: list) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pip install -e ".[bench]"
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for method, marker in (("wanda", "o"), ("sparsegpt", "s")):
+        rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["params"])
+        if not rs:
+            continue
+        x = [r["params"] / 1e9 for r in rs]
+        a.plot(x, [r["peak_rss_bytes"] / 2**30 for r in rs], marker=marker, label=method)
+        b.plot(x, [r["prune_seconds"] for r in rs], marker=marker, label=method)
+    a.set(xlabel="parameters (B)", ylabel="peak RSS (GiB)", title="memory")
+    b.set(xlabel="parameters (B)", ylabel="prune seconds", title="time")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(Path(__file__).parent / "results" / "scaling.png", dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(benchmark_main(__file__, __doc__, RUNS, "scaling", one, markdown,
+                            lambda r: f"{r['run']:>18}: {r['params'] / 1e9:.2f}B, peak {r['peak_rss_bytes'] / 2**30:.2f} "
+                                      f"GiB, prune {r['prune_seconds']:.0f} s"))

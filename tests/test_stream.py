@@ -1,0 +1,128 @@
+"""Streamed pruning: blocks read from disk one at a time, the output written shard by shard."""
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+
+from conftest import cli_args, tiny_model
+from secateurs import EvalConfig, PruneConfig, evaluate, prune
+from secateurs.api import calibration_data, evaluate_streamed, prune_streamed
+from secateurs.errors import ModelLoadError
+from secateurs.models import load_model
+
+
+def _saved(family, folder, dtype=torch.float32, shard=None):
+    model = tiny_model(family).to(dtype)
+    model.save_pretrained(folder, max_shard_size=shard) if shard else model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma3"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_a_streamed_prune_writes_the_weights_of_the_in_memory_prune(family, method, calib_ids, tmp_path):
+    src = _saved(family, tmp_path / "in", shard="100KB")  # sharded input: several files and an index
+    config = PruneConfig(method=method, sparsity=0.5, batch_size=2)
+    whole = tf.AutoModelForCausalLM.from_pretrained(src)
+    expected = prune(whole, config, calib_ids, progress=False)
+    result = prune_streamed(src, config, calib_ids, tmp_path / "out", progress=False)
+    streamed = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # plain transformers
+    a, b = whole.state_dict(), streamed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert result.layers == expected.layers
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == whole.config.num_hidden_layers + 1  # a shard per block + rest
+
+
+def test_streamed_perplexity_is_the_in_memory_one(tiny_dir):
+    folder = tiny_dir / "model"
+    model, tok = load_model(str(folder))
+    config = EvalConfig(data=str(tiny_dir / "test.txt"), seqlen=32, windows=3)
+    assert evaluate_streamed(folder, tok, config, progress=False) == evaluate(model, tok, config, progress=False)
+
+
+def test_a_bf16_checkpoint_is_pruned_and_saved_in_bf16(calib_ids, tmp_path):
+    src = _saved("llama", tmp_path / "in", torch.bfloat16)
+    prune_streamed(src, PruneConfig(method="wanda", sparsity=0.5, batch_size=2), calib_ids, tmp_path / "out",
+                   progress=False)
+    out = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
+    assert {p.dtype for p in out.parameters()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
+    assert abs(size(tmp_path / "out") - size(src)) <= 0.02 * size(src)
+    W = out.model.layers[1].mlp.down_proj.weight
+    assert (W == 0).float().mean() == 0.5
+
+
+def test_the_method_math_runs_in_float32_for_a_bf16_model(calib_ids, tmp_path):
+    """A bf16 model pruned in memory and streamed gives the same bf16 weights: statistics and scores in fp32."""
+    src = _saved("llama", tmp_path / "in", torch.bfloat16)
+    config = PruneConfig(method="sparsegpt", sparsity=0.5, batch_size=2)
+    whole = tf.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    prune(whole, config, calib_ids, progress=False)
+    prune_streamed(src, config, calib_ids, tmp_path / "out", progress=False)
+    streamed = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
+    a, b = whole.state_dict(), streamed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "not a readable safetensors file, truncated or damaged"),
+    ("remove", r"00002-of-00004.safetensors: missing \(the checkpoint's index names it\)"),
+    ("reshape", "has shape"),
+])
+def test_a_damaged_checkpoint_is_refused_naming_the_file(calib_ids, tmp_path, damage, message):
+    src = _saved("llama", tmp_path / "in", shard="100KB")
+    shard = sorted(src.glob("model-*.safetensors"))[1]
+    if damage == "truncate":
+        data = shard.read_bytes()
+        shard.write_bytes(data[: len(data) - 100])
+    elif damage == "remove":
+        shard.unlink()
+    else:
+        config = json.loads((src / "config.json").read_text())
+        config["intermediate_size"] = 96
+        (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=message):
+        prune_streamed(src, PruneConfig(method="wanda", batch_size=2), calib_ids, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_the_cli_streams_a_safetensors_folder_and_says_so(tiny_dir, tmp_path, capsys):
+    from secateurs.cli import main
+
+    out, report = tmp_path / "out", tmp_path / "r.json"
+    assert main(["prune", *cli_args(tiny_dir, "--method", "wanda"), "--output", str(out), "--report", str(report)]) == 0
+    r = json.loads(report.read_text())
+    assert r["streamed"] is True and r["sparsity"] == pytest.approx(0.5) and r["perplexity"] > 1
+    model, tok = load_model(str(out))
+    assert (model.model.layers[0].mlp.up_proj.weight == 0).float().mean() == 0.5
+    assert main(["prune", *cli_args(tiny_dir, "--method", "wanda", "--no-stream"), "--output", str(tmp_path / "o2"),
+                 "--report", str(tmp_path / "r2.json")]) == 0
+    r2 = json.loads((tmp_path / "r2.json").read_text())
+    assert r2["streamed"] is False and r2["perplexity"] == r["perplexity"]
+    assert r2["dense_perplexity"] == r["dense_perplexity"]
+
+
+@pytest.mark.parametrize("error, message", [(OSError("disk full"), "disk full"),
+                                            (KeyboardInterrupt(), None)])
+def test_a_streamed_prune_that_fails_while_writing_leaves_no_output(tiny_dir, tmp_path, monkeypatch, capsys, error,
+                                                                     message):
+    from secateurs.cli import main
+    from secateurs.models.stream import ShardWriter
+
+    real_write, calls = ShardWriter.write, []
+
+    def write_then_fail(self, tensors):  # the first shard is on disk, then the disk fills up (or Ctrl-C)
+        calls.append(1)
+        if len(calls) == 2:
+            raise error
+        real_write(self, tensors)
+
+    monkeypatch.setattr(ShardWriter, "write", write_then_fail)
+    code = main(["prune", *cli_args(tiny_dir, "--method", "wanda", "--no-eval"), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == (2 if message else 130)
+    assert (f"secateurs: error: {message}\n" == err) if message else "interrupted; nothing was saved" in err
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary sibling
