@@ -67,6 +67,7 @@ def build_checkpoint(name: str) -> Path:
                          tie_word_embeddings=tied, max_position_embeddings=4096, dtype="bfloat16")
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    scratch().mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=scratch()))
     g = torch.Generator().manual_seed(0)
     shards = [[n for n, _ in model.named_parameters() if n.startswith(f"model.layers.{i}.")] for i in range(blocks)]

@@ -66,6 +66,14 @@ def _apply() -> bool:
     return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
 
 
+def give_back_freed_memory() -> None:
+    """Hand the freed heap back to the kernel now (glibc's ``malloc_trim``), when :func:`reuse_freed_memory`
+    keeps it.  A streamed walk calls it between blocks: within a block freed activations are reused, but a
+    finished block's memory must not stay in the process, or the peak grows with the model's depth."""
+    if _in_effect:
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def describe() -> str:
     """What this process's allocator does, for reports and benchmark pages."""
     if _in_effect:

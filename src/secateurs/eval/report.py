@@ -35,9 +35,9 @@ def parameter_counts_in(folder) -> dict[str, int]:
     total = zeros = 0
     for name in checkpoint.file_of:
         if checkpoint.dtype[name].is_floating_point:
-            t = checkpoint.read([name])[name]
-            total += t.numel()
-            zeros += t.numel() - int(torch.count_nonzero(t))
+            for chunk in checkpoint.chunks(name):  # never a whole embedding matrix in memory
+                total += chunk.numel()
+                zeros += chunk.numel() - int(torch.count_nonzero(chunk))
     return {"total_params": total, "zero_params": zeros, "nonzero_params": total - zeros}
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from ..allocator import give_back_freed_memory
 from ..errors import ModelLoadError
 from .arch import check_finite
 from .load import first_line
@@ -53,19 +56,25 @@ class Checkpoint:
         self.file_of: dict[str, Path] = {}
         self.shape: dict[str, tuple] = {}
         self.dtype: dict[str, torch.dtype] = {}
+        self.span: dict[str, tuple[int, int]] = {}  # (first byte in its file, byte count)
+        self._maps: dict[Path, mmap.mmap] = {}
         for name in files:
             path = self.folder / name
             if not path.is_file():
                 raise ModelLoadError(f"{path}: missing (the checkpoint's index names it)")
             try:
-                with safe_open(path, framework="pt") as f:
-                    for key in f.keys():
-                        if weight_map is not None and weight_map.get(key) != name:
-                            continue
-                        part = f.get_slice(key)
-                        self.file_of[key] = path
-                        self.shape[key] = tuple(part.get_shape())
-                        self.dtype[key] = _DTYPES.get(part.get_dtype(), torch.float32)
+                with safe_open(path, framework="pt") as f:  # checks the header, and that the data fills the file
+                    keys = set(f.keys())
+                header, start = _header(path)
+                for key in keys:
+                    if weight_map is not None and weight_map.get(key) != name:
+                        continue
+                    entry = header[key]
+                    self.file_of[key] = path
+                    self.shape[key] = tuple(entry["shape"])
+                    self.dtype[key] = _DTYPES[entry["dtype"]]
+                    begin, end = entry["data_offsets"]
+                    self.span[key] = (start + begin, end - begin)
             except SafetensorError as exc:  # safetensors checks that the data covers the file: a truncated one fails
                 raise ModelLoadError(f"{path}: not a readable safetensors file, truncated or damaged? "
                                      f"({first_line(exc)})") from None
@@ -90,6 +99,43 @@ class Checkpoint:
 
         return sum(size(k) for k in self.shape)
 
+    def mapped(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as stored, without reading it: a read-only view of the memory-mapped file, whose
+        pages come into memory only where it is read (the embedding rows of the tokens in use)."""
+        path = self.file_of[name]
+        if path not in self._maps:
+            with open(path, "rb") as f:
+                self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        first, size = self.span[name]
+        dtype = self.dtype[name]
+        count = size // torch.empty(0, dtype=dtype).element_size()
+        with warnings.catch_warnings():  # read-only memory: torch warns that it cannot be written, which is right
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(self._maps[path], dtype=dtype, count=count, offset=first) if count else \
+                torch.empty(0, dtype=dtype)
+        return flat.view(self.shape[name])
+
+    def unmap(self) -> None:
+        """Close the maps that :meth:`mapped` opened (their pages count as this process's memory while mapped);
+        a map still viewed by a live tensor stays open."""
+        for path in list(self._maps):
+            try:
+                self._maps.pop(path).close()
+            except BufferError:
+                pass
+
+    def chunks(self, name: str, values: int = 2**24):
+        """Tensor ``name`` as stored, read from its file ``values`` values at a time (flat tensors): memory for
+        one chunk, whatever the tensor's size."""
+        first, size = self.span[name]
+        width = torch.empty(0, dtype=self.dtype[name]).element_size()
+        with open(self.file_of[name], "rb") as f:
+            f.seek(first)
+            while size:
+                data = bytearray(f.read(min(size, values * width)))
+                size -= len(data)
+                yield torch.frombuffer(data, dtype=self.dtype[name])
+
     def read(self, names, dtype: "torch.dtype | None" = None) -> dict[str, torch.Tensor]:
         """The tensors ``names``, read from their files (each file opened once), floats cast to ``dtype``."""
         by_file: dict[Path, list[str]] = {}
@@ -107,9 +153,17 @@ class Checkpoint:
         return out
 
 
+def _header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header and where its data starts: an 8-byte little-endian length, then JSON."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)), 8 + n
+
+
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
+_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 def open_streamed(folder: "str | os.PathLike", dtype: "torch.dtype | None" = None):
@@ -150,14 +204,17 @@ def tied_head(model: nn.Module) -> bool:
 
 
 def load_into(model: nn.Module, module: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype,
-              recurse: bool = True) -> None:
+              recurse: bool = True, mapped: bool = False) -> None:
     """Read ``module``'s parameters (a submodule of ``model``; only its own with ``recurse=False``) from the
-    checkpoint into memory, in ``dtype``."""
+    checkpoint into memory, in ``dtype``.  ``mapped``: parameters stored in ``dtype`` are views of the mapped
+    files instead (read-only: for modules that are only run, like the embeddings)."""
     from accelerate.utils import set_module_tensor_to_device
 
     prefix = _prefix(model, module)
     names = [n for n, _ in module.named_parameters(recurse=recurse)]
-    values = checkpoint.read([prefix + n for n in names], dtype)
+    keep = [prefix + n for n in names if mapped and checkpoint.dtype[prefix + n] == dtype]
+    values = {**checkpoint.read([prefix + n for n in names if prefix + n not in keep], dtype),
+              **{k: checkpoint.mapped(k) for k in keep}}
     for n in names:
         set_module_tensor_to_device(module, n, "cpu", value=values[prefix + n])
 
@@ -214,6 +271,47 @@ class ShardWriter:
         self.weight_map.update({k: name for k in tensors})
         self.total_size += sum(v.numel() * v.element_size() for v in tensors.values())
 
+    def copy(self, checkpoint: Checkpoint, names: list, dtype: "torch.dtype | None" = None) -> None:
+        """Tensors ``names`` of ``checkpoint``, unchanged, as the next shard: the bytes go from file to file in
+        chunks, never all in memory (floating-point ones stored in another dtype than ``dtype`` are converted
+        one tensor at a time)."""
+        if self.written == self.shards:
+            raise ValueError(f"all {self.shards} shards are written already")
+        self.written += 1
+        name = f"model-{self.written:05d}-of-{self.shards:05d}.safetensors"
+        convert = {k for k in names if dtype is not None and checkpoint.dtype[k].is_floating_point
+                   and checkpoint.dtype[k] != dtype}
+        kinds = {k: dtype if k in convert else checkpoint.dtype[k] for k in names}
+        sizes = {k: int(torch.Size(checkpoint.shape[k]).numel()) * torch.empty(0, dtype=kinds[k]).element_size()
+                 for k in names}
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for k in names:
+            header[k] = {"dtype": _NAMES[kinds[k]], "shape": list(checkpoint.shape[k]),
+                         "data_offsets": [offset, offset + sizes[k]]}
+            offset += sizes[k]
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+        try:
+            with open(self.folder / name, "wb") as out:
+                out.write(len(text).to_bytes(8, "little") + text)
+                for k in names:
+                    if k in convert:
+                        out.write(_as_bytes(checkpoint.read([k], dtype)[k]))
+                        continue
+                    first, size = checkpoint.span[k]
+                    with open(checkpoint.file_of[k], "rb") as src:
+                        src.seek(first)
+                        while size:
+                            chunk = src.read(min(size, 64 * 2**20))
+                            out.write(chunk)
+                            size -= len(chunk)
+        except OSError as exc:
+            from ..errors import OutputError
+
+            raise OutputError(f"cannot write {self.folder / name}: {exc.strerror or exc}") from exc
+        self.weight_map.update({k: name for k in names})
+        self.total_size += offset
+
     def finish(self) -> None:
         if self.written != self.shards:
             raise ValueError(f"{self.written} of {self.shards} shards written")
@@ -247,7 +345,7 @@ class BlockStream:
         tied = tied_head(self.model)
         wanted = [m for m in outside_blocks(self.model, self.blocks_name) if m is not head or (output and not tied)]
         for m in wanted:
-            load_into(self.model, m, self.checkpoint, self.dtype, recurse=False)
+            load_into(self.model, m, self.checkpoint, self.dtype, recurse=False, mapped=True)
         if tied and output:
             head.weight = embeddings.weight
         try:
@@ -255,22 +353,27 @@ class BlockStream:
         finally:
             for m in wanted + ([head] if tied and output else []):
                 release(m, recurse=False)
+            self.checkpoint.unmap()
 
     def leave(self, i: int, block: nn.Module) -> None:
         if self.writer is not None:
             prefix = f"{self.blocks_name}.{i}."
             self.writer.write({prefix + n: t for n, t in block.state_dict().items()})
         release(block)
+        give_back_freed_memory()  # flat in the number of blocks (see allocator.py)
         self.done.add(i)
 
     def copy_the_rest(self, n_blocks: int) -> None:
         """Write every tensor no walk changed, straight from the checkpoint: the blocks never entered, one shard
         each, then everything outside the blocks (embeddings, final norm, LM head) in the last shard."""
+        names = sorted(self.checkpoint.file_of)
         for i in range(n_blocks):
             if i not in self.done:
                 prefix = f"{self.blocks_name}.{i}."
-                self.writer.write(self.checkpoint.read([k for k in self.checkpoint.file_of if k.startswith(prefix)],
-                                                       self.dtype))
+                self.writer.copy(self.checkpoint, [k for k in names if k.startswith(prefix)], self.dtype)
         inside = f"{self.blocks_name}."
-        self.writer.write(self.checkpoint.read([k for k in self.checkpoint.file_of if not k.startswith(inside)],
-                                               self.dtype))
+        self.writer.copy(self.checkpoint, [k for k in names if not k.startswith(inside)], self.dtype)
+
+
+def _as_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
