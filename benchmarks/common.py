@@ -140,12 +140,13 @@ def held_out_markdown(script: str, rows: list[dict], title: str, intro: str, col
     return "\n".join(lines + [""])
 
 
-def benchmark_main(script: str, doc: str, runs: list, stem: str, one, markdown, describe) -> int:
+def benchmark_main(script: str, doc: str, runs: list, stem: str, one, markdown, describe, plot=None) -> int:
     """The command line the benchmarks share: ``--runs`` (comma list, default all), ``--out`` (folder for
     ``<stem>.json`` and ``<stem>.md``) and the hidden ``--one RUN``, which measures one row in this process.
     Each row runs in a fresh process that reuses freed memory as the command line does
     (:func:`secateurs.reuse_freed_memory`); both files are rewritten after every row, so a crash loses nothing
-    measured.  ``markdown(rows, command)`` renders the page, ``describe(row)`` the progress line."""
+    measured.  ``markdown(rows, command)`` renders the page, ``describe(row)`` the progress line and ``plot(rows, path)``,
+    if given, draws the figure the page shows."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -168,6 +169,8 @@ def benchmark_main(script: str, doc: str, runs: list, stem: str, one, markdown, 
         print(f"{describe(rows[-1])} ({seconds:.0f} s)", flush=True)
         (out / f"{stem}.json").write_text(json.dumps(rows, indent=2) + "\n")
         (out / f"{stem}.md").write_text(markdown(rows, command))
+        if plot is not None:
+            plot(rows, out / f"{stem}.png")
 
     rows = run_each(script, [r.strip() for r in args.runs.split(",") if r.strip()], [], on_row)
     print(markdown(rows, command))

@@ -41,7 +41,7 @@ SHAPES = {  # name: (hidden, intermediate, blocks, heads, kv heads, vocabulary, 
     "w3072": (3072, 8192, 16, 24, 8, 49152, False),
     "llama3b": (3072, 8192, 28, 24, 8, 128256, True),  # Llama-3.2-3B's shape
 }
-RUNS = [f"{s}:wanda" for s in SHAPES] + ["d22:sparsegpt", "llama3b:sparsegpt"]
+RUNS = [f"{s}:wanda" for s in SHAPES] + [f"{s}:sparsegpt" for s in ("d2", "d11", "d22", "llama3b")]
 
 
 def scratch() -> Path:
@@ -134,11 +134,10 @@ def markdown(rows: list, command: str) -> str:
                      f"{r['checkpoint_bytes'] / 1e9:.2f} | {r['output_bytes'] / 1e9:.2f} | {r['output_dtype']} | "
                      f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['prune_seconds']:.0f} | {r['seconds_per_block']:.1f} | "
                      f"{r['sparsity']:.4f} |")
-    _plot(rows)
     return "\n".join(lines + ["", "![peak RSS and prune time against model size](scaling.png)", ""])
 
 
-def _plot(rows: list) -> None:
+def plot(rows: list, path: Path) -> None:
     try:
         import matplotlib
 
@@ -160,10 +159,10 @@ def _plot(rows: list) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(Path(__file__).parent / "results" / "scaling.png", dpi=110)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
     sys.exit(benchmark_main(__file__, __doc__, RUNS, "scaling", one, markdown,
                             lambda r: f"{r['run']:>18}: {r['params'] / 1e9:.2f}B, peak {r['peak_rss_bytes'] / 2**30:.2f} "
-                                      f"GiB, prune {r['prune_seconds']:.0f} s"))
+                                      f"GiB, prune {r['prune_seconds']:.0f} s", plot))

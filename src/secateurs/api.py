@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from datetime import datetime, timezone
@@ -24,6 +25,7 @@ from .config import (ConfigError, EvalConfig, PruneConfig, Recipe, StructuredCon
 from .data import calibration_windows, load_text, tokenize
 from .engine import LayerRecord, WalkCheckpoint, make_plan, prune_with_data, prune_without_data
 from .engine.allocation import allocation_of
+from .engine.distributed import current as current_ranks
 from .models.arch import find_blocks
 from .methods import METHODS
 from .methods.base import option_table
@@ -137,10 +139,16 @@ def _prepare(model, configs: list, calibration) -> tuple:
             what = f"method {c.method}" + (f" with refine={c.refine}" if c.refine != "none" else "")
             raise ConfigError(f"{what} needs calibration data (token ids), none was given")
         ids = _as_ids(calibration, model)
+        for c in configs:
+            if c.needs_calibration:
+                current_ranks().check_calibration(ids, c.batch_size)  # several processes: a batch for each
     plans: dict[int, object] = {}
     for k, c in enumerate(configs):
         if isinstance(c, StructuredConfig):  # the model's shapes change here: later stages are checked when reached
             from .structured import check_structured
+
+            if current_ranks().world > 1:
+                raise ConfigError("structured methods run in one process, not several")
 
             check_structured(model, c)
             break
@@ -160,6 +168,8 @@ def check_checkpointable(config) -> None:
                           "checkpoint")
     if c.allocation == "global":
         raise ConfigError("allocation=global ranks every layer after the walk: its walk cannot be checkpointed")
+    if current_ranks().world > 1:
+        raise ConfigError("a walk checkpoint (--save-every) serves one process, not several")
 
 
 def walk_state_dir(output) -> Path:
@@ -276,7 +286,8 @@ def build_report(result: PruneResult, model, dense_ppl, ppl, eval_config: "EvalC
         "perplexity": ppl,
         **result.to_dict(),
         **counts,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(),  # of this process (rank 0 of several)
+        "processes": current_ranks().world,
         "config": [_described(c) for c in result.configs] if len(result.configs) > 1 else _described(result.configs[0]),
         "seed": result.configs[0].seed,
         "eval": eval_config.to_dict() if eval_config else None,
@@ -500,10 +511,12 @@ def prune_streamed(source, config, calibration, output, *, dtype: "torch.dtype |
     tracker = tracker or Tracker(show=progress)
     ids, plans = _prepare(model, [cfg], calibration)
     plan = plans[0]
+    ranks = current_ranks()  # several processes (torchrun): rank 0 writes, every rank walks its share
     check_space(output, None, extra=streamed_room(checkpoint, dtype), what="the model")
     start = time.perf_counter()
-    with written_folder(output, overwrite) as folder:
-        stream = BlockStream(model, checkpoint, dtype, plan.blocks_name, ShardWriter(folder, len(plan.blocks) + 1))
+    with written_folder(output, overwrite) if ranks.main else nullcontext() as folder:
+        writer = ShardWriter(folder, len(plan.blocks) + 1) if ranks.main else None
+        stream = BlockStream(model, checkpoint, dtype, plan.blocks_name, writer)
         method = cfg.build_method()
         if cfg.needs_calibration:
             records = prune_with_data(model, plan, method, cfg, ids, tracker, source=stream)
@@ -511,20 +524,22 @@ def prune_streamed(source, config, calibration, output, *, dtype: "torch.dtype |
             records = prune_without_data(plan, method, cfg, tracker, source=stream)
         seconds = time.perf_counter() - start
         tracker.enter(Stage.EXPORTING)
-        stream.copy_the_rest(len(plan.blocks))
-        stream.writer.finish()
-        model.config.dtype = dtype
-        model.config.save_pretrained(folder)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(folder)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
+        if ranks.main:
+            stream.copy_the_rest(len(plan.blocks))
+            writer.finish()
+            model.config.dtype = dtype
+            model.config.save_pretrained(folder)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(folder)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder)
         tracker.enter(Stage.COMPLETE)  # the model is written: what finishing does is measuring it
         result = PruneResult([cfg], layers=records, prune_seconds=seconds, stage_seconds=dict(tracker.seconds),
                              stage=tracker.stage.value)
-        more = finishing(folder, result) if finishing is not None else {}
-        for name, text in {**(extra_files or {}), **more}.items():
-            (folder / name).write_text(text)
+        more = finishing(ranks.from_main(folder), result) if finishing is not None else {}
+        if ranks.main:
+            for name, text in {**(extra_files or {}), **more}.items():
+                (folder / name).write_text(text)
     return result
 
 

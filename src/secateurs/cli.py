@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 from . import atomic
 from .errors import ConfigError
 from .config import STRUCTURED
+from .engine.distributed import current as current_ranks, launched, lost_a_rank, stop as stop_ranks
 from .methods import METHODS
 from .methods.base import option_table
 from .models.load import DEFAULT_MODEL, DTYPES
@@ -371,6 +373,8 @@ def cmd_prune(args) -> int:
               f"{d['decode_ms_per_token']['median']:.1f} -> {p['decode_ms_per_token']['median']:.1f} ms/token "
               f"({r['decode_speedup']:.2f}x)", flush=True)
         tracker.enter(Stage.EXPORTING)
+    if not current_ranks().main:  # one of several processes (torchrun): rank 0 writes
+        return 0
     save_model(model, tokenizer, output, overwrite=args.overwrite, extra_files={
         "secateurs_report.json": json.dumps(report, indent=2) + "\n",
         "secateurs_recipe.yaml": yaml.safe_dump(recipe.to_dict(), sort_keys=False)})
@@ -599,11 +603,19 @@ def main(argv=None) -> int:
     try:
         reuse_freed_memory()  # this process is ours: keep freed activations for reuse (see allocator.py)
         _check_file_flags(args)
+        if launched():
+            _join_ranks(args)
         return commands[args.command](args)
     # OSError: the machine said no (a disk that fills up, a file that vanished): not a bug, so one line too
     except (SecateursError, OSError) as exc:
         print(f"secateurs: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except RuntimeError as exc:
+        if not (launched() and lost_a_rank(exc)):
+            raise
+        print("secateurs: error: another process of this run stopped (its message says why); nothing was saved",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt as exc:
         how = "terminated" if isinstance(exc, Terminated) else "interrupted"
         print(f"secateurs: {how}; {_kept_on_interrupt(args)}", file=sys.stderr)
@@ -611,6 +623,21 @@ def main(argv=None) -> int:
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        stop_ranks()
+
+
+def _join_ranks(args) -> None:
+    """This process is one of several torchrun started: join them; only rank 0 prints and writes files."""
+    from .engine.distributed import start
+    from .errors import ConfigError
+
+    if args.command not in ("prune", "eval"):
+        raise ConfigError(f"{args.command} runs in one process: torchrun runs prune and eval")
+    ranks = start(getattr(args, "device", None) or "cpu")
+    if not ranks.main:
+        sys.stdout = open(os.devnull, "w")
+        logging.getLogger().setLevel(logging.WARNING)
+        args.quiet, args.report = True, None
 
 
 def _check_file_flags(args) -> None:

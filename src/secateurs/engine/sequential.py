@@ -37,6 +37,7 @@ from ..patterns import check_nm, check_tiles, zero_where_
 from ..progress import Stage, Tracker
 from .allocation import allocation_of
 from .capture import StopForward, capture_inputs
+from .distributed import ONE, Ranks, current
 from .layout import BlockLayout, Replay, learn_layout
 from .walk import IN_MEMORY, BlockVisit, InMemory, walk_blocks
 
@@ -92,11 +93,14 @@ class Observer:
     """
 
     def __init__(self, layers: dict[str, nn.Module], needs: str, groups: dict[str, int],
-                 stop_after: "str | None" = None, keep_inputs: bool = False):
+                 stop_after: "str | None" = None, keep_inputs: bool = False, ranks: Ranks = ONE):
         self.needs = needs
         self.inputs: "dict[int, list] | None" = {} if keep_inputs else None  # group id -> its input per batch (CPU)
         self.group_of = dict(groups)  # layer name -> input group id
         self.stats: dict[int, InputStats] = {}
+        self.ranks = ranks
+        self.parts: dict[int, list] = {}  # several ranks: every batch's squared norms, summed in order by rank 0
+        self._whole: dict[int, InputStats] = {}  # group id -> its statistics over every rank's batches
         self.order: list[str] = []  # the hooked layers seen, in execution order
         self.stop_after = stop_after
         self._done: set[int] = set()
@@ -130,17 +134,28 @@ class Observer:
         st.tokens += x.shape[0]
         if self.needs == "norms":
             sq = (x * x).sum(0)
+            if self.ranks.world > 1:
+                self.parts.setdefault(gid, []).append(sq.clone())
             st.sq_norms = sq if st.sq_norms is None else st.sq_norms.add_(sq)
         else:  # hessian: H += X^T X ; the squared norms are its diagonal
             if st.hessian is None:
                 st.hessian = torch.zeros(x.shape[1], x.shape[1], device=x.device)
             gram_lower_(st.hessian, x)
 
+    def seen(self) -> list[str]:
+        """The hooked layers whose input this run saw (on any rank), in execution order."""
+        seen = self.ranks.seen(self.order)
+        return [n for n in self.group_of if n in seen]
+
     def stats_for(self, name: str) -> InputStats:
-        st = self.stats.get(self.group_of.get(name, -1), InputStats())
-        if st.hessian is not None and st.sq_norms is None:  # first use: complete the symmetric matrix
-            st.hessian = mirror_lower(st.hessian)
-            st.sq_norms = torch.diag(st.hessian)
+        gid = self.group_of.get(name, -1)
+        if gid not in self._whole:  # first use: add up the ranks' parts, complete the symmetric matrix
+            st = self.ranks.reduce_stats(self.stats.get(gid, InputStats()), self.parts.pop(gid, None))
+            if st.hessian is not None:
+                st.hessian = mirror_lower(st.hessian)
+                st.sq_norms = torch.diag(st.hessian)
+            self._whole[gid] = st
+        st = self._whole[gid]
         # an inf or NaN input makes its channel's squared norm (the Hessian's diagonal) inf or NaN: scores and
         # masks built from it would be arbitrary, so stop here rather than save a silently broken model
         if st.sq_norms is not None and not bool(torch.isfinite(st.sq_norms).all()):
@@ -319,6 +334,7 @@ class WeightJob:
     refine: "object | None"  # f(W, W0, H, keep) -> W, see :func:`refiner`
     scores: "dict | None"  # a ranking allocation: every layer's scores, gathered here, masks chosen after the walk
     layouts: dict  # input groups learnt once per set of hooked layers: blocks are alike
+    ranks: Ranks = ONE  # several processes: rank 0 prunes, every rank gets the weights
 
     def layers(self, step: BlockVisit) -> dict:
         return self.plan.layers[step.index]
@@ -344,8 +360,11 @@ class WeightJob:
 
     def prune(self, step: BlockVisit, names: list, stats: InputStats) -> list[LayerRecord]:
         layers = self.layers(step)
-        return prune_layers(names, [layers[n][0] for n in names], self.method, stats, [layers[n][1] for n in names],
-                            step.index, step.device, self.refine)
+        modules = [layers[n][0] for n in names]
+        records = prune_layers(names, modules, self.method, stats, [layers[n][1] for n in names], step.index,
+                               step.device, self.refine) if self.ranks.main else []
+        self.ranks.send_weights([m.weight.data for m in modules])
+        return records
 
 
 @torch.no_grad()
@@ -358,13 +377,18 @@ def prune_with_data(model: nn.Module, plan: Plan, method: Method, config, input_
     and takes it away after (a streamed model), and what runs before the blocks while inputs are captured.
     """
     device = torch.device(config.device)
+    ranking = allocation_of(config).ranks
+    ranks = current()
+    if ranks.world > 1 and (ranking or checkpoint is not None):
+        raise ConfigError(f"{'allocation=global' if ranking else 'a walk checkpoint (--save-every)'} runs in one "
+                          "process, not several")
+    input_ids = ranks.calibration_share(input_ids, config.batch_size)
     tracker.enter(Stage.CALIBRATING)
     started = time.perf_counter()
     with source.outside_blocks():
         hidden, calls = capture_inputs(model, plan.blocks, input_ids, config.batch_size)
 
-    ranks = allocation_of(config).ranks
-    job = WeightJob(plan, method, config, refiner(config), {} if ranks else None, {})
+    job = WeightJob(plan, method, config, refiner(config), {} if ranking else None, {}, ranks)
     records: list[LayerRecord] = []
     last = max(i for i, per_block in enumerate(plan.layers) if per_block)  # nothing after it needs inputs
     first, spent = 0, 0.0
@@ -385,15 +409,17 @@ def prune_with_data(model: nn.Module, plan: Plan, method: Method, config, input_
             checkpoint.save(i, plan.blocks, records, outputs, spent + time.perf_counter() - started)
 
     walk_blocks(plan.blocks, plan.blocks_name, hidden, calls, device, visit, tracker, first, last, after, source)
-    if ranks:
+    if ranking:
         tracker.enter(Stage.PRUNING)
         records += _apply_ranking(plan, config, job.scores)
     return records
 
 
 def _ran(groups: list, observer: Observer, block: int) -> list:
-    """The groups whose input the observer saw; the others (never called in this block) stay dense."""
-    ran = [g for g in groups if g[0] in observer.order]
+    """The groups whose input the observer saw (on any rank); the others (never called in this block) stay
+    dense."""
+    seen = observer.seen()
+    ran = [g for g in groups if g[0] in seen]
     for g in groups:
         if g not in ran:
             log.warning("block %d: %s never ran during calibration; left dense", block, ", ".join(g))
@@ -413,7 +439,7 @@ def _visit_at_once(step: BlockVisit, job: WeightJob) -> tuple:
     layers = job.layers(step)
     observer = Observer({n: layers[n][0] for n in members}, job.config.needs,
                         {n: k for k, g in enumerate(groups) for n in g},
-                        stop_after=None if dense_outputs else groups[-1][0])
+                        stop_after=None if dense_outputs else groups[-1][0], ranks=job.ranks)
     try:  # while only observing, the block's output is not needed: stop at the last group's input
         got = step.run(keep=dense_outputs, observer=observer)
     finally:
@@ -449,7 +475,8 @@ def _visit_true_sequential(step: BlockVisit, job: WeightJob) -> tuple:
         for names in groups:
             step.describe(Stage.CALIBRATING)
             observer = Observer({n: layers[n][0] for n in names}, job.config.needs, {n: 0 for n in names},
-                                stop_after=names[0], keep_inputs=bool(replay_inputs.intersection(names)))
+                                stop_after=names[0], keep_inputs=bool(replay_inputs.intersection(names)),
+                                ranks=job.ranks)
             try:
                 step.run(keep=False, observer=observer, replays=tuple(replays))
             finally:

@@ -50,15 +50,30 @@ def perplexity(model, tokenizer=None, config=None, ids: "torch.Tensor | None" = 
     """exp(mean NLL over all scored tokens) of ``config.data`` (test split), windows of ``config.seqlen``."""
     from ..config import EvalConfig
 
-    groups = window_groups(model, tokenizer, config or EvalConfig(), ids)
+    groups = _share(window_groups(model, tokenizer, config or EvalConfig(), ids))
     was_training = model.training
     model.eval()
+    losses = [window_nll(model, windows, ctx)
+              for windows, ctx in (tracker.bar(groups, unit="batch") if tracker is not None else groups)]
+    model.train(was_training)
+    return _perplexity(losses)
+
+
+def _share(groups: list) -> list:
+    """This process's share of the evaluation batches (all of them unless torchrun started several)."""
+    from ..engine.distributed import current
+
+    return [groups[k] for k in current().share(len(groups))]
+
+
+def _perplexity(losses: list) -> float:
+    """exp(mean NLL) from every process's ``(summed NLL, tokens)`` per batch, added in batch order."""
+    from ..engine.distributed import current
+
     total, count = 0.0, 0
-    for windows, ctx in tracker.bar(groups, unit="batch") if tracker is not None else groups:
-        nll, n = window_nll(model, windows, ctx)
+    for nll, n in current().gather(losses):
         total += nll
         count += n
-    model.train(was_training)
     return math.exp(total / count)
 
 
@@ -75,7 +90,7 @@ def perplexity_streamed(model, source, tokenizer=None, config=None, ids: "torch.
     from ..models.arch import find_blocks
     from ..progress import Tracker
 
-    groups = window_groups(model, tokenizer, config or EvalConfig(), ids)
+    groups = _share(window_groups(model, tokenizer, config or EvalConfig(), ids))
     blocks_name, blocks = find_blocks(model)
     hidden, calls = [], [[] for _ in blocks]
     with source.outside_blocks():
@@ -86,11 +101,9 @@ def perplexity_streamed(model, source, tokenizer=None, config=None, ids: "torch.
                 per_block += call
     final = walk_blocks(blocks, blocks_name, hidden, calls, torch.device("cpu"), lambda step: step.run(),
                         tracker or Tracker(show=False), source=source)
-    total, count = 0.0, 0
+    losses = []
     with source.outside_blocks(output=True):
         for b, (windows, ctx) in enumerate(groups):
             with outputs_given(blocks, final[b], [per_block[b] for per_block in calls]):
-                nll, n = window_nll(model, windows, ctx)
-            total += nll
-            count += n
-    return math.exp(total / count)
+                losses.append(window_nll(model, windows, ctx))
+    return _perplexity(losses)
