@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -71,7 +70,8 @@ def build_checkpoint(name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=scratch()))
     g = torch.Generator().manual_seed(0)
     shards = [[n for n, _ in model.named_parameters() if n.startswith(f"model.layers.{i}.")] for i in range(blocks)]
-    rest = [n for n, _ in model.named_parameters() if not n.startswith("model.layers.")]
+    rest = [n for n, _ in model.named_parameters() if not n.startswith("model.layers.")
+            and not (tied and n == "lm_head.weight")]  # a tied head is the embedding: real checkpoints omit it
     shapes = dict((n, p.shape) for n, p in model.named_parameters())
     weight_map, total = {}, 0
     for k, names in enumerate(shards + [rest], 1):
@@ -102,12 +102,15 @@ def one(run: str) -> dict:
     cmd = [sys.executable, "-m", "secateurs.cli", "prune", "--model", str(folder), "--method", method,
            "--sparsity", "0.5", "--calib-samples", "8", "--calib-seqlen", "256", "--no-eval", "--output", str(out),
            "--overwrite", "--threads", "2", "--quiet", "--report", str(report)]
+    log = scratch() / f"log-{name}-{method}.txt"
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    with open(log, "w") as out_log:
+        proc = subprocess.Popen(cmd, stdout=out_log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # the prune's own peak, not that of whatever ran before it
     wall = time.perf_counter() - t
-    if proc.returncode:
-        raise SystemExit(f"{run}: {proc.stderr.strip().splitlines()[-1]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # this process's only child
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{run}: {log.read_text().strip().splitlines()[-1]}")
+    peak = usage.ru_maxrss * 1024
     r = json.loads(report.read_text())
     hidden, inter, blocks, heads, kv, vocab, tied = SHAPES[name]
     out_config = json.loads((out / "config.json").read_text())
@@ -126,7 +129,7 @@ def markdown(rows: list, command: str) -> str:
     from common import page_head
 
     lines = page_head("Scaling: streamed prune of random-weight Llama-shaped bf16 checkpoints", rows[0], __doc__.split(
-        "\n\n")[1].strip(), command)
+        "\n\n")[2].strip(), command)
     lines += ["| run | blocks | hidden | params | checkpoint GB | output GB | output dtype | peak RSS GiB | prune s | "
               "s / block | sparsity |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

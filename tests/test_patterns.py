@@ -58,9 +58,11 @@ def test_nm_mask_exact():
     assert nm_mask(s, 1, 4)[0].tolist() == [False, True, True, True, True, True, False, True]
 
 
+@pytest.mark.parametrize("chunk", [2**22, 200])  # 200 values: a few rows at a time, and a last short chunk
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_kth_smallest_equals_kthvalue(dtype):
+def test_kth_smallest_equals_kthvalue(dtype, chunk, monkeypatch):
     # NumPy's selection on the CPU (float32/64) and torch.kthvalue (bfloat16) must give the same values
+    monkeypatch.setattr("secateurs.patterns._CHUNK", chunk)
     torch.manual_seed(0)
     for scores in (torch.randn(40, 96), torch.randint(0, 4, (40, 96)).float(), torch.randn(1, 5000)):
         scores = scores.to(dtype)

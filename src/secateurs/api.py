@@ -551,7 +551,7 @@ def streamed_room(checkpoint, dtype: "torch.dtype | None") -> int:
 
 def stream_source(model: "str | None", config) -> "Path | None":
     """The safetensors folder from which :func:`prune_streamed` would prune ``model`` (a folder or built-in name)
-    with ``config``, or None where the whole model must be loaded: a GGUF file, a hub id, per-block widths,
+    with ``config``, or None where the whole model must be loaded: a hub id, per-block widths,
     several stages, a structured method or a ranking allocation."""
     from .models.load import streamable
 

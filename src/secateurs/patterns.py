@@ -86,10 +86,15 @@ def kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
     times faster than ``torch.kthvalue``, which also tracks their indices; elsewhere, and for dtypes NumPy
     lacks (bfloat16), ``torch.kthvalue``.  Both return the same value.
     """
-    if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
-        part = np.partition(scores.detach().numpy(), k - 1, axis=1)
-        return torch.from_numpy(part[:, k - 1 : k].copy())
+    if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64) and len(scores):
+        rows = max(1, _CHUNK // max(1, scores.shape[1]))  # a few rows at a time: one small copy, not the matrix's
+        values = scores.detach().numpy()
+        return torch.from_numpy(np.concatenate([np.partition(values[i : i + rows], k - 1, axis=1)[:, k - 1 : k]
+                                                for i in range(0, values.shape[0], rows)]))
     return torch.kthvalue(scores, k, dim=1, keepdim=True).values
+
+
+_CHUNK = 2**22  # values that kth_smallest partitions at once (16 MiB of float32)
 
 
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:

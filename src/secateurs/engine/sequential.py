@@ -221,25 +221,34 @@ def prune_layers(names: list, modules: list, method: Method, stats: InputStats, 
     """Prune layers that share one input; weights are written back only once every one verified.
 
     ``refine`` (see :func:`refiner`) re-fits the kept weights of all of them in one pass over their
-    stacked rows: they share ``H``, and each row is its own least-squares problem.
+    stacked rows: they share ``H``, and each row is its own least-squares problem.  Without it, a method
+    that prunes each matrix on its own (the base :meth:`Method.prune_many`) gets them one at a time, so
+    that only one float32 copy is alive at once; each verified result waits in the model's dtype.
     """
     originals = [weight_of(m) for m in modules]
-    Ws = []
-    for W0 in originals:
-        W = W0.to(device=device, dtype=torch.float32)
-        # the method edits in place: never let a failure leave a half-pruned weight in the model
-        Ws.append(W.clone() if W.data_ptr() == W0.data_ptr() else W)
-    masks = method.prune_many(Ws, stats, targets)
-    if refine is not None:
-        W0 = torch.cat([w.to(device=device, dtype=torch.float32) for w in originals])
-        W = refine(torch.cat(Ws), W0, stats.hessian, ~torch.cat(masks))
-        Ws = list(W.split([w.shape[0] for w in Ws]))
-    exact = method.meets_target
-    counts = [verify_layer(name, W, mask, target, exact) for name, W, mask, target in zip(names, Ws, masks, targets)]
+    independent = refine is None and type(method).prune_many is Method.prune_many
+    together = [[i] for i in range(len(modules))] if independent else [list(range(len(modules)))]
+    finished = {}
+    for part in together:
+        Ws = []
+        for i in part:
+            W = originals[i].to(device=device, dtype=torch.float32)
+            # the method edits in place: never let a failure leave a half-pruned weight in the model
+            Ws.append(W.clone() if W.data_ptr() == originals[i].data_ptr() else W)
+        masks = method.prune_many(Ws, stats, [targets[i] for i in part])
+        if refine is not None:
+            W0 = torch.cat([originals[i].to(device=device, dtype=torch.float32) for i in part])
+            W = refine(torch.cat(Ws), W0, stats.hessian, ~torch.cat(masks))
+            Ws = list(W.split([w.shape[0] for w in Ws]))
+        for i, W, mask in zip(part, Ws, masks):
+            counts = verify_layer(names[i], W, mask, targets[i], method.meets_target)
+            finished[i] = W.to(originals[i].device, originals[i].dtype), counts
+        del Ws, masks
     out = []
-    for name, module, W0, W, counted, target in zip(names, modules, originals, Ws, counts, targets):
-        set_weight_of(module, W.to(W0.device, W0.dtype))
-        out.append(record(name, block, W, counted, target.sparsity if exact else None))
+    for i, (name, module, target) in enumerate(zip(names, modules, targets)):
+        W, counted = finished.pop(i)
+        set_weight_of(module, W)
+        out.append(record(name, block, W, counted, target.sparsity if method.meets_target else None))
     return out
 
 

@@ -19,4 +19,4 @@ class Wanda(Method):
 
     def scores(self, W: torch.Tensor, stats: InputStats) -> torch.Tensor:
         # (out, in) * (1, in): the norm broadcasts along the output rows
-        return W.abs() * stats.sq_norms.sqrt().unsqueeze(0)
+        return W.abs().mul_(stats.sq_norms.sqrt().unsqueeze(0))

