@@ -154,6 +154,8 @@ def benchmark_main(script: str, doc: str, runs: list, stem: str, one, markdown, 
     parser.add_argument("--out", default=str(Path(script).resolve().parent / "results"),
                         help=f"folder for {stem}.json and {stem}.md")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--page-only", action="store_true",
+                        help=f"only redraw {stem}.md (and its plot) from the rows already in {stem}.json")
     args = parser.parse_args()
     if args.one:
         from secateurs import reuse_freed_memory
@@ -172,6 +174,14 @@ def benchmark_main(script: str, doc: str, runs: list, stem: str, one, markdown, 
         if plot is not None:
             plot(rows, out / f"{stem}.png")
 
+    if args.page_only:
+        rows = json.loads((out / f"{stem}.json").read_text())
+        command = f"python benchmarks/{Path(script).name}" + ("" if [r["run"] for r in rows] == runs else
+                                                               f" --runs {','.join(r['run'] for r in rows)}")
+        (out / f"{stem}.md").write_text(markdown(rows, command))
+        if plot is not None:
+            plot(rows, out / f"{stem}.png")
+        return 0
     rows = run_each(script, [r.strip() for r in args.runs.split(",") if r.strip()], [], on_row)
     print(markdown(rows, command))
     return 0

@@ -137,7 +137,91 @@ def markdown(rows: list, command: str) -> str:
                      f"{r['checkpoint_bytes'] / 1e9:.2f} | {r['output_bytes'] / 1e9:.2f} | {r['output_dtype']} | "
                      f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['prune_seconds']:.0f} | {r['seconds_per_block']:.1f} | "
                      f"{r['sparsity']:.4f} |")
-    return "\n".join(lines + ["", "![peak RSS and prune time against model size](scaling.png)", ""])
+    lines += ["", "![peak RSS and prune time against model size](scaling.png)", ""]
+    return "\n".join(lines + projection(rows))
+
+
+# --------------------------------------------------------------------------- Llama-3-70B, by calculation
+
+LLAMA3_70B = (8192, 28672, 80, 64, 8, 128256, False)
+PAPERS_TOKENS = 128 * 2048  # the papers' calibration, against this benchmark's 8 x 256
+GPU_BATCH_TOKENS = 8 * 2048  # one batch on the card
+
+
+def matrices(shape) -> list:
+    """(rows, cols) of each linear layer of one block: q, k, v, o, gate, up, down."""
+    hidden, inter, _, heads, kv, _, _ = shape
+    kv_width = hidden // heads * kv
+    return [(hidden, hidden), (kv_width, hidden), (kv_width, hidden), (hidden, hidden), (inter, hidden),
+            (inter, hidden), (hidden, inter)]
+
+
+def block_params(shape) -> int:
+    return sum(r * c for r, c in matrices(shape))
+
+
+def block_bytes(shape, method: str, tokens: int) -> int:
+    """What one block adds to the resident set at its peak, by arithmetic: the block in bf16, the calibration
+    activations (its inputs and outputs, bf16), and the method's float32 work.  Wanda: one matrix at a time (a
+    copy, its scores and its mask, 9 bytes a weight).  SparseGPT: ``X^T X`` of each of the block's four inputs
+    (q/k/v, o, gate/up, down), one inverse at a time, and the largest group pruned together (gate and up
+    stacked: a copy and a mask, 5 bytes a weight)."""
+    hidden, inter = shape[0], shape[1]
+    m = matrices(shape)
+    base = 2 * block_params(shape) + 2 * 2 * tokens * hidden
+    if method == "wanda":
+        return base + 9 * max(r * c for r, c in m)
+    widths = [hidden, hidden, hidden, inter]
+    return base + 4 * sum(c * c for c in widths) + 4 * max(widths) ** 2 + 5 * 2 * inter * hidden
+
+
+def block_work(shape, method: str) -> float:
+    """The calculation's cost of pruning one block: Wanda's forward and scores are linear in the weights;
+    SparseGPT's updates cost rows x cols^2 per matrix and its inverses cols^3 per input."""
+    if method == "wanda":
+        return float(block_params(shape))
+    hidden, inter = shape[0], shape[1]
+    return float(sum(r * c * c for r, c in matrices(shape)) + 3 * hidden**3 + inter**3)
+
+
+def projection(rows: list) -> list[str]:
+    """The Llama-3-70B lines of the page: from each method's largest measured run, scaled by the arithmetic
+    above (a calculation, not a measurement), and the same arithmetic checked against a smaller measured run."""
+    tokens = 8 * 256
+    lines = ["## Llama-3-70B, by calculation (not measured)", "",
+             "From each method's largest measured run (the reference), scaled by arithmetic: peak RSS = the "
+             "reference's + (what a 70B block adds − what the reference's block adds), counting the block in "
+             "bf16, its calibration activations and the method's float32 work (`block_bytes` in the script); "
+             "time = the reference's seconds per block × (the 70B block's work ÷ the reference block's: Wanda "
+             "linear in the weights, SparseGPT rows·cols² per matrix plus cols³ per input, `block_work`) × 80 "
+             "blocks. Llama-3-70B: width 8192, MLP 28672, 64 heads, 8 KV heads, 80 blocks of "
+             f"{block_params(LLAMA3_70B) / 1e6:.0f}M weights, 141 GB in bf16. The arithmetic is checked on the "
+             "smaller run: it predicts the reference's peak from it.", "",
+             "| method | reference | predicted from | predicted → measured GiB | 70B peak RSS GiB (8 × 256 tokens) | "
+             "70B peak RSS GiB (128 × 2048 tokens) | 70B s / block | 70B prune on this CPU | 70B on one GPU GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for method in ("wanda", "sparsegpt"):
+        rs = sorted((r for r in rows if r["method"] == method), key=lambda r: block_params(SHAPES[r["shape"]]))
+        if len(rs) < 2:
+            continue
+        ref, small = rs[-1], max(rs[:-1], key=lambda r: r["blocks"])
+        shape, gib = SHAPES[ref["shape"]], 2**30
+
+        def peak(tok, target=LLAMA3_70B, source=ref):
+            grow = block_bytes(target, method, tok) - block_bytes(SHAPES[source["shape"]], method, tokens)
+            return (source["peak_rss_bytes"] + grow) / gib
+
+        per_block = ref["seconds_per_block"] * block_work(LLAMA3_70B, method) / block_work(shape, method)
+        hours = per_block * LLAMA3_70B[2] / 3600
+        lines.append(f"| {method} | {ref['run']} | {small['run']} | "
+                     f"{peak(tokens, shape, small):.2f} → {ref['peak_rss_bytes'] / gib:.2f} | {peak(tokens):.1f} | "
+                     f"{peak(PAPERS_TOKENS):.1f} | {per_block:.0f} | {hours:.1f} h | "
+                     f"{block_bytes(LLAMA3_70B, method, GPU_BATCH_TOKENS) / gib:.1f} |")
+    lines += ["", "On one GPU only memory is calculated (no GPU was measured, so no GPU time is given): the card "
+              "holds the block, one calibration batch of 8 × 2048 tokens and the method's work (`block_bytes`, "
+              "without the CUDA context); the checkpoint, the output and the other batches stay in CPU memory "
+              "and on disk.", ""]
+    return lines
 
 
 def plot(rows: list, path: Path) -> None:
