@@ -77,7 +77,7 @@ def markdown(rows: list, command: str) -> str:
     from common import page_head
 
     lines = page_head("Several processes against one: the quick protocol through the command line", rows[0],
-                      __doc__.split("\n\n")[2].strip(), command)
+                      "\n\n".join(__doc__.split("\n\n")[2:5]).strip(), command)
     lines += ["| run | processes x threads | dense ppl | pruned ppl | prune s | wall s | identical tensors | "
               "mask differences | largest difference |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

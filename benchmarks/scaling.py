@@ -1,11 +1,11 @@
 """How the cost of a streamed prune grows with the model: random-weight Llama-shaped bf16 checkpoints.
 
-    python benchmarks/scaling.py                      # every run below (~1 h on 2 CPU cores)
+    python benchmarks/scaling.py                      # every run below (~20 min on 2 CPU cores)
     python benchmarks/scaling.py --runs d22:wanda,llama3b:wanda
 
 Each shape is written once as a real sharded bf16 safetensors checkpoint (random weights, std 0.02; the
 built-in model's tokenizer, so the vocabulary is at least its 49,152) in ``$SECATEURS_SCALING_DIR``
-(default ``/tmp/secateurs-scaling``), never committed.  Each run is the README's command on it, in a fresh
+(default ``/tmp/secateurs-scaling``), never committed.  Each run prunes it with the command below, in a fresh
 process whose peak resident memory (``ru_maxrss``) is the figure:
 
     secateurs prune --model DIR --method M --sparsity 0.5 --calib-samples 8 --calib-seqlen 256 --no-eval \\
@@ -128,8 +128,8 @@ def one(run: str) -> dict:
 def markdown(rows: list, command: str) -> str:
     from common import page_head
 
-    lines = page_head("Scaling: streamed prune of random-weight Llama-shaped bf16 checkpoints", rows[0], __doc__.split(
-        "\n\n")[2].strip(), command)
+    lines = page_head("Scaling: streamed prune of random-weight Llama-shaped bf16 checkpoints", rows[0], "\n\n".join(
+        __doc__.split("\n\n")[2:5]).strip(), command)
     lines += ["| run | blocks | hidden | params | checkpoint GB | output GB | output dtype | peak RSS GiB | prune s | "
               "s / block | sparsity |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -137,7 +137,10 @@ def markdown(rows: list, command: str) -> str:
                      f"{r['checkpoint_bytes'] / 1e9:.2f} | {r['output_bytes'] / 1e9:.2f} | {r['output_dtype']} | "
                      f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['prune_seconds']:.0f} | {r['seconds_per_block']:.1f} | "
                      f"{r['sparsity']:.4f} |")
-    lines += ["", "![peak RSS and prune time against model size](scaling.png)", ""]
+    lines += ["", "Repeated runs of one shape differ by a few tenths of a GiB in peak RSS (the glibc heap: in this session d22:wanda "
+              "gave 0.90 to 1.00 GiB and llama3b:wanda 1.26 to 1.52 GiB, some of the runs before this commit's memory "
+              "changes).", "",
+              "![peak RSS and prune time against model size](scaling.png)", ""]
     return "\n".join(lines + projection(rows))
 
 
