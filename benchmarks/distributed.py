@@ -1,5 +1,5 @@
-"""Several processes against one: the README's command on the built-in model, launched as 1 process x 2 threads,
-1 x 1 and 2 processes x 1 thread (torchrun, gloo).
+"""Several processes against one: the README's command on the built-in model, launched as 1 process x 1 thread,
+1 x 2 and 2 processes x 1 thread (torchrun, gloo).
 
     python benchmarks/distributed.py                 # every run below (~15 min on 2 CPU cores)
     python benchmarks/distributed.py --runs wanda/1x2,wanda/2x1
@@ -10,8 +10,9 @@ train in batches of 8, perplexity on the first 16 x 1024-token windows of enwiki
     secateurs prune --method M --sparsity 0.5 --calib-samples 32 --calib-seqlen 512 --output OUT --threads T
     torchrun --standalone --nproc-per-node 2 -m secateurs prune ... --threads 1    # OMP_NUM_THREADS=1
 
-and its saved weights are compared with those of the same method's first run (1 x 2): identical tensors, weights
-on the other side of the mask, largest difference.  Results go to ``benchmarks/results/distributed.{json,md}``.
+and its saved weights are compared with those of the same method's one-process run with as many threads per
+process (1 x 1): identical tensors, weights on the other side of the mask, largest difference.  Results go to
+``benchmarks/results/distributed.{json,md}``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 from common import benchmark_main
 
 METHODS = ["magnitude", "wanda", "sparsegpt"]
-LAYOUTS = {"1x2": (1, 2), "1x1": (1, 1), "2x1": (2, 1)}  # processes x threads each
+LAYOUTS = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1)}  # processes x threads each
 RUNS = [f"{m}/{layout}" for m in METHODS for layout in LAYOUTS]
 
 

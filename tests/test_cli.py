@@ -506,12 +506,13 @@ def test_iterate_checks_room_for_every_cycle_still_to_run(tiny_dir, tmp_path, ca
     assert (out / "cycle-002" / "config.json").exists()
 
 
-def test_an_interrupted_prune_resumes_its_walk_and_ends_identical(tiny_dir, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("how", ["streamed", "--no-stream"])
+def test_an_interrupted_prune_resumes_its_walk_and_ends_identical(tiny_dir, tmp_path, capsys, monkeypatch, how):
     from secateurs.engine import WalkCheckpoint
 
     whole, part, state = tmp_path / "whole", tmp_path / "part", tmp_path / "part.prune-state"
-    flags = args(tiny_dir, "--method", "sparsegpt", "--no-eval")
-    assert main(["prune", *flags, "--output", str(whole)]) == 0
+    flags = args(tiny_dir, "--method", "sparsegpt", "--no-eval", *([how] if how != "streamed" else []))
+    assert main(["prune", "--no-stream", *flags, "--output", str(whole)]) == 0  # in memory, uninterrupted
     real_save = WalkCheckpoint.save
 
     def save_then_die(self, block, *rest):  # Ctrl-C right after the state after block 0 reached the disk
@@ -523,11 +524,18 @@ def test_an_interrupted_prune_resumes_its_walk_and_ends_identical(tiny_dir, tmp_
     assert capsys.readouterr().err == (f"secateurs: interrupted; the walk's state after block 0 is in {state}; the "
                                        "same command resumes from it\n")
     assert not part.exists() and WalkCheckpoint(state).saved_block == 0
+    # a streamed walk keeps the finished block as the output's first shard, no block-NNN copy
+    assert sorted(p.name for p in state.iterdir() if "safetensors" in p.name) == (
+        ["hidden-000.safetensors", "model-00001-of-00003.safetensors"]
+        if how == "streamed" else ["block-000.safetensors", "hidden-000.safetensors"])
     monkeypatch.undo()
 
-    changed = args(tiny_dir, "--method", "sparsegpt", "--percdamp", "0.02", "--no-eval")
+    changed = [*flags, "--percdamp", "0.02"]
     assert main(["prune", *changed, "--save-every", "1", "--output", str(part)]) == 2
     assert "holds the walk of another run (config differ)" in capsys.readouterr().err and state.exists()
+    if how == "streamed":  # a streamed walk's blocks are in the output's shards: an in-memory walk cannot use them
+        assert main(["prune", *flags, "--no-stream", "--save-every", "1", "--output", str(part)]) == 2
+        assert "holds the walk of another run (streamed differ)" in capsys.readouterr().err and state.exists()
     assert main(["prune", *args(tiny_dir, "--method", "magnitude"), "--output", str(part)]) == 2
     assert "holds a saved walk, which this run cannot resume (method magnitude does not walk the blocks" in (
         capsys.readouterr().err)
@@ -556,19 +564,22 @@ def test_prune_save_every_needs_a_walk_and_no_resume_starts_over(tiny_dir, tmp_p
     assert not state.exists() and "resumed_at_block" not in json.loads(report.read_text())
 
 
-def test_prune_save_every_checks_room_for_the_walk_state(tiny_dir, tmp_path, capsys, free_space):
+@pytest.mark.parametrize("streamed", [True, False])
+def test_prune_save_every_checks_room_for_the_walk_state(tiny_dir, tmp_path, capsys, free_space, streamed):
     from secateurs.models.snapshot import weight_bytes
 
     weights = weight_bytes(tf.AutoModelForCausalLM.from_pretrained(tiny_dir / "model"))
-    walk = weights + 2 * 4 * 32 * 64 * 4  # every block's weights (<= the model's), two copies of 4 x 32 outputs of 64
+    outputs = 2 * 4 * 32 * 64 * 4  # two copies of 4 x 32 outputs of 64
+    walk = outputs if streamed else weights + outputs  # in memory: every block's weights too (<= the model's)
     free_space(weights + 16 * 2**20 + walk - 1)
     capsys.readouterr()
     out = tmp_path / "out"
-    assert main(["prune", *args(tiny_dir, "--no-eval"), "--save-every", "1", "--output", str(out)]) == 2
+    flags = [*args(tiny_dir, "--no-eval"), *([] if streamed else ["--no-stream"]), "--save-every", "1"]
+    assert main(["prune", *flags, "--output", str(out)]) == 2
     assert capsys.readouterr().err.startswith(f"secateurs: error: output folder '{out}': saving the model and the "
                                               "walk's state (--save-every 1) needs ")
     free_space(weights + 16 * 2**20 + walk)
-    assert main(["prune", *args(tiny_dir, "--no-eval"), "--save-every", "1", "--output", str(out)]) == 0
+    assert main(["prune", *flags, "--output", str(out)]) == 0
 
 
 @pytest.mark.parametrize("recipe, message", [

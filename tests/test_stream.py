@@ -7,7 +7,8 @@ import torch
 import transformers as tf
 
 from conftest import cli_args, tiny_model
-from secateurs import EvalConfig, PruneConfig, evaluate, prune
+from secateurs import EvalConfig, PruneConfig, Recipe, evaluate, prune
+from secateurs.cli import main
 from secateurs.api import calibration_data, evaluate_streamed, prune_streamed
 from secateurs.errors import ModelLoadError
 from secateurs.models import load_model
@@ -20,10 +21,11 @@ def _saved(family, folder, dtype=torch.float32, shard=None):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma3"])
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "wanda+admm"])
 def test_a_streamed_prune_writes_the_weights_of_the_in_memory_prune(family, method, calib_ids, tmp_path):
     src = _saved(family, tmp_path / "in", shard="100KB")  # sharded input: several files and an index
-    config = PruneConfig(method=method, sparsity=0.5, batch_size=2)
+    method, _, refine = method.partition("+")
+    config = PruneConfig(method=method, sparsity=0.5, batch_size=2, refine=refine or "none")
     whole = tf.AutoModelForCausalLM.from_pretrained(src)
     expected = prune(whole, config, calib_ids, progress=False)
     result = prune_streamed(src, config, calib_ids, tmp_path / "out", progress=False)
@@ -33,6 +35,40 @@ def test_a_streamed_prune_writes_the_weights_of_the_in_memory_prune(family, meth
     assert result.layers == expected.layers
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == whole.config.num_hidden_layers + 1  # a shard per block + rest
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_streamed_recipe_of_several_stages_writes_the_in_memory_weights(calib_ids, tmp_path, dtype):
+    src = _saved("llama", tmp_path / "in", dtype)
+    recipe = Recipe([PruneConfig(method="wanda", sparsity=0.3, batch_size=2),
+                     PruneConfig(method="sparsegpt", sparsity=0.5, pattern="2:4", batch_size=2,
+                                 include=["mlp.*"]),
+                     PruneConfig(method="magnitude", sparsity=0.6, include=["self_attn.q_proj"])])
+    whole = tf.AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+    expected = prune(whole, recipe, calib_ids, progress=False)
+    result = prune_streamed(src, recipe, calib_ids, tmp_path / "out", progress=False)
+    streamed = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
+    a, b = whole.state_dict(), streamed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert {p.dtype for p in streamed.parameters()} == {dtype}
+    assert sorted(r.name for r in result.layers) == sorted(r.name for r in expected.layers)
+    assert result.layers == expected.layers
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == []  # the stages' folders are gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
+
+
+def test_a_recipe_streamed_by_the_cli_checks_room_for_two_models(tiny_dir, tmp_path, capsys, free_space):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - {method: wanda, sparsity: 0.3}\n  - {method: magnitude, sparsity: 0.5}\n")
+    out, report = tmp_path / "out", tmp_path / "r.json"
+    flags = [*cli_args(tiny_dir, "--no-eval"), "--recipe", str(recipe), "--output", str(out)]
+    assert main(["prune", *flags, "--report", str(report)]) == 0
+    assert json.loads(report.read_text())["streamed"] is True
+    assert (out / "model.safetensors.index.json").exists()
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    free_space(size + 20 * 2**20)  # room for one model, not for two
+    assert main(["prune", *flags, "--overwrite"]) == 2
+    assert "needs" in capsys.readouterr().err
 
 
 def test_streamed_perplexity_is_the_in_memory_one(tiny_dir):

@@ -178,13 +178,15 @@ def walk_state_dir(output) -> Path:
     return output.with_name(output.name + ".prune-state")
 
 
-def walk_checkpoint(config, output, run: dict, every: "int | None" = None, resume: bool = True):
+def walk_checkpoint(config, output, run: dict, every: "int | None" = None, resume: bool = True,
+                    streamed: bool = False):
     """The :class:`~secateurs.engine.WalkCheckpoint` of a prune that saves to ``output``, or None.
 
     ``every``: save the walk every that many blocks.  A state an earlier run left there is resumed (when it was
     saved by the same ``run``, config and calibration; :meth:`WalkCheckpoint.start` checks) unless ``resume`` is
     False, which removes it.  A config whose walk cannot be checkpointed is refused, also when it would only
-    find an old state there.
+    find an old state there.  ``streamed``: for :func:`prune_streamed`, whose finished blocks' output shards
+    wait in the state's folder.
     """
     folder = walk_state_dir(output)
     if not resume and folder.exists():
@@ -198,18 +200,19 @@ def walk_checkpoint(config, output, run: dict, every: "int | None" = None, resum
             raise
         raise ConfigError(f"{folder} holds a saved walk, which this run cannot resume ({exc}); give --no-resume "
                           "(resume=False) to remove it") from None
-    return WalkCheckpoint(folder, run, every=every)
+    return WalkCheckpoint(folder, run, every=every, shards=streamed)
 
 
 def walk_room(model, config, checkpoint) -> tuple[int, str]:
     """The disk a walk's checkpoints need beyond the model (see :mod:`.engine.checkpoint`), and what to call it
-    all in an error: every block's weights once, and two copies of one block's outputs while the newer replaces
-    the older."""
+    all in an error: every block's weights once (a streamed walk's are the output's own shards, counted with the
+    model), and two copies of one block's outputs while the newer replaces the older."""
     if checkpoint is None or checkpoint.every is None:
         return 0, "the model"
     width = model.get_input_embeddings().embedding_dim
     outputs = config.calib_samples * config.calib_seqlen * width * next(model.parameters()).element_size()
-    return weight_bytes(model) + 2 * outputs, f"the model and the walk's state (--save-every {checkpoint.every})"
+    blocks = 0 if checkpoint.shards else weight_bytes(model)
+    return blocks + 2 * outputs, f"the model and the walk's state (--save-every {checkpoint.every})"
 
 
 @torch.no_grad()
@@ -481,7 +484,7 @@ def markdown_table(table: dict) -> str:
 
 def prune_streamed(source, config, calibration, output, *, dtype: "torch.dtype | None" = None, tokenizer=None,
                    extra_files=None, finishing=None, overwrite: bool = False, progress: bool = True,
-                   tracker: "Tracker | None" = None) -> PruneResult:
+                   tracker: "Tracker | None" = None, checkpoint=None) -> PruneResult:
     """Prune the safetensors checkpoint in folder ``source`` into folder ``output``, one block in memory at a time.
 
     The model is never loaded whole: its skeleton has no weights (``meta``), each block is read from the
@@ -493,54 +496,103 @@ def prune_streamed(source, config, calibration, output, *, dtype: "torch.dtype |
     result)``, if given, runs once the model is written but before the folder is moved into place, and returns
     more files to write there (the command line evaluates the pruned model and writes its report so).
 
-    One weight-pruning config; a ranking allocation (``global``), walk checkpoints and structured methods are
-    not streamed (:func:`prune` them in memory).
+    ``config`` may be a recipe of several weight-pruning stages: each stage streams the model the stage before
+    wrote (into a folder inside the output's temporary sibling, removed once read), so the disk holds two
+    models at a time.  ``checkpoint`` (one stage only; a :class:`~secateurs.engine.WalkCheckpoint` made with
+    ``shards=True``, see :func:`walk_checkpoint`) saves the walk after finished blocks, whose output shards
+    wait in its folder until the walk ends; a prune stopped part-way and run again resumes after the last saved
+    block.
+
+    A ranking allocation (``global``) and structured methods are not streamed (:func:`prune` them in memory).
     """
     from .models.load import check_space, written_folder
-    from .models.stream import BlockStream, ShardWriter, open_streamed
+    from .models.stream import open_streamed
 
     configs = _as_configs(config)
-    if len(configs) != 1 or isinstance(configs[0], StructuredConfig):
-        raise ConfigError("a streamed prune takes one weight-pruning config (magnitude, wanda, sparsegpt...); "
-                          "recipes of several stages and structured methods run in memory")
-    cfg = configs[0]
-    if allocation_of(cfg).ranks:
-        raise ConfigError("allocation=global ranks every layer at once, which is not streamed: prune in memory")
-    model, checkpoint = open_streamed(source, dtype)
-    dtype = dtype or checkpoint.stored_dtype
+    check_streamable(configs)
+    if checkpoint is not None:
+        check_checkpointable(configs)
+        if not checkpoint.shards:
+            raise ConfigError("a streamed prune's walk checkpoint keeps the output's shards: make it with "
+                              "shards=True (walk_checkpoint(..., streamed=True))")
+    model, weights = open_streamed(source, dtype)
+    dtype = dtype or weights.stored_dtype
     tracker = tracker or Tracker(show=progress)
-    ids, plans = _prepare(model, [cfg], calibration)
-    plan = plans[0]
+    ids, plans = _prepare(model, configs, calibration)
     ranks = current_ranks()  # several processes (torchrun): rank 0 writes, every rank walks its share
-    check_space(output, None, extra=streamed_room(checkpoint, dtype), what="the model")
+    check_space(output, None, extra=streamed_room(weights, dtype) * min(len(configs), 2), what="the model")
     start = time.perf_counter()
+    records: dict[str, LayerRecord] = {}
     with written_folder(output, overwrite) if ranks.main else nullcontext() as folder:
-        writer = ShardWriter(folder, len(plan.blocks) + 1) if ranks.main else None
-        stream = BlockStream(model, checkpoint, dtype, plan.blocks_name, writer)
-        method = cfg.build_method()
-        if cfg.needs_calibration:
-            records = prune_with_data(model, plan, method, cfg, ids, tracker, source=stream)
-        else:
-            records = prune_without_data(plan, method, cfg, tracker, source=stream)
+        read_from = None
+        for k, cfg in enumerate(configs):
+            last = k == len(configs) - 1
+            plan = plans[k]  # validated on the first skeleton, all stages
+            if k:  # the stage before wrote the model this one prunes: a new skeleton, its plan
+                model, weights = open_streamed(read_from, dtype)
+                plan = make_plan(model, cfg)
+            into = folder if last else folder / f"stage-{k + 1}"
+            done = _stream_stage(model, weights, plan, cfg, ids, into, dtype, tracker,
+                                 checkpoint if last else None)
+            records.update({r.name: r for r in done})  # a layer pruned by two stages keeps its last record
+            if read_from is not None:
+                weights.unmap()
+                shutil.rmtree(read_from)
+            read_from = into
         seconds = time.perf_counter() - start
-        tracker.enter(Stage.EXPORTING)
-        if ranks.main:
-            stream.copy_the_rest(len(plan.blocks))
-            writer.finish()
-            model.config.dtype = dtype
-            model.config.save_pretrained(folder)
-            if getattr(model, "generation_config", None) is not None:
-                model.generation_config.save_pretrained(folder)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(folder)
+        if ranks.main and tokenizer is not None:
+            tokenizer.save_pretrained(folder)
         tracker.enter(Stage.COMPLETE)  # the model is written: what finishing does is measuring it
-        result = PruneResult([cfg], layers=records, prune_seconds=seconds, stage_seconds=dict(tracker.seconds),
-                             stage=tracker.stage.value)
+        result = PruneResult(configs, layers=list(records.values()), prune_seconds=seconds,
+                             stage_seconds=dict(tracker.seconds), stage=tracker.stage.value,
+                             resumed_at_block=checkpoint.resumed_at if checkpoint is not None else None)
         more = finishing(ranks.from_main(folder), result) if finishing is not None else {}
         if ranks.main:
             for name, text in {**(extra_files or {}), **more}.items():
                 (folder / name).write_text(text)
     return result
+
+
+def _stream_stage(model, weights, plan, cfg, ids, into, dtype, tracker, checkpoint) -> list:
+    """One stage of :func:`prune_streamed`: walk the blocks of the skeleton ``model`` read from ``weights``,
+    writing the pruned model (shards, index, config) into folder ``into`` (on rank 0); the stage's records."""
+    from .models.stream import BlockStream, ShardWriter
+
+    main = current_ranks().main
+    if main:
+        into.mkdir(exist_ok=True)
+        if checkpoint is not None:  # the finished blocks wait with the walk's state, where a crash leaves them
+            checkpoint.folder.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(into if checkpoint is None else checkpoint.folder, len(plan.blocks) + 1) if main else None
+    stream = BlockStream(model, weights, dtype, plan.blocks_name, writer)
+    method = cfg.build_method()
+    if cfg.needs_calibration:
+        records = prune_with_data(model, plan, method, cfg, ids, tracker, checkpoint, source=stream)
+    else:
+        records = prune_without_data(plan, method, cfg, tracker, source=stream)
+    tracker.enter(Stage.EXPORTING)
+    if main:
+        writer.move_to(into)
+        stream.copy_the_rest(len(plan.blocks))
+        writer.finish()
+        model.config.dtype = dtype
+        model.config.save_pretrained(into)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(into)
+    return records
+
+
+def check_streamable(config) -> None:
+    """:class:`ConfigError` unless :func:`prune_streamed` can run ``config``: weight-pruning stages only, none
+    ranking every layer at once, and several stages in one process only (each stage reads the folder the one
+    before wrote, which rank 0 alone writes)."""
+    configs = _as_configs(config)
+    if any(isinstance(c, StructuredConfig) for c in configs):
+        raise ConfigError("structured methods are not streamed: prune them in memory")
+    if any(allocation_of(c).ranks for c in configs):
+        raise ConfigError("allocation=global ranks every layer at once, which is not streamed: prune in memory")
+    if len(configs) > 1 and current_ranks().world > 1:
+        raise ConfigError("a streamed recipe of several stages runs in one process: prune it in memory")
 
 
 def streamed_room(checkpoint, dtype: "torch.dtype | None") -> int:
@@ -551,12 +603,13 @@ def streamed_room(checkpoint, dtype: "torch.dtype | None") -> int:
 
 def stream_source(model: "str | None", config) -> "Path | None":
     """The safetensors folder from which :func:`prune_streamed` would prune ``model`` (a folder or built-in name)
-    with ``config``, or None where the whole model must be loaded: a hub id, per-block widths,
-    several stages, a structured method or a ranking allocation."""
+    with ``config``, or None where the whole model must be loaded: a hub id, per-block widths, or a config
+    :func:`check_streamable` refuses (a structured method, a ranking allocation)."""
     from .models.load import streamable
 
-    configs = _as_configs(config)
-    if len(configs) != 1 or isinstance(configs[0], StructuredConfig) or allocation_of(configs[0]).ranks:
+    try:
+        check_streamable(config)
+    except ConfigError:
         return None
     return streamable(model)
 

@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="start the walk over even if OUTPUT.prune-state exists")
     p.add_argument("--no-stream", action="store_true",
                    help="load the whole model instead of streaming its blocks from its safetensors files (streaming "
-                        "is the default for one weight-pruning config, without --save-every or --allocation global)")
+                        "is the default for one weight-pruning config without --allocation global)")
 
     p = sub.add_parser("finetune", help="recovery fine-tuning with the mask frozen (or gradual pruning on a schedule)")
     _add_model(p)
@@ -316,10 +316,11 @@ def cmd_prune(args) -> int:
     recipe.eval = _eval_config(args, recipe.eval)
     eval_config = None if args.no_eval else recipe.eval
     output = check_output(args.output, args.overwrite)
+    source = None if args.no_stream else api.stream_source(args.model, recipe)
     checkpoint = api.walk_checkpoint(recipe, args.output, {"model": args.model or DEFAULT_MODEL}, args.save_every,
-                                     resume=not args.no_resume)
-    if not args.no_stream and checkpoint is None and (source := api.stream_source(args.model, recipe)) is not None:
-        return _prune_streamed(args, recipe, source, eval_config)
+                                     resume=not args.no_resume, streamed=source is not None)
+    if source is not None:
+        return _prune_streamed(args, recipe, source, eval_config, checkpoint)
 
     model, tokenizer = _load(args)
     show = not args.quiet
@@ -390,7 +391,7 @@ def cmd_prune(args) -> int:
     return 0
 
 
-def _prune_streamed(args, recipe, source, eval_config) -> int:
+def _prune_streamed(args, recipe, source, eval_config, checkpoint) -> int:
     """``prune`` of a safetensors folder, one block in memory at a time (:func:`api.prune_streamed`)."""
     from . import api
     from .data import load_text, tokenize
@@ -405,11 +406,13 @@ def _prune_streamed(args, recipe, source, eval_config) -> int:
     dtype = None if dtype == "auto" else dtype
     tokenizer = load_tokenizer(source)
     show = not args.quiet
-    config = recipe.stages[0]
-    calib = api.calibration_data(tokenizer, config) if config.needs_calibration else None
-    skeleton, checkpoint = open_streamed(source, dtype)
-    api.validate(skeleton, config, calib)  # before the dense evaluation, and so is the room for the output
-    check_space(args.output, None, extra=api.streamed_room(checkpoint, dtype), what="the model")
+    first = recipe.stages[0]
+    calib = api.calibration_data(tokenizer, first) if any(c.needs_calibration for c in recipe.stages) else None
+    skeleton, weights = open_streamed(source, dtype)
+    api.validate(skeleton, recipe, calib)  # before the dense evaluation, and so is the room for the output
+    room, what = api.walk_room(skeleton, first, checkpoint)
+    models = min(len(recipe.stages), 2)  # a stage's output waits beside the next one's
+    check_space(args.output, None, extra=api.streamed_room(weights, dtype) * models + room, what=what)
     eval_ids = tokenize(tokenizer, load_text(eval_config.data, "test")) if eval_config else None
     dense = api.evaluate_streamed(source, tokenizer, eval_config, eval_ids, dtype, progress=show) if eval_config \
         else None
@@ -431,9 +434,11 @@ def _prune_streamed(args, recipe, source, eval_config) -> int:
 
     import yaml
 
-    api.prune_streamed(source, config, calib, args.output, dtype=dtype, tokenizer=tokenizer,
+    api.prune_streamed(source, recipe, calib, args.output, dtype=dtype, tokenizer=tokenizer,
                        extra_files={"secateurs_recipe.yaml": yaml.safe_dump(recipe.to_dict(), sort_keys=False)},
-                       finishing=finishing, overwrite=args.overwrite, progress=show)
+                       finishing=finishing, overwrite=args.overwrite, progress=show, checkpoint=checkpoint)
+    if (state_dir := api.walk_state_dir(args.output)).exists():  # the finished model supersedes it
+        shutil.rmtree(state_dir)
     print(f"saved to {args.output}", flush=True)
     return 0
 

@@ -12,6 +12,9 @@ The folder holds::
     block-NNN.safetensors   block NNN's weights after pruning (written once)
     hidden-NNN.safetensors  block NNN's outputs, one tensor per calibration batch (only the newest is kept)
 
+A streamed walk (``shards=True``) writes no ``block-NNN`` files: its finished blocks are written, once, as the
+output's own shards (``model-0000N-of-...``) into this folder, and moved into the output when the walk ends.
+
 Every file is written atomically and ``walk.json`` last, so a kill at any moment leaves the previous state
 whole.
 """
@@ -55,11 +58,12 @@ class WalkCheckpoint:
     """A folder for one walk's state.  ``every``: save after every that many finished blocks (None: never
     save, only resume from a state already there)."""
 
-    def __init__(self, folder, run: "dict | None" = None, every: "int | None" = 1):
+    def __init__(self, folder, run: "dict | None" = None, every: "int | None" = 1, shards: bool = False):
         if every is not None and every < 1:
             raise ConfigError(f"save every {every} blocks: must be >= 1")
         self.folder = Path(folder)
-        self.run = dict(run or {})
+        self.shards = shards  # a streamed walk: the finished blocks are in the output's shards, here
+        self.run = {**(run or {}), **({"streamed": True} if shards else {})}
         self.every = every
         self.identity: "dict | None" = None
         self.resumed_at: "int | None" = None  # the block a resumed walk started at
@@ -110,7 +114,10 @@ class WalkCheckpoint:
                          [hidden[str(b)] for b in range(len(hidden))], state["seconds"])
 
     def restore(self, blocks, state: WalkState) -> None:
-        """Put the saved weights of the finished blocks into ``blocks``."""
+        """Put the saved weights of the finished blocks into ``blocks`` (a streamed walk needs them no more:
+        they are written)."""
+        if self.shards:
+            return
         for j in range(state.next_block):
             blocks[j].load_state_dict(load_file(self.folder / f"block-{j:03d}.safetensors"))
 
@@ -122,7 +129,7 @@ class WalkCheckpoint:
         """Save the walk after ``block``: the weights of the blocks finished since the last save, ``hidden``
         (that block's outputs), the ``records`` so far and the walk ``seconds`` spent in all."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        for j in range(self._saved, block + 1):
+        for j in range(self._saved, block + 1) if not self.shards else ():
             tensors = {k: v.detach().cpu().contiguous() for k, v in blocks[j].state_dict().items()}
             atomic.replace_file(self.folder / f"block-{j:03d}.safetensors", lambda tmp: save_file(tensors, tmp))
         name = f"hidden-{block:03d}.safetensors"

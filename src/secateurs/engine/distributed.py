@@ -4,14 +4,16 @@ Launched with torchrun (``torchrun --nproc-per-node N -m secateurs prune ...``),
 the same blocks over its own contiguous share of the calibration batches::
 
     observe   -- each rank runs its batches through the block: its statistics are partial sums
-    reduce    -- rank 0 gets the whole sums: the squared input norms added exactly as one process adds them
-                 (every batch's vector, in batch order), X^T X summed across ranks
+    reduce    -- rank 0 gets the whole sums, added exactly as one process adds them: the squared input norms
+                 as every batch's vector in batch order; X^T X passed along the ranks, rank 0 adding its
+                 batches, then rank 1 adding its own onto that sum, and so on (the products of every rank
+                 but the first wait for the sum to come, so this step runs one rank at a time)
     prune     -- rank 0 prunes and verifies the block's layers and sends their new weights to every rank
     propagate -- each rank runs its own batches through the pruned block: the next block's inputs
 
-so Wanda and magnitude give one process's weights to the last bit, and SparseGPT's Hessian differs from one
-process's only in the order of its float32 additions.  Evaluation shares its batches the same way and adds
-their losses in batch order.  Rank 0 alone writes the output and the report.
+so magnitude, Wanda and SparseGPT give one process's weights to the last bit (with as many threads per
+process: a matrix product may add in another order on more threads).  Evaluation shares its batches the same
+way and adds their losses in batch order.  Rank 0 alone writes the output and the report.
 
 Without torch.distributed (or with one process) :func:`current` is :data:`ONE`, whose operations do nothing.
 """
@@ -53,9 +55,10 @@ class Ranks:
         mine = self.share(self.check_calibration(ids, batch_size))
         return ids[mine.start * batch_size : mine.stop * batch_size]
 
-    def reduce_stats(self, stats: InputStats, parts: "list | None" = None) -> InputStats:
-        """The whole statistics on rank 0 from every rank's partial ones (``parts``: this rank's squared-norm
-        vector of every batch, in order); other ranks get theirs back unchanged."""
+    def reduce_stats(self, needs: str, stats: InputStats, parts: "list | None" = None) -> InputStats:
+        """The whole statistics (``needs``: "norms" or "hessian") on rank 0 from every rank's partial ones;
+        other ranks get theirs back unchanged.  ``parts``: this rank's squared-norm vector of every batch, in
+        order, or for a Hessian on a rank after the first its batches' inputs, not yet added."""
         return stats
 
     def seen(self, names: list) -> set:
@@ -86,19 +89,32 @@ class Distributed(Ranks):
         self.dist = dist
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
 
-    def reduce_stats(self, stats: InputStats, parts: "list | None" = None) -> InputStats:
+    def reduce_stats(self, needs: str, stats: InputStats, parts: "list | None" = None) -> InputStats:
         dist = self.dist
-        width = None if stats.hessian is None else stats.hessian.shape[0]
-        kind = "hessian" if stats.hessian is not None else "norms" if parts else None
-        infos = self.gather([(stats.tokens, kind, width)])
-        kind = next((k for _, k, _ in infos if k is not None), None)
-        out = InputStats(tokens=sum(t for t, _, _ in infos))
-        if kind == "hessian":
-            width = next(w for _, k, w in infos if k is not None)
-            H = stats.hessian if stats.hessian is not None else torch.zeros(width, width)
-            dist.reduce(H, dst=0)
-            out.hessian = H
-        elif kind == "norms":  # every batch's vector, added in batch order: one process's sum to the last bit
+        width = stats.hessian.shape[0] if stats.hessian is not None else \
+            parts[0].shape[-1] if needs == "hessian" and parts else None
+        infos = self.gather([(stats.tokens, width)])
+        out = InputStats(tokens=sum(t for t, _ in infos))
+        if not out.tokens:  # no rank's batches reached this layer
+            return out if self.main else stats
+        if needs == "hessian":  # passed along the ranks, each adding its batches as one process would go on
+            from .sequential import gram_lower_
+
+            width = next(w for _, w in infos if w is not None)
+            mine = stats.hessian if stats.hessian is not None else parts[0] if parts else None
+            device = mine.device if mine is not None else "cuda" if dist.get_backend() == "nccl" else "cpu"
+            if self.main:
+                H = stats.hessian if stats.hessian is not None else torch.zeros(width, width, device=device)
+                dist.send(H, dst=1)
+                dist.recv(H, src=self.world - 1)
+                out.hessian = H
+            else:
+                H = torch.empty(width, width, device=device)
+                dist.recv(H, src=self.rank - 1)
+                for x in parts or []:
+                    gram_lower_(H, x.float())
+                dist.send(H, dst=(self.rank + 1) % self.world)
+        elif needs == "norms":  # every batch's vector, added in batch order: one process's sum to the last bit
             every = self.gather([p.cpu() for p in parts or []])
             total = every[0].clone()
             for p in every[1:]:

@@ -99,7 +99,9 @@ class Observer:
         self.group_of = dict(groups)  # layer name -> input group id
         self.stats: dict[int, InputStats] = {}
         self.ranks = ranks
-        self.parts: dict[int, list] = {}  # several ranks: every batch's squared norms, summed in order by rank 0
+        # several ranks: every batch's squared norms (summed in order by rank 0), or on ranks after the first
+        # every batch's input, whose X^T X is added onto the sum of the ranks before (see distributed.py)
+        self.parts: dict[int, list] = {}
         self._whole: dict[int, InputStats] = {}  # group id -> its statistics over every rank's batches
         self.order: list[str] = []  # the hooked layers seen, in execution order
         self.stop_after = stop_after
@@ -129,9 +131,12 @@ class Observer:
             self.inputs.setdefault(gid, []).append(x.detach().to("cpu"))
         if self.needs == "none":
             return
-        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
         st = self.stats.setdefault(gid, InputStats())
-        st.tokens += x.shape[0]
+        st.tokens += x.reshape(-1, x.shape[-1]).shape[0]
+        if self.needs == "hessian" and self.ranks.rank > 0:  # added onto the earlier ranks' sum when it comes
+            self.parts.setdefault(gid, []).append(x.detach().reshape(-1, x.shape[-1]))
+            return
+        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
         if self.needs == "norms":
             sq = (x * x).sum(0)
             if self.ranks.world > 1:
@@ -150,7 +155,8 @@ class Observer:
     def stats_for(self, name: str) -> InputStats:
         gid = self.group_of.get(name, -1)
         if gid not in self._whole:  # first use: add up the ranks' parts, complete the symmetric matrix
-            st = self.ranks.reduce_stats(self.stats.get(gid, InputStats()), self.parts.pop(gid, None))
+            st = self.ranks.reduce_stats(self.needs, self.stats.get(gid, InputStats()),
+                                         self.parts.pop(gid, None))
             if st.hessian is not None:
                 st.hessian = mirror_lower(st.hessian)
                 st.sq_norms = torch.diag(st.hessian)
@@ -404,6 +410,7 @@ def prune_with_data(model: nn.Module, plan: Plan, method: Method, config, input_
     dtype = next(plan.blocks.parameters()).dtype
     if checkpoint is not None and (state := checkpoint.start(config, input_ids, dtype)) is not None:
         checkpoint.restore(plan.blocks, state)
+        source.resume(state.next_block)
         first, records, hidden, spent = state.next_block, state.records, state.hidden, state.seconds
         log.info("resuming the walk at block %d of %d from %s", first, last + 1, checkpoint.folder)
     stage = _visit_true_sequential if config.resolved.true_sequential else _visit_at_once

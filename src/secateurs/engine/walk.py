@@ -55,6 +55,9 @@ class InMemory:
     def leave(self, i: int, block: nn.Module) -> None:
         """Block ``i`` is finished (a streamed model writes and frees it here)."""
 
+    def resume(self, first: int) -> None:
+        """A resumed walk starts at block ``first``: the blocks before it are finished (and written)."""
+
     @contextmanager
     def outside_blocks(self, output: bool = False):
         """While inside, what runs before the blocks (and with ``output``, after them) is in memory."""

@@ -261,7 +261,7 @@ class ShardWriter:
         if self.written == self.shards:
             raise ValueError(f"all {self.shards} shards are written already")
         self.written += 1
-        name = f"model-{self.written:05d}-of-{self.shards:05d}.safetensors"
+        name = self._name(self.written)
         try:
             save_file({k: v.contiguous() for k, v in tensors.items()}, self.folder / name, metadata={"format": "pt"})
         except SafetensorError as exc:  # safetensors' own type, also for an OSError underneath (a full disk)
@@ -278,7 +278,7 @@ class ShardWriter:
         if self.written == self.shards:
             raise ValueError(f"all {self.shards} shards are written already")
         self.written += 1
-        name = f"model-{self.written:05d}-of-{self.shards:05d}.safetensors"
+        name = self._name(self.written)
         convert = {k for k in names if dtype is not None and checkpoint.dtype[k].is_floating_point
                    and checkpoint.dtype[k] != dtype}
         kinds = {k: dtype if k in convert else checkpoint.dtype[k] for k in names}
@@ -311,6 +311,34 @@ class ShardWriter:
             raise OutputError(f"cannot write {self.folder / name}: {exc.strerror or exc}") from exc
         self.weight_map.update({k: name for k in names})
         self.total_size += offset
+
+    def _name(self, k: int) -> str:
+        return f"model-{k:05d}-of-{self.shards:05d}.safetensors"
+
+    def adopt(self, shards: int) -> None:
+        """Count the first ``shards`` shards, which an earlier run wrote into the folder, as written (a resumed
+        walk)."""
+        from ..errors import ConfigError
+
+        for k in range(self.written + 1, shards + 1):
+            path = self.folder / self._name(k)
+            try:
+                header, _ = _header(path)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"{path}: a finished block's shard of the saved walk is missing or damaged "
+                                  f"({first_line(exc)}); remove {self.folder} (with the CLI: --no-resume) to start "
+                                  "over") from None
+            header.pop("__metadata__", None)
+            self.weight_map.update({key: path.name for key in header})
+            self.total_size += sum(e["data_offsets"][1] - e["data_offsets"][0] for e in header.values())
+        self.written = max(self.written, shards)
+
+    def move_to(self, folder: Path) -> None:
+        """Go on writing in ``folder``, moving the shards written so far there (one rename each)."""
+        folder = Path(folder)
+        for k in range(1, self.written + 1):
+            os.replace(self.folder / self._name(k), folder / self._name(k))
+        self.folder = folder
 
     def finish(self) -> None:
         if self.written != self.shards:
@@ -354,6 +382,11 @@ class BlockStream:
             for m in wanted + ([head] if tied and output else []):
                 release(m, recurse=False)
             self.checkpoint.unmap()
+
+    def resume(self, first: int) -> None:
+        self.done.update(range(first))
+        if self.writer is not None:
+            self.writer.adopt(first)  # their shards are in the writer's folder already
 
     def leave(self, i: int, block: nn.Module) -> None:
         if self.writer is not None:
