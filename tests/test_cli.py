@@ -64,9 +64,12 @@ def test_refine_flags(tiny_dir, tmp_path):
 
 
 def test_eval_and_compare(tiny_dir, tmp_path, capsys):
-    assert main(["eval", "--model", str(tiny_dir / "model"), "--quiet", "--data", str(tiny_dir / "test.txt"),
-                 "--eval-seqlen", "32", "--eval-windows", "2"]) == 0
-    assert "perplexity:" in capsys.readouterr().out
+    flags = ["--model", str(tiny_dir / "model"), "--quiet", "--data", str(tiny_dir / "test.txt"), "--eval-seqlen",
+             "32", "--eval-windows", "2"]
+    assert main(["eval", *flags]) == 0  # streamed from the safetensors folder
+    streamed = capsys.readouterr().out
+    assert main(["eval", *flags, "--no-stream"]) == 0
+    assert streamed.startswith("perplexity:") and capsys.readouterr().out == streamed
     md, js = tmp_path / "t.md", tmp_path / "t.json"
     code = main(["compare", *args(tiny_dir, "--methods", "magnitude,wanda,magnitude+admm", "--sparsities",
                                   "0.5,2:4", "--markdown", str(md), "--report", str(js))])
@@ -82,16 +85,22 @@ def test_eval_and_compare(tiny_dir, tmp_path, capsys):
     assert text.startswith("| method | 0.5 | 2:4 |") and "| dense |" in text and "| magnitude+admm |" in text
 
 
-def test_an_interrupted_compare_keeps_its_cells_and_resumes(tiny_dir, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("how", ["streamed", "--no-stream"])
+def test_an_interrupted_compare_keeps_its_cells_and_resumes(tiny_dir, tmp_path, capsys, monkeypatch, how):
+    import tempfile
+
     import secateurs.api as api
 
     grid = ["--methods", "magnitude,wanda", "--sparsities", "0.5,2:4"]
     whole, part, md = tmp_path / "whole.json", tmp_path / "part.json", tmp_path / "part.md"
-    assert main(["compare", *args(tiny_dir, *grid, "--report", str(whole))]) == 0
+    # the reference is in memory: a streamed table must hold the same figures
+    assert main(["compare", *args(tiny_dir, *grid, "--no-stream", "--report", str(whole))]) == 0
     expected = json.loads(whole.read_text())
     assert expected["complete"] is True
 
-    real_prune, calls = api.prune, []
+    flags = [*grid, *([how] if how != "streamed" else [])]
+    patched = "prune_streamed" if how == "streamed" else "prune"
+    real_prune, calls = getattr(api, patched), []
 
     def prune_then_stop(*a, **k):  # Ctrl-C during the third cell
         calls.append(a[1].method)
@@ -99,21 +108,25 @@ def test_an_interrupted_compare_keeps_its_cells_and_resumes(tiny_dir, tmp_path, 
             raise KeyboardInterrupt
         return real_prune(*a, **k)
 
-    monkeypatch.setattr(api, "prune", prune_then_stop)
-    assert main(["compare", *args(tiny_dir, *grid, "--report", str(part), "--markdown", str(md))]) == 130
+    monkeypatch.setattr(api, patched, prune_then_stop)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where streamed cells are written
+    (tmp_path / "tmp").mkdir()
+    assert main(["compare", *args(tiny_dir, *flags, "--report", str(part), "--markdown", str(md))]) == 130
     assert "add --resume" in capsys.readouterr().err
+    assert list((tmp_path / "tmp").iterdir()) == []  # no cell's model left behind
     saved = json.loads(part.read_text())
     assert saved["complete"] is False and saved["dense_perplexity"] == expected["dense_perplexity"]
     assert [(r["method"], r["setting"]) for r in saved["rows"]] == [("magnitude", "0.5"), ("magnitude", "2:4")]
     assert "| wanda | – | – |" in md.read_text()
 
     calls.clear()
-    assert main(["compare", *args(tiny_dir, *grid, "--report", str(part), "--resume")]) == 0
+    assert main(["compare", *args(tiny_dir, *flags, "--report", str(part), "--resume")]) == 0
     assert calls == ["wanda", "wanda"]  # only the missing cells were measured
     resumed = json.loads(part.read_text())
     assert resumed["complete"] is True
     assert [(r["method"], r["setting"], r["perplexity"], r["sparsity"]) for r in resumed["rows"]] == [
         (r["method"], r["setting"], r["perplexity"], r["sparsity"]) for r in expected["rows"]]
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 def test_a_kill_while_saving_leaves_no_folder_behind(tiny_dir, tmp_path, capsys, monkeypatch):

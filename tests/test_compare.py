@@ -39,3 +39,20 @@ def test_compare_runs_sparsegpt_true_sequential_as_prune_does():
     cells = api.compare_grid(["wanda", "sparsegpt"], ["0.5"], PruneConfig(calib_samples=4))
     assert [c.resolved.true_sequential for _, _, c in cells] == [False, True]
     assert cells[1][2] == PruneConfig(method="sparsegpt", sparsity=0.5, calib_samples=4)
+
+
+def test_a_streamed_compare_gives_the_in_memory_table_and_refuses_what_it_cannot_stream(tiny_dir, tmp_path):
+    eval_config = EvalConfig(data=str(tiny_dir / "test.txt"), seqlen=32, windows=2)
+    shared = {"calib_data": str(tiny_dir / "train.txt"), "calib_samples": 4, "calib_seqlen": 32, "batch_size": 2}
+    folder = tiny_dir / "model"
+    model, tok = load_model(str(folder))
+    grid = (["sparsegpt", "wanda+admm"], ["0.5", "2:4"])
+    in_memory = compare(model, tok, *grid, shared, eval_config, progress=False)
+    streamed = compare(folder, tok, *grid, shared, eval_config, progress=False, workdir=tmp_path)
+    assert (streamed["streamed"], in_memory["streamed"]) == (True, False)
+    assert streamed["dense_perplexity"] == in_memory["dense_perplexity"]
+    key = lambda r: (r["method"], r["setting"], r["perplexity"], r["sparsity"])  # noqa: E731
+    assert [key(r) for r in streamed["rows"]] == [key(r) for r in in_memory["rows"]]
+    assert list(tmp_path.iterdir()) == []  # each cell's model was removed once measured
+    with pytest.raises(api.ConfigError, match="allocation=global ranks every layer at once, which is not streamed"):
+        compare(folder, tok, ["wanda"], ["0.5"], {**shared, "allocation": "global"}, eval_config, progress=False)

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -85,7 +87,21 @@ def test_a_full_disk_is_a_one_line_error(tiny_dir, capsys, monkeypatch):
             pass
 
     monkeypatch.setattr(snapshot_module.tempfile, "TemporaryFile", lambda dir=None: FullDisk())
-    assert main(["compare", *cli_args(tiny_dir, "--methods", "magnitude", "--sparsities", "0.5")]) == 2
+    flags = cli_args(tiny_dir, "--methods", "magnitude", "--sparsities", "0.5", "--no-stream")  # in memory
+    assert main(["compare", *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("secateurs: error: cannot keep the model's weights in a temporary file") and "\n" not in err
     assert "No space left on device" in err and "TMPDIR" in err
+
+
+def test_a_streamed_compare_without_room_for_a_cell_is_a_one_line_error(tiny_dir, tmp_path, capsys, free_space):
+    from conftest import cli_args
+    from secateurs.cli import main
+
+    report = tmp_path / "t.json"
+    free_space(2**20)  # the cell's model is written to a temporary folder: its room is checked first
+    assert main(["compare", *cli_args(tiny_dir, "--methods", "magnitude", "--sparsities", "0.5"),
+                 "--report", str(report)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("secateurs: error: ") and err.count("\n") == 1 and "MiB free" in err
+    assert json.loads(report.read_text())["rows"] == []  # the dense perplexity was kept

@@ -369,12 +369,16 @@ def _shared_settings(base) -> dict:
 @torch.no_grad()
 def compare(model, tokenizer, methods: Sequence[str], settings: Sequence[str], base: "PruneConfig | dict | None" = None,
             eval_config: "EvalConfig | None" = None, progress: bool = True, on_row=None, checkpoint=None,
-            previous: "dict | None" = None) -> dict:
+            previous: "dict | None" = None, dtype: "torch.dtype | None" = None, workdir=None) -> dict:
     """Dense plus every method x setting on one model, same calibration windows and evaluation windows.
 
     A method may carry a weight reconstruction, ``"wanda+admm"``; without one it keeps ``base.refine``.
-    The model is restored to its dense weights after every run, also one that fails; meanwhile they wait in
-    a temporary file (:class:`~.models.snapshot.WeightSnapshot`), not in memory.  Returns the table:
+    ``model`` in memory is restored to its dense weights after every run, also one that fails; meanwhile they
+    wait in a temporary file (:class:`~.models.snapshot.WeightSnapshot`), not in memory.  ``model`` may also be
+    a safetensors folder (see :func:`stream_source`): then nothing is loaded whole -- each cell is pruned with
+    :func:`prune_streamed` into a temporary folder under ``workdir`` (default: the system's temporary folder),
+    evaluated with :func:`evaluate_streamed` and removed, and ``dtype`` (None: the checkpoint's own) is the
+    model's dtype; the figures are those of the in-memory table.  Returns the table:
     ``{"dense_perplexity", "rows": [...], "base_config", "eval", "complete", ...}``.
 
     ``on_row(row)`` is called after each measured cell.  ``checkpoint(table)`` is called with the table so
@@ -388,7 +392,7 @@ def compare(model, tokenizer, methods: Sequence[str], settings: Sequence[str], b
     grid = compare_grid(methods, settings, base)
     table = {"methods": list(methods), "settings": list(settings), "dense_perplexity": None, "rows": [],
              "base_config": _as_json(_shared_settings(base)), "eval": _as_json(eval_config.to_dict()),
-             "complete": False}
+             "streamed": isinstance(model, (str, Path)), "complete": False}
     done = {}
     if previous is not None:
         _check_resumable(previous, table)
@@ -405,20 +409,18 @@ def compare(model, tokenizer, methods: Sequence[str], settings: Sequence[str], b
 
     needs_data = any(c.needs_calibration for _, _, c in todo)
     calib = calibration_data(tokenizer, grid[0][2]) if needs_data else None  # the cells share the calib_ fields
+    cells = _StreamedCells(model, tokenizer, dtype, workdir, progress) if isinstance(model, (str, Path)) else \
+        _InMemoryCells(model, tokenizer, progress)
     for _, _, cfg in todo:  # against the model too, before an hour of cells ends on a typo in the last one
-        validate(model, cfg, calib)
+        cells.validate(cfg, calib)
     eval_ids = tokenize(tokenizer, load_text(eval_config.data, "test"))
     if table["dense_perplexity"] is None:
-        table["dense_perplexity"] = evaluate(model, tokenizer, eval_config, ids=eval_ids, progress=progress)
+        table["dense_perplexity"] = cells.evaluate(None, eval_config, eval_ids)
         save()
     if todo:
-        with WeightSnapshot(model) as dense:  # on disk: no second copy of the model in memory
+        with cells:
             for method, setting, cfg in todo:
-                try:
-                    result = prune(model, cfg, calib, progress=progress)
-                    ppl = evaluate(model, tokenizer, eval_config, ids=eval_ids, progress=progress)
-                finally:
-                    dense.restore(model)  # the next cell, and the caller, get the dense model back
+                result, ppl = cells.run(cfg, calib, eval_config, eval_ids)
                 done[method, setting] = row = {
                     "method": method, "setting": setting, "pattern": cfg.pattern, "perplexity": ppl,
                     "sparsity": result.sparsity, "prune_seconds": round(result.prune_seconds, 3),
@@ -429,6 +431,71 @@ def compare(model, tokenizer, methods: Sequence[str], settings: Sequence[str], b
     table["complete"] = True
     save()
     return table
+
+
+class _InMemoryCells:
+    """:func:`compare`'s cells on a model in memory: each pruned in place, evaluated, and given its dense
+    weights back from a snapshot on disk (no second copy of the model in memory), also when it fails."""
+
+    def __init__(self, model, tokenizer, progress):
+        self.model, self.tokenizer, self.progress = model, tokenizer, progress
+
+    def validate(self, cfg, calib):
+        validate(self.model, cfg, calib)
+
+    def evaluate(self, folder, eval_config, ids):
+        return evaluate(self.model, self.tokenizer, eval_config, ids=ids, progress=self.progress)
+
+    def __enter__(self):
+        self.dense = WeightSnapshot(self.model).__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.dense.__exit__(*exc)
+
+    def run(self, cfg, calib, eval_config, ids):
+        try:
+            result = prune(self.model, cfg, calib, progress=self.progress)
+            return result, self.evaluate(None, eval_config, ids)
+        finally:
+            self.dense.restore(self.model)  # the next cell, and the caller, get the dense model back
+
+
+class _StreamedCells:
+    """:func:`compare`'s cells on a safetensors folder: each pruned by :func:`prune_streamed` into a temporary
+    folder, evaluated from there, and removed."""
+
+    def __init__(self, source, tokenizer, dtype, workdir, progress):
+        from .models.stream import open_streamed
+
+        self.source, self.tokenizer, self.dtype, self.progress = Path(source), tokenizer, dtype, progress
+        self.workdir = workdir
+        self.skeleton, _ = open_streamed(source, dtype)
+
+    def validate(self, cfg, calib):
+        check_streamable(cfg)
+        validate(self.skeleton, cfg, calib)
+
+    def evaluate(self, folder, eval_config, ids):
+        return evaluate_streamed(folder or self.source, self.tokenizer, eval_config, ids, self.dtype,
+                                 progress=self.progress)
+
+    def __enter__(self):
+        import tempfile
+
+        self.tmp = tempfile.TemporaryDirectory(prefix="secateurs-compare-", dir=self.workdir)
+        return self
+
+    def __exit__(self, *exc):
+        self.tmp.cleanup()
+
+    def run(self, cfg, calib, eval_config, ids):
+        cell = Path(self.tmp.name) / "cell"
+        try:
+            result = prune_streamed(self.source, cfg, calib, cell, dtype=self.dtype, progress=self.progress)
+            return result, self.evaluate(cell, eval_config, ids)
+        finally:
+            shutil.rmtree(cell, ignore_errors=True)
 
 
 def read_table(path, model: "str | None" = None) -> "dict | None":

@@ -38,6 +38,12 @@ def _add_model(p):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_no_stream(p, what):
+    p.add_argument("--no-stream", action="store_true",
+                   help="load the whole model instead of streaming its blocks from its safetensors files (streaming "
+                        f"is the default for {what})")
+
+
 def _add_eval(p, data_flag="--eval-data"):
     p.add_argument(data_flag, dest="eval_data", default=None, help="evaluation data (test split): enwiki, "
                    "a .txt/.jsonl file or a datasets name (default: enwiki)")
@@ -205,9 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=_positive_int, default=None, metavar="N",
                    help="save the walk's state to OUTPUT.prune-state every N blocks; the same command resumes from it")
     p.add_argument("--no-resume", action="store_true", help="start the walk over even if OUTPUT.prune-state exists")
-    p.add_argument("--no-stream", action="store_true",
-                   help="load the whole model instead of streaming its blocks from its safetensors files (streaming "
-                        "is the default for one weight-pruning config without --allocation global)")
+    _add_no_stream(p, "weight-pruning configs without --allocation global")
 
     p = sub.add_parser("finetune", help="recovery fine-tuning with the mask frozen (or gradual pruning on a schedule)")
     _add_model(p)
@@ -240,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity of a model")
     _add_model(p)
     _add_eval(p, "--data")
+    _add_no_stream(p, "a safetensors model")
     p.add_argument("--report", default=None, help="write the JSON result here")
 
     p = sub.add_parser("compare", help="dense + every method x sparsity: the researcher's table")
@@ -253,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", default=None, help="write the markdown table here (rewritten after every cell)")
     p.add_argument("--resume", action="store_true",
                    help="keep the cells already in --report (from an interrupted run) and measure only the rest")
+    _add_no_stream(p, "weight-pruning cells without --allocation global; each cell's model is written to a "
+                      "temporary folder (TMPDIR) and removed once measured")
     return parser
 
 
@@ -301,6 +308,21 @@ def _load(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     return load_model(args.model, args.dtype)
+
+
+def _threads(args) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _dtype(args):
+    """--dtype as a torch dtype; None for auto (the checkpoint's own)."""
+    from .models.load import as_dtype
+
+    dtype = as_dtype(args.dtype)
+    return None if dtype == "auto" else dtype
 
 
 def cmd_prune(args) -> int:
@@ -395,15 +417,11 @@ def _prune_streamed(args, recipe, source, eval_config, checkpoint) -> int:
     """``prune`` of a safetensors folder, one block in memory at a time (:func:`api.prune_streamed`)."""
     from . import api
     from .data import load_text, tokenize
-    from .models.load import as_dtype, check_space, load_tokenizer
+    from .models.load import check_space, load_tokenizer
     from .models.stream import open_streamed
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    dtype = as_dtype(args.dtype)
-    dtype = None if dtype == "auto" else dtype
+    _threads(args)
+    dtype = _dtype(args)
     tokenizer = load_tokenizer(source)
     show = not args.quiet
     first = recipe.stages[0]
@@ -534,10 +552,16 @@ def cmd_iterate(args) -> int:
 
 def cmd_eval(args) -> int:
     from . import api
+    from .models.load import load_tokenizer, streamable
 
-    model, tokenizer = _load(args)
     config = _eval_config(args)
-    ppl = api.evaluate(model, tokenizer, config, progress=not args.quiet)
+    source = None if args.no_stream else _threads(args) or streamable(args.model)
+    if source is not None:
+        tokenizer = load_tokenizer(source)
+        ppl = api.evaluate_streamed(source, tokenizer, config, dtype=_dtype(args), progress=not args.quiet)
+    else:
+        model, tokenizer = _load(args)
+        ppl = api.evaluate(model, tokenizer, config, progress=not args.quiet)
     print(f"perplexity: {ppl:.3f}")
     if args.report:
         report = {"perplexity": ppl, "model": args.model, "eval": config.to_dict(), **api.environment()}
@@ -547,7 +571,7 @@ def cmd_eval(args) -> int:
 
 def cmd_compare(args) -> int:
     from . import api
-    from .config import ConfigError, PruneConfig
+    from .models.load import load_tokenizer
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     settings = [s.strip() for s in args.sparsities.split(",") if s.strip()]
@@ -559,7 +583,10 @@ def cmd_compare(args) -> int:
     if previous is not None:
         print(f"resuming {args.report}: dense and {len(previous.get('rows', []))} cell(s) already measured",
               flush=True)
-    model, tokenizer = _load(args)
+    grid = api.compare_grid(methods, settings, base)
+    cells = [c for _, _, c in grid]  # streamed only when every cell is: checked as one list of configs
+    source = None if args.no_stream else _threads(args) or api.stream_source(args.model, cells)
+    model, tokenizer = (source, load_tokenizer(source)) if source is not None else _load(args)
 
     def on_row(row):
         print(f"{row['method']:>10} {row['setting']:>8}: perplexity {row['perplexity']:.3f}, "
@@ -573,7 +600,7 @@ def cmd_compare(args) -> int:
             atomic.write_text(args.markdown, api.markdown_table(table))
 
     table = api.compare(model, tokenizer, methods, settings, base, eval_config, progress=not args.quiet,
-                        on_row=on_row, checkpoint=checkpoint, previous=previous)
+                        on_row=on_row, checkpoint=checkpoint, previous=previous, dtype=_dtype(args))
     print(api.markdown_table(table))
     return 0
 
