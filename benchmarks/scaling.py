@@ -166,16 +166,17 @@ def block_params(shape) -> int:
 def block_bytes(shape, method: str, tokens: int) -> int:
     """What one block adds to the resident set at its peak, by arithmetic: the block in bf16, the calibration
     activations (its inputs and outputs, bf16), and the method's float32 work.  Wanda: one matrix at a time (a
-    copy, its scores and its mask, 9 bytes a weight).  SparseGPT: ``X^T X`` of each of the block's four inputs
-    (q/k/v, o, gate/up, down), one inverse at a time, and the largest group pruned together (gate and up
-    stacked: a copy and a mask, 5 bytes a weight)."""
-    hidden, inter = shape[0], shape[1]
+    copy, its scores and its mask, 9 bytes a weight).  SparseGPT, true-sequential: one input group at a time
+    (q/k/v, o, gate/up, down), holding its ``X^T X`` and the two matrices of its damped inverse (three
+    ``(in, in)`` in all) and the group's rows stacked (a copy and a mask, 5 bytes a weight); the largest group
+    sets the peak."""
+    hidden = shape[0]
     m = matrices(shape)
     base = 2 * block_params(shape) + 2 * 2 * tokens * hidden
     if method == "wanda":
         return base + 9 * max(r * c for r, c in m)
-    widths = [hidden, hidden, hidden, inter]
-    return base + 4 * sum(c * c for c in widths) + 4 * max(widths) ** 2 + 5 * 2 * inter * hidden
+    groups = [m[0:3], m[3:4], m[4:6], m[6:7]]  # the layers that read one input
+    return base + max(3 * 4 * g[0][1] ** 2 + 5 * sum(r * c for r, c in g) for g in groups)
 
 
 def block_work(shape, method: str) -> float:

@@ -306,14 +306,18 @@ def test_multi_stage_recipe(calib_ids):
 
 
 def test_gram_lower_matches_full_product():
-    from secateurs.engine.sequential import gram_lower_, mirror_lower
+    from secateurs.engine.sequential import gram_lower_, mirror_lower_
 
     for n in (7, 64, 576, 1000):
         x = torch.randn(50, n, dtype=torch.float64)
         H = torch.zeros(n, n, dtype=torch.float64)
         gram_lower_(H, x)
         gram_lower_(H, 2 * x)  # accumulates
-        assert torch.allclose(mirror_lower(H), 5 * x.t() @ x)
+        lower = torch.tril(H)
+        for chunk in (3, 512):  # in place, a few rows at a time: the lower triangle mirrored, nothing else
+            full = mirror_lower_(H.clone(), chunk)
+            assert torch.equal(full, lower + torch.tril(H, -1).t()) and torch.equal(full, full.t())
+        assert torch.allclose(full, 5 * x.t() @ x)
 
 
 @torch.no_grad()

@@ -152,6 +152,31 @@ def test_inverse_cholesky_factor():
     assert torch.allclose(U.t() @ U, torch.linalg.inv(Hd), rtol=1e-8, atol=1e-12)
 
 
+def test_the_in_place_inverse_factor_has_the_bits_of_the_plain_one():
+    """Factorised and solved in place, with dead channels, it is bit for bit flip -> cholesky -> solve -> flip,
+    and the caller's H is untouched."""
+    from secateurs.methods.sparsegpt import _reverse_
+
+    for n in (7, 130, 513):
+        _, H = _hessian(n_in=n)
+        H = H.float()
+        H[2, :] = H[:, 2] = 0
+        before = H.clone()
+        dead = torch.diag(H) == 0
+        plain = H.clone()
+        plain[dead, dead] = 1
+        A = plain.flip(0, 1)
+        A.diagonal().add_(0.01 * torch.mean(torch.diag(plain)))
+        L = torch.linalg.cholesky(A)
+        expected = torch.linalg.solve_triangular(L, torch.eye(n), upper=False).flip(0, 1)
+        got = damped_inverse_cholesky(H, 0.01, dead)
+        assert torch.equal(got, expected) and got.stride() == expected.stride() and torch.equal(H, before)
+    for shape, chunk in (((5, 7), 3), ((6, 6), 1), ((9, 4), 100)):
+        M = torch.randn(shape)
+        for m in (M.clone(), M.t().contiguous().t()):  # row- and column-major
+            assert torch.equal(_reverse_(m, chunk), M.flip(0, 1))
+
+
 def masked_least_squares(W0, H, keep, damp):
     """Row by row, the exact minimiser of (w - w0)^T H_d (w - w0) with w = 0 off ``keep``, H_d = H + damp Diag(H):
     w_S = w0_S + H_d[S, S]^-1 H_d[S, P] w0_P (S kept, P pruned)."""

@@ -71,6 +71,67 @@ def test_a_recipe_streamed_by_the_cli_checks_room_for_two_models(tiny_dir, tmp_p
     assert "needs" in capsys.readouterr().err
 
 
+STRUCTURED_CUTS = {
+    "channels-fluctuation": dict(method="channels", ratio=0.25, score="fluctuation"),  # adds zero biases (llama)
+    "channels-magnitude": dict(method="channels", ratio=0.25, round_to=8, score="magnitude"),  # no data
+    "channels-refit": dict(method="channels", ratio=0.25, score="wanda", refit=True),
+    "heads": dict(method="heads", count=1),
+    "blocks-bi": dict(method="blocks", count=1),
+    "blocks-angular": dict(method="blocks", count=1, score="angular"),
+}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
+@pytest.mark.parametrize("cut", sorted(STRUCTURED_CUTS))
+def test_a_streamed_structured_cut_writes_the_in_memory_model(family, cut, calib_ids, tmp_path):
+    from secateurs import StructuredConfig
+
+    if cut == "heads" and family == "gpt2":
+        pytest.skip("gpt2's fused q/k/v: head pruning is refused in memory too")
+    src = _saved(family, tmp_path / "in", torch.bfloat16, shard="100KB")
+    config = StructuredConfig(**STRUCTURED_CUTS[cut], batch_size=2)
+    whole = tf.AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+    expected = prune(whole, config, calib_ids, progress=False)
+    result = prune_streamed(src, config, calib_ids, tmp_path / "out", progress=False)
+    streamed = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")  # plain transformers
+    a, b = whole.state_dict(), streamed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    described = lambda m: {k: v for k, v in m.config.to_dict().items() if k != "_name_or_path"}  # noqa: E731
+    assert described(streamed) == described(whole)  # widths, heads, layer count: the in-memory cut's config
+    assert [r.to_dict() for r in result.structured] == [r.to_dict() for r in expected.structured]
+    assert result.block_scores == expected.block_scores
+    assert sum(p.numel() for p in streamed.parameters()) < sum(p.numel() for p in
+                                                               tf.AutoModelForCausalLM.from_pretrained(src).parameters())
+
+
+def test_a_streamed_recipe_cuts_channels_then_prunes_weights_as_in_memory(calib_ids, tmp_path):
+    from secateurs import StructuredConfig
+
+    src = _saved("llama", tmp_path / "in")
+    recipe = Recipe([StructuredConfig(method="channels", ratio=0.25, batch_size=2),
+                     PruneConfig(method="sparsegpt", sparsity=0.5, batch_size=2)])
+    whole = tf.AutoModelForCausalLM.from_pretrained(src)
+    expected = prune(whole, recipe, calib_ids, progress=False)
+    result = prune_streamed(src, recipe, calib_ids, tmp_path / "out", progress=False)
+    streamed = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    a, b = whole.state_dict(), streamed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert result.layers == expected.layers and len(result.structured) == 2
+
+
+def test_a_global_structured_allocation_is_not_streamed(calib_ids, tmp_path):
+    from secateurs import StructuredConfig
+    from secateurs.api import stream_source
+    from secateurs.errors import ConfigError
+
+    src = _saved("llama", tmp_path / "in")
+    config = StructuredConfig(method="channels", ratio=0.25, allocation="global", batch_size=2)
+    assert stream_source(str(src), config) is None  # the command line loads it whole
+    with pytest.raises(ConfigError, match="allocation=global ranks every layer at once"):
+        prune_streamed(src, config, calib_ids, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_streamed_perplexity_is_the_in_memory_one(tiny_dir):
     folder = tiny_dir / "model"
     model, tok = load_model(str(folder))

@@ -332,7 +332,7 @@ def test_cli_structured_errors(tiny_dir, tmp_path, capsys, extra, message):
     assert not out.exists()
 
 
-def test_cli_structured_cut_checks_room_for_the_cut_model_before_measuring_it(tiny_dir, tmp_path, capsys,
+def test_cli_structured_cut_in_memory_checks_room_for_the_cut_model_before_measuring_it(tiny_dir, tmp_path, capsys,
                                                                               monkeypatch, free_space):
     from secateurs.eval import speed
 
@@ -343,7 +343,7 @@ def test_cli_structured_cut_checks_room_for_the_cut_model_before_measuring_it(ti
     free_space(room - 1)  # one byte short of the cut model and its 16 MiB of extras
     monkeypatch.setattr(speed, "measure", lambda model: measured.append(1) or {})
     out, flags = tmp_path / "out", cli_args(tiny_dir, "--method", "channels", "--ratio", "0.25", "--round-to", "8",
-                                            "--score", "magnitude")  # no bias compensation: no biases added
+                                            "--score", "magnitude", "--no-stream")  # no bias compensation
     capsys.readouterr()
     assert main(["prune", *flags, "--output", str(out)]) == 2
     printed = capsys.readouterr()

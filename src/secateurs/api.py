@@ -590,17 +590,27 @@ def prune_streamed(source, config, calibration, output, *, dtype: "torch.dtype |
     check_space(output, None, extra=streamed_room(weights, dtype) * min(len(configs), 2), what="the model")
     start = time.perf_counter()
     records: dict[str, LayerRecord] = {}
+    structured, block_scores = [], None
     with written_folder(output, overwrite) if ranks.main else nullcontext() as folder:
         read_from = None
         for k, cfg in enumerate(configs):
             last = k == len(configs) - 1
-            plan = plans[k]  # validated on the first skeleton, all stages
+            plan = plans.get(k)  # validated on the first skeleton, up to the first structured stage
             if k:  # the stage before wrote the model this one prunes: a new skeleton, its plan
                 model, weights = open_streamed(read_from, dtype)
-                plan = make_plan(model, cfg)
+                if isinstance(cfg, StructuredConfig):
+                    from .structured import check_structured
+
+                    check_structured(model, cfg)
+                else:
+                    plan = make_plan(model, cfg)
             into = folder if last else folder / f"stage-{k + 1}"
-            done = _stream_stage(model, weights, plan, cfg, ids, into, dtype, tracker,
-                                 checkpoint if last else None)
+            done, cut, scores = _stream_stage(model, weights, plan, cfg, ids, into, dtype, tracker,
+                                              checkpoint if last else None)
+            if isinstance(cfg, StructuredConfig):
+                structured += cut
+                block_scores = [float(x) for x in scores] if scores is not None else block_scores
+                records.clear()  # earlier records name weights whose shapes (or blocks) are gone
             records.update({r.name: r for r in done})  # a layer pruned by two stages keeps its last record
             if read_from is not None:
                 weights.unmap()
@@ -610,7 +620,8 @@ def prune_streamed(source, config, calibration, output, *, dtype: "torch.dtype |
         if ranks.main and tokenizer is not None:
             tokenizer.save_pretrained(folder)
         tracker.enter(Stage.COMPLETE)  # the model is written: what finishing does is measuring it
-        result = PruneResult(configs, layers=list(records.values()), prune_seconds=seconds,
+        result = PruneResult(configs, layers=list(records.values()), structured=structured,
+                             block_scores=block_scores, prune_seconds=seconds,
                              stage_seconds=dict(tracker.seconds), stage=tracker.stage.value,
                              resumed_at_block=checkpoint.resumed_at if checkpoint is not None else None)
         more = finishing(ranks.from_main(folder), result) if finishing is not None else {}
@@ -620,43 +631,56 @@ def prune_streamed(source, config, calibration, output, *, dtype: "torch.dtype |
     return result
 
 
-def _stream_stage(model, weights, plan, cfg, ids, into, dtype, tracker, checkpoint) -> list:
+def _stream_stage(model, weights, plan, cfg, ids, into, dtype, tracker, checkpoint) -> tuple[list, list, list]:
     """One stage of :func:`prune_streamed`: walk the blocks of the skeleton ``model`` read from ``weights``,
-    writing the pruned model (shards, index, config) into folder ``into`` (on rank 0); the stage's records."""
+    writing the pruned model (shards, index, config) into folder ``into`` (on rank 0).  Returns the stage's
+    layer records, structured records and block scores (the last two for a structured stage)."""
     from .models.stream import BlockStream, ShardWriter
+    from .structured import prune_structured
 
     main = current_ranks().main
     if main:
         into.mkdir(exist_ok=True)
         if checkpoint is not None:  # the finished blocks wait with the walk's state, where a crash leaves them
             checkpoint.folder.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(into if checkpoint is None else checkpoint.folder, len(plan.blocks) + 1) if main else None
-    stream = BlockStream(model, weights, dtype, plan.blocks_name, writer)
-    method = cfg.build_method()
-    if cfg.needs_calibration:
-        records = prune_with_data(model, plan, method, cfg, ids, tracker, checkpoint, source=stream)
+    blocks_name, blocks = find_blocks(model)
+    n_blocks = len(blocks)
+    depth = isinstance(cfg, StructuredConfig) and cfg.method == "blocks"
+    # removing whole blocks scores them all before it knows which to keep: it writes once they are chosen
+    writer = ShardWriter(into if checkpoint is None else checkpoint.folder, n_blocks + 1) if main and not depth \
+        else None
+    stream = BlockStream(model, weights, dtype, blocks_name, writer)
+    records, cut, scores = [], [], None
+    if isinstance(cfg, StructuredConfig):
+        cut, scores = prune_structured(model, cfg, ids, tracker, stream)
+    elif cfg.needs_calibration:
+        records = prune_with_data(model, plan, cfg.build_method(), cfg, ids, tracker, checkpoint, source=stream)
     else:
-        records = prune_without_data(plan, method, cfg, tracker, source=stream)
+        records = prune_without_data(plan, cfg.build_method(), cfg, tracker, source=stream)
     tracker.enter(Stage.EXPORTING)
     if main:
-        writer.move_to(into)
-        stream.copy_the_rest(len(plan.blocks))
-        writer.finish()
+        if depth:
+            removed = {r.block for r in cut}
+            stream.writer = ShardWriter(into, n_blocks - len(removed) + 1)
+            stream.copy_renumbered([i for i in range(n_blocks) if i not in removed])
+        else:
+            stream.writer.move_to(into)
+            stream.copy_the_rest(n_blocks)
+        stream.writer.finish()
         model.config.dtype = dtype
         model.config.save_pretrained(into)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(into)
-    return records
+    return records, cut, scores
 
 
 def check_streamable(config) -> None:
-    """:class:`ConfigError` unless :func:`prune_streamed` can run ``config``: weight-pruning stages only, none
-    ranking every layer at once, and several stages in one process only (each stage reads the folder the one
-    before wrote, which rank 0 alone writes)."""
+    """:class:`ConfigError` unless :func:`prune_streamed` can run ``config``: no stage that ranks every layer
+    at once (a global allocation, of weights or of structured widths), and several stages in one process only
+    (each stage reads the folder the one before wrote, which rank 0 alone writes)."""
     configs = _as_configs(config)
-    if any(isinstance(c, StructuredConfig) for c in configs):
-        raise ConfigError("structured methods are not streamed: prune them in memory")
-    if any(allocation_of(c).ranks for c in configs):
+    if any(c.allocation == "global" if isinstance(c, StructuredConfig) else allocation_of(c).ranks
+           for c in configs):
         raise ConfigError("allocation=global ranks every layer at once, which is not streamed: prune in memory")
     if len(configs) > 1 and current_ranks().world > 1:
         raise ConfigError("a streamed recipe of several stages runs in one process: prune it in memory")

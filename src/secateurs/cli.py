@@ -365,14 +365,7 @@ def cmd_prune(args) -> int:
 
     tracker = Tracker(show=show)
     result = api.prune(model, recipe, calib, tracker=tracker, checkpoint=checkpoint)
-    if result.layers:
-        print(f"pruned {len(result.layers)} weight matrices in {result.prune_seconds:.1f} s; "
-              f"measured sparsity {result.sparsity:.4f}", flush=True)
-    if result.structured:
-        cut = sorted({(r.kind, r.before, r.after) for r in result.structured})
-        print(f"structured: {len(result.structured)} cuts in {result.prune_seconds:.1f} s "
-              f"({', '.join(f'{k} {b}->{a}' for k, b, a in cut[:4])}{' ...' if len(cut) > 4 else ''}); "
-              f"{sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
+    _say_pruned(result, sum(p.numel() for p in model.parameters()))
     if structured:  # the cut model's size is known now: check before its evaluation and speed measurement
         check_space(output, model)
     ppl = None
@@ -389,12 +382,7 @@ def cmd_prune(args) -> int:
     if dense_size_speed is not None:
         tracker.enter(Stage.EVALUATING)
         report["size_speed"] = speed.size_speed_report(dense_size_speed, speed.size_and_speed(model))
-        r, d, p = (report["size_speed"][k] for k in ("ratios", "dense", "pruned"))
-        print(f"parameters {d['params']:,} -> {p['params']:,}; disk {d['disk_bytes'] / 2**20:.1f} -> "
-              f"{p['disk_bytes'] / 2**20:.1f} MiB; prefill {d['prefill_tokens_per_s']['median']:.0f} -> "
-              f"{p['prefill_tokens_per_s']['median']:.0f} tokens/s ({r['prefill_speedup']:.2f}x); decode "
-              f"{d['decode_ms_per_token']['median']:.1f} -> {p['decode_ms_per_token']['median']:.1f} ms/token "
-              f"({r['decode_speedup']:.2f}x)", flush=True)
+        _say_size_speed(report)
         tracker.enter(Stage.EXPORTING)
     if not current_ranks().main:  # one of several processes (torchrun): rank 0 writes
         return 0
@@ -413,12 +401,36 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _say_pruned(result, params: int) -> None:
+    if result.layers:
+        print(f"pruned {len(result.layers)} weight matrices in {result.prune_seconds:.1f} s; "
+              f"measured sparsity {result.sparsity:.4f}", flush=True)
+    if result.structured:
+        cut = sorted({(r.kind, r.before, r.after) for r in result.structured})
+        print(f"structured: {len(result.structured)} cuts in {result.prune_seconds:.1f} s "
+              f"({', '.join(f'{k} {b}->{a}' for k, b, a in cut[:4])}{' ...' if len(cut) > 4 else ''}); "
+              f"{params:,} parameters", flush=True)
+
+
+def _say_size_speed(report: dict) -> None:
+    r, d, p = (report["size_speed"][k] for k in ("ratios", "dense", "pruned"))
+    print(f"parameters {d['params']:,} -> {p['params']:,}; disk {d['disk_bytes'] / 2**20:.1f} -> "
+          f"{p['disk_bytes'] / 2**20:.1f} MiB; prefill {d['prefill_tokens_per_s']['median']:.0f} -> "
+          f"{p['prefill_tokens_per_s']['median']:.0f} tokens/s ({r['prefill_speedup']:.2f}x); decode "
+          f"{d['decode_ms_per_token']['median']:.1f} -> {p['decode_ms_per_token']['median']:.1f} ms/token "
+          f"({r['decode_speedup']:.2f}x)", flush=True)
+
+
 def _prune_streamed(args, recipe, source, eval_config, checkpoint) -> int:
     """``prune`` of a safetensors folder, one block in memory at a time (:func:`api.prune_streamed`)."""
+    import torch
+
     from . import api
+    from .config import StructuredConfig
     from .data import load_text, tokenize
-    from .models.load import check_space, load_tokenizer
-    from .models.stream import open_streamed
+    from .eval import speed
+    from .models.load import check_space, load_model, load_tokenizer
+    from .models.stream import Checkpoint, open_streamed
 
     _threads(args)
     dtype = _dtype(args)
@@ -437,15 +449,21 @@ def _prune_streamed(args, recipe, source, eval_config, checkpoint) -> int:
     if dense is not None:
         print(f"dense perplexity: {dense:.3f}", flush=True)
     name = args.model or DEFAULT_MODEL
+    # a structured cut's speed is measured on each model whole, one at a time (--no-speed: never loaded whole)
+    speed_of = None if args.no_speed or not any(isinstance(c, StructuredConfig) for c in recipe.stages) else \
+        lambda folder: speed.size_and_speed(load_model(str(folder), dtype or "auto")[0])
+    dense_size_speed = speed_of(source) if speed_of else None
 
     def finishing(folder, result):  # the model is written, not yet in place: measure it and write its report
-        print(f"pruned {len(result.layers)} weight matrices in {result.prune_seconds:.1f} s; "
-              f"measured sparsity {result.sparsity:.4f}", flush=True)
+        _say_pruned(result, sum(int(torch.Size(s).numel()) for s in Checkpoint(folder).shape.values()))
         ppl = api.evaluate_streamed(folder, tokenizer, eval_config, eval_ids, dtype, progress=show) \
             if eval_config else None
         if ppl is not None:
             print(f"pruned perplexity: {ppl:.3f}" + (f" (dense {dense:.3f})" if dense is not None else ""), flush=True)
         report = api.build_report(result, folder, dense, ppl, eval_config, model_name=name, streamed=True)
+        if dense_size_speed is not None:
+            report["size_speed"] = speed.size_speed_report(dense_size_speed, speed_of(folder))
+            _say_size_speed(report)
         if args.report:
             atomic.write_text(args.report, json.dumps(report, indent=2) + "\n")
         return {"secateurs_report.json": json.dumps(report, indent=2) + "\n"}

@@ -69,7 +69,7 @@ def gram_lower_(H: torch.Tensor, x: torch.Tensor, target_chunk: int = 300) -> No
     """``H += x^T x`` for ``x`` (tokens, in), computing only the chunk pairs on or below the diagonal.
 
     ``x^T x`` is symmetric, so the strictly upper chunk pairs are skipped (up to ~40% of the work for
-    wide inputs) and filled in once by :func:`mirror_lower`.  The width is cut into equal chunks of about
+    wide inputs) and filled in once by :func:`mirror_lower_`.  The width is cut into equal chunks of about
     ``target_chunk`` columns: smaller ones make the matrix products less efficient on a CPU.
     """
     n = x.shape[1]
@@ -78,9 +78,16 @@ def gram_lower_(H: torch.Tensor, x: torch.Tensor, target_chunk: int = 300) -> No
         H[i : i + chunk, : i + chunk].addmm_(x[:, i : i + chunk].t(), x[:, : i + chunk])
 
 
-def mirror_lower(H: torch.Tensor) -> torch.Tensor:
-    """Complete a matrix whose lower triangle (and symmetric diagonal chunks) hold ``x^T x``."""
-    return torch.tril(H) + torch.tril(H, -1).t()
+def mirror_lower_(H: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """Complete, in place, a matrix whose lower triangle holds ``x^T x``: every entry above the diagonal
+    becomes its mirror image below it, ``chunk`` rows at a time (no ``(in, in)`` temporary)."""
+    n = H.shape[0]
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        H[a:b, b:] = H[b:, a:b].t()  # right of the diagonal square: from the (unchanged) rows below
+        square = H[a:b, a:b]
+        square.copy_(torch.tril(square) + torch.tril(square, -1).t())
+    return H
 
 
 class Observer:
@@ -158,7 +165,7 @@ class Observer:
             st = self.ranks.reduce_stats(self.needs, self.stats.get(gid, InputStats()),
                                          self.parts.pop(gid, None))
             if st.hessian is not None:
-                st.hessian = mirror_lower(st.hessian)
+                mirror_lower_(st.hessian)
                 st.sq_norms = torch.diag(st.hessian)
             self._whole[gid] = st
         st = self._whole[gid]

@@ -28,34 +28,61 @@ from .base import InputStats, LayerTarget, Method, register
 log = logging.getLogger(__name__)
 
 
-def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6) -> torch.Tensor:
+def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, dead: "torch.Tensor | None" = None,
+                            max_tries: int = 6) -> torch.Tensor:
     """Upper triangular ``U`` with ``U^T U = (H + damp I)^-1``, ``damp = percdamp * mean(diag H)``.
+
+    ``dead`` (boolean, ``(in,)``) marks input channels that were never active: their diagonal entries count
+    as 1 (their rows and columns of ``H`` are zero).  ``H`` itself is not changed.
 
     With ``J`` the reversal permutation and ``J H J = L L^T``, ``U = J L^-1 J``: one Cholesky factorisation
     and one triangular inverse, instead of factorise -> invert -> factorise again (half the work, same
     ``U``).  If the factorisation fails (``H`` numerically singular), the damping is multiplied by 10 and
-    retried, with a warning in the log.  At most three ``(in, in)`` matrices besides ``H`` are alive at once
-    (for a 28,672-wide input each is 3.3 GB).
+    retried, with a warning in the log.  Memory: two ``(in, in)`` matrices besides ``H`` -- ``J H J`` is
+    factorised in place, the identity is solved in place, and ``J U' J`` is a reversal of the flat buffer done
+    in place (for a 28,672-wide input each matrix is 3.3 GB).
     """
-    mean_diag = torch.mean(torch.diag(H))
+    diag = torch.diag(H)
+    if dead is not None:
+        diag[dead] = 1
+    mean_diag = torch.mean(diag)
     damp_frac = percdamp
     for attempt in range(max_tries):
         A = H.flip(0, 1)  # J H J, a copy; J maps the diagonal onto itself, so J (H + damp I) J = J H J + damp I
+        if dead is not None:
+            A.diagonal()[dead.flip(0)] = 1
         A.diagonal().add_(damp_frac * mean_diag)
-        L, info = torch.linalg.cholesky_ex(A)
-        del A
+        info = torch.empty((), dtype=torch.int32, device=H.device)
+        L, info = torch.linalg.cholesky_ex(A, out=(A, info))  # L overwrites A
         if info == 0:
             if attempt:
                 log.warning("SparseGPT: Cholesky succeeded after raising damping to %.3g of mean(diag H)", damp_frac)
-            eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-            U = torch.linalg.solve_triangular(L, eye, upper=False)
-            del L, eye
-            return U.flip(0, 1)
-        del L
+            # the identity in column-major order, as LAPACK solves in place (the result LAPACK would return)
+            U = torch.eye(H.shape[0], dtype=H.dtype, device=H.device).t()
+            torch.linalg.solve_triangular(L, U, upper=False, out=U)
+            del L, A
+            return _reverse_(U)  # J L^-1 J
+        del L, A
         log.warning("SparseGPT: Cholesky failed with damping %.3g of mean(diag H); retrying with %.3g",
                     damp_frac, damp_frac * 10)
         damp_frac *= 10
     raise CalibrationError(f"SparseGPT: Hessian is not positive definite even with damping {damp_frac:.3g}")
+
+
+def _reverse_(M: torch.Tensor, chunk: int = 2**20) -> torch.Tensor:
+    """``M.flip(0, 1)`` in place, for a dense (row- or column-major) matrix: element ``(i, j)`` goes to
+    ``(n-1-i, m-1-j)``, which in either order is the reversal of the flat buffer; swapped ``chunk`` values at a
+    time from both ends."""
+    flat = (M if M.is_contiguous() else M.t()).view(-1)
+    n, k = flat.numel(), 0
+    while k < n // 2:
+        c = min(chunk, n // 2 - k)
+        head, tail = flat[k:k + c], flat[n - k - c:n - k]
+        kept = head.flip(0)  # a copy of c values
+        head.copy_(tail.flip(0))
+        tail.copy_(kept)
+        k += c
+    return M
 
 
 def sparsegpt_prune(
@@ -76,12 +103,9 @@ def sparsegpt_prune(
     segments = sparsity if isinstance(sparsity, list) else [(rows, sparsity)]
     if sum(r for r, _ in segments) != rows:
         raise ValueError(f"segments cover {sum(r for r, _ in segments)} rows, the weight has {rows}")
-    H = H.clone()
     dead = torch.diag(H) == 0  # input channels never active: their weights cannot matter
-    H[dead, dead] = 1
     W[:, dead] = 0
-    Hinv = damped_inverse_cholesky(H, percdamp)  # upper factor, (in, in)
-    del H  # the damped copy is not needed any more: free it before the column loop
+    Hinv = damped_inverse_cholesky(H, percdamp, dead)  # upper factor, (in, in); H is left as it is
 
     if pattern.kind == "nm":
         blocksize = max(pattern.m, blocksize - blocksize % pattern.m)

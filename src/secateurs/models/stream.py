@@ -184,6 +184,8 @@ def open_streamed(folder: "str | os.PathLike", dtype: "torch.dtype | None" = Non
     except Exception as exc:
         raise ModelLoadError(f"cannot build the model of {str(folder)!r}: {first_line(exc)}") from exc
     model.eval()
+    if tied_head(model):  # as from_pretrained ties them (a skeleton built on meta is not tied yet)
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
     head = _prefix(model, model.get_output_embeddings()) + "weight" if tied_head(model) else None
     for name, p in model.named_parameters():
         if name == head:
@@ -211,7 +213,9 @@ def load_into(model: nn.Module, module: nn.Module, checkpoint: Checkpoint, dtype
     from accelerate.utils import set_module_tensor_to_device
 
     prefix = _prefix(model, module)
-    names = [n for n, _ in module.named_parameters(recurse=recurse)]
+    # a parameter the checkpoint lacks that is already in memory was added by the engine (zero biases for a
+    # structured cut's repair): it stays as it is
+    names = [n for n, p in module.named_parameters(recurse=recurse) if p.is_meta or prefix + n in checkpoint.shape]
     keep = [prefix + n for n in names if mapped and checkpoint.dtype[prefix + n] == dtype]
     values = {**checkpoint.read([prefix + n for n in names if prefix + n not in keep], dtype),
               **{k: checkpoint.mapped(k) for k in keep}}
@@ -256,60 +260,61 @@ class ShardWriter:
         self.total_size = 0
 
     def write(self, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
+        """``tensors`` as the next shard, each written straight from its memory (no serialised copy)."""
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        self._shard({k: (v.dtype, tuple(v.shape), lambda out, v=v: out.write(_as_buffer(v)))
+                     for k, v in tensors.items()})
 
-        if self.written == self.shards:
-            raise ValueError(f"all {self.shards} shards are written already")
-        self.written += 1
-        name = self._name(self.written)
-        try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, self.folder / name, metadata={"format": "pt"})
-        except SafetensorError as exc:  # safetensors' own type, also for an OSError underneath (a full disk)
-            from ..errors import OutputError
-
-            raise OutputError(f"cannot write {self.folder / name}: {first_line(exc)}") from exc
-        self.weight_map.update({k: name for k in tensors})
-        self.total_size += sum(v.numel() * v.element_size() for v in tensors.values())
-
-    def copy(self, checkpoint: Checkpoint, names: list, dtype: "torch.dtype | None" = None) -> None:
+    def copy(self, checkpoint: Checkpoint, names: list, dtype: "torch.dtype | None" = None,
+             rename=None) -> None:
         """Tensors ``names`` of ``checkpoint``, unchanged, as the next shard: the bytes go from file to file in
         chunks, never all in memory (floating-point ones stored in another dtype than ``dtype`` are converted
-        one tensor at a time)."""
+        one tensor at a time).  ``rename(name)``, if given, is the name each is written under."""
+        def converted(k):
+            return lambda out: out.write(_as_buffer(checkpoint.read([k], dtype)[k]))
+
+        def copied(k):
+            def write(out):
+                first, size = checkpoint.span[k]
+                with open(checkpoint.file_of[k], "rb") as src:
+                    src.seek(first)
+                    while size:
+                        chunk = src.read(min(size, 64 * 2**20))
+                        out.write(chunk)
+                        size -= len(chunk)
+            return write
+
+        entries = {}
+        for k in names:
+            convert = dtype is not None and checkpoint.dtype[k].is_floating_point and checkpoint.dtype[k] != dtype
+            entries[rename(k) if rename else k] = (dtype if convert else checkpoint.dtype[k], checkpoint.shape[k],
+                                                   converted(k) if convert else copied(k))
+        self._shard(entries)
+
+    def _shard(self, entries: dict) -> None:
+        """Write the next shard: ``entries`` maps each tensor's name to ``(dtype, shape, write(file))``, the
+        last writing exactly the tensor's bytes; the safetensors header goes first."""
         if self.written == self.shards:
             raise ValueError(f"all {self.shards} shards are written already")
         self.written += 1
         name = self._name(self.written)
-        convert = {k for k in names if dtype is not None and checkpoint.dtype[k].is_floating_point
-                   and checkpoint.dtype[k] != dtype}
-        kinds = {k: dtype if k in convert else checkpoint.dtype[k] for k in names}
-        sizes = {k: int(torch.Size(checkpoint.shape[k]).numel()) * torch.empty(0, dtype=kinds[k]).element_size()
-                 for k in names}
         header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for k in names:
-            header[k] = {"dtype": _NAMES[kinds[k]], "shape": list(checkpoint.shape[k]),
-                         "data_offsets": [offset, offset + sizes[k]]}
-            offset += sizes[k]
+        for k, (dtype, shape, _) in entries.items():
+            size = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
+            header[k] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
         try:
             with open(self.folder / name, "wb") as out:
                 out.write(len(text).to_bytes(8, "little") + text)
-                for k in names:
-                    if k in convert:
-                        out.write(_as_bytes(checkpoint.read([k], dtype)[k]))
-                        continue
-                    first, size = checkpoint.span[k]
-                    with open(checkpoint.file_of[k], "rb") as src:
-                        src.seek(first)
-                        while size:
-                            chunk = src.read(min(size, 64 * 2**20))
-                            out.write(chunk)
-                            size -= len(chunk)
+                for _, _, write in entries.values():
+                    write(out)
         except OSError as exc:
             from ..errors import OutputError
 
             raise OutputError(f"cannot write {self.folder / name}: {exc.strerror or exc}") from exc
-        self.weight_map.update({k: name for k in names})
+        self.weight_map.update({k: name for k in entries})
         self.total_size += offset
 
     def _name(self, k: int) -> str:
@@ -381,6 +386,8 @@ class BlockStream:
         finally:
             for m in wanted + ([head] if tied and output else []):
                 release(m, recurse=False)
+            if tied:
+                head.weight = embeddings.weight  # tied again, as the skeleton was built
             self.checkpoint.unmap()
 
     def resume(self, first: int) -> None:
@@ -396,6 +403,17 @@ class BlockStream:
         give_back_freed_memory()  # flat in the number of blocks (see allocator.py)
         self.done.add(i)
 
+    def copy_renumbered(self, kept: list) -> None:
+        """Write blocks ``kept`` (their indices in the checkpoint) unchanged, one shard each, renumbered
+        0, 1, ... as a model without the other blocks names them, then everything outside the blocks."""
+        names = sorted(self.checkpoint.file_of)
+        for new, old in enumerate(kept):
+            prefix, renamed = f"{self.blocks_name}.{old}.", f"{self.blocks_name}.{new}."
+            self.writer.copy(self.checkpoint, [k for k in names if k.startswith(prefix)], self.dtype,
+                             rename=lambda k, p=prefix, r=renamed: r + k[len(p):])
+        inside = f"{self.blocks_name}."
+        self.writer.copy(self.checkpoint, [k for k in names if not k.startswith(inside)], self.dtype)
+
     def copy_the_rest(self, n_blocks: int) -> None:
         """Write every tensor no walk changed, straight from the checkpoint: the blocks never entered, one shard
         each, then everything outside the blocks (embeddings, final norm, LM head) in the last shard."""
@@ -408,5 +426,7 @@ class BlockStream:
         self.writer.copy(self.checkpoint, [k for k in names if not k.startswith(inside)], self.dtype)
 
 
-def _as_bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+def _as_buffer(t: torch.Tensor):
+    """The bytes of ``t`` (contiguous, on the CPU) as a buffer over its own memory, not a copy."""
+    t = t.detach().cpu().contiguous()
+    return t.view(-1).view(torch.uint8).numpy() if t.numel() else b""

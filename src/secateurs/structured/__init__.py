@@ -4,11 +4,14 @@ from .engine import StructuredRecord, check_structured, prune_depth, prune_width
 from .surgery import STRUCTURE_KEY, check_loadable, load, structure_of
 
 
-def prune_structured(model, config, input_ids, tracker):
-    """Run one :class:`~secateurs.config.StructuredConfig` stage; returns ``(records, block scores or None)``."""
+def prune_structured(model, config, input_ids, tracker, source=None):
+    """Run one :class:`~secateurs.config.StructuredConfig` stage; returns ``(records, block scores or None)``.
+    ``source``: where a streamed model's blocks come from and go to (see :func:`prune_width`)."""
+    from ..engine.walk import IN_MEMORY
+
     if config.method == "blocks":
-        return prune_depth(model, config, input_ids, tracker)
-    return prune_width(model, config, input_ids, tracker)
+        return prune_depth(model, config, input_ids, tracker, source or IN_MEMORY)
+    return prune_width(model, config, input_ids, tracker, source or IN_MEMORY)
 
 
 __all__ = ["StructuredRecord", "check_structured", "prune_depth", "prune_width", "prune_structured", "STRUCTURE_KEY",

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..engine.capture import capture_inputs
-from ..engine.walk import BlockVisit, walk_blocks
+from ..engine.walk import IN_MEMORY, BlockVisit, InMemory, walk_blocks
 from ..errors import ArchitectureError, ConfigError
 from ..models.arch import find_blocks, set_weight_of, weight_of
 from ..progress import Stage, Tracker
@@ -198,13 +198,18 @@ def check_structured(model: nn.Module, config) -> None:
 
 
 @torch.no_grad()
-def prune_width(model: nn.Module, config, input_ids: "torch.Tensor | None", tracker: Tracker) -> tuple:
+def prune_width(model: nn.Module, config, input_ids: "torch.Tensor | None", tracker: Tracker,
+                source: InMemory = IN_MEMORY) -> tuple:
     """Remove MLP channels (``config.method == "channels"``) or attention heads (``"heads"``).
 
-    Returns ``(records, None)``: one :class:`StructuredRecord` per block."""
+    ``source`` brings each block into memory for its turn and takes it away after (a streamed model, which
+    writes the cut block as it goes; uniform allocation only).  Returns ``(records, None)``: one
+    :class:`StructuredRecord` per block."""
     check_structured(model, config)
     kind = config.method
     blocks_name, blocks = find_blocks(model)
+    if source is not IN_MEMORY and config.allocation == "global":
+        raise ConfigError("allocation=global scores every block before cutting any: it is not streamed")
     units = [_unit(kind, b, f"{blocks_name}.{i}.") for i, b in enumerate(blocks)]
     compensate = _prepare_bias(model, config, units, kind)
     device = torch.device(config.device)
@@ -215,7 +220,8 @@ def prune_width(model: nn.Module, config, input_ids: "torch.Tensor | None", trac
     hidden = calls = None
     if needs_data:
         tracker.enter(Stage.CALIBRATING)
-        hidden, calls = capture_inputs(model, blocks, input_ids, config.batch_size)
+        with source.outside_blocks():
+            hidden, calls = capture_inputs(model, blocks, input_ids, config.batch_size)
 
     def observe(step: BlockVisit, keep: bool):
         out_name, out_module = _output_of(kind, units[step.index])
@@ -264,10 +270,13 @@ def prune_width(model: nn.Module, config, input_ids: "torch.Tensor | None", trac
             records.append(cut(step.index, st))
             return None  # the walk runs the cut block for the next one's inputs
 
-        walk_blocks(blocks, blocks_name, hidden, calls, device, visit, tracker)
+        walk_blocks(blocks, blocks_name, hidden, calls, device, visit, tracker, source=source)
     else:
         tracker.enter(Stage.PRUNING)
-        records = [cut(i, None) for i in tracker.bar(range(len(blocks)))]
+        for i in tracker.bar(range(len(blocks))):
+            source.enter(i, blocks[i])
+            records.append(cut(i, None))
+            source.leave(i, blocks[i])
     structure = sync_config(model, head_dim)
     check_loadable(model, structure)
     return records, None
@@ -294,8 +303,8 @@ def _prepare_bias(model, config, units, kind) -> bool:
         members = [m for _, m in u.inputs] + [u.output[1]] if kind == "channels" else [u.q[1], u.k[1], u.v[1], u.o[1]]
         for m in members:
             if getattr(m, "bias", None) is None:
-                W = m.weight
-                m.bias = nn.Parameter(torch.zeros(W.shape[0], dtype=W.dtype, device=W.device))
+                W = m.weight  # on a streamed model's skeleton W is on "meta": the new zeros are real all the same
+                m.bias = nn.Parameter(torch.zeros(W.shape[0], dtype=W.dtype, device="cpu" if W.is_meta else W.device))
     setattr(model.config, flag, True)
     log.info("bias compensation: turned %s on (zero biases added) so the repair has somewhere to go", flag)
     return True
@@ -341,7 +350,7 @@ def _cut(kind, unit, scores, hunits, count, st, config, compensate, i) -> Struct
 
 @torch.no_grad()
 def block_scores(model: nn.Module, input_ids: torch.Tensor, score: str, n: int, batch_size: int, device,
-                 tracker: Tracker) -> torch.Tensor:
+                 tracker: Tracker, source: InMemory = IN_MEMORY) -> torch.Tensor:
     """Run the dense blocks once over the calibration tokens.
 
     ``score="bi"``: Block Influence of every block, ``(blocks,)``.  ``score="angular"``: for every start
@@ -350,7 +359,8 @@ def block_scores(model: nn.Module, input_ids: torch.Tensor, score: str, n: int, 
     blocks_name, blocks = find_blocks(model)
     L = len(blocks)
     tracker.enter(Stage.CALIBRATING)
-    hidden, calls = capture_inputs(model, blocks, input_ids, batch_size)
+    with source.outside_blocks():
+        hidden, calls = capture_inputs(model, blocks, input_ids, batch_size)
     tokens = sum(h.shape[0] * h.shape[1] for h in hidden)
     sums = torch.zeros(L if score == "bi" else L - n + 1, dtype=torch.float64)
     history = [hidden]  # angular: the inputs of the last n+1 blocks
@@ -368,18 +378,22 @@ def block_scores(model: nn.Module, input_ids: torch.Tensor, score: str, n: int, 
                                   for a, b in zip(history[0], history[-1]))
         return outs
 
-    walk_blocks(blocks, blocks_name, hidden, calls, device, visit, tracker)
+    walk_blocks(blocks, blocks_name, hidden, calls, device, visit, tracker, source=source)
     return S.block_influence(sums, tokens) if score == "bi" else sums / tokens
 
 
 @torch.no_grad()
-def prune_depth(model: nn.Module, config, input_ids: torch.Tensor, tracker: Tracker) -> tuple:
-    """Remove ``config.count`` (or ``ratio`` of the) blocks; returns ``(records, block scores)``."""
+def prune_depth(model: nn.Module, config, input_ids: torch.Tensor, tracker: Tracker,
+                source: InMemory = IN_MEMORY) -> tuple:
+    """Remove ``config.count`` (or ``ratio`` of the) blocks; returns ``(records, block scores)``.
+
+    ``source`` brings each block into memory while it is scored (a streamed model: the kept blocks are
+    written afterwards, renumbered, by whoever streams it)."""
     check_structured(model, config)
     _, blocks = find_blocks(model)
     k = config.count if config.count is not None else round(config.ratio * len(blocks))
     scores = block_scores(model, input_ids, config.score_name, k, config.batch_size, torch.device(config.device),
-                          tracker)
+                          tracker, source)
     tracker.enter(Stage.PRUNING)
     remove = S.blocks_to_remove(config.score_name, scores, k)
     log.info("removing blocks %s (%s scores %s)", remove, config.score_name, [round(float(s), 4) for s in scores])
