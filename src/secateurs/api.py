@@ -570,7 +570,9 @@ def prune_streamed(source, config, calibration, output, *, dtype: "torch.dtype |
     wait in its folder until the walk ends; a prune stopped part-way and run again resumes after the last saved
     block.
 
-    A ranking allocation (``global``) and structured methods are not streamed (:func:`prune` them in memory).
+    Structured stages stream too: channels and heads cut each block as it is read and write the smaller one;
+    blocks are scored streamed, then the kept ones are copied, renumbered.  A ranking allocation (``global``,
+    of weights or of structured widths) is not streamed (:func:`prune` it in memory).
     """
     from .models.load import check_space, written_folder
     from .models.stream import open_streamed

@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=_positive_int, default=None, metavar="N",
                    help="save the walk's state to OUTPUT.prune-state every N blocks; the same command resumes from it")
     p.add_argument("--no-resume", action="store_true", help="start the walk over even if OUTPUT.prune-state exists")
-    _add_no_stream(p, "weight-pruning configs without --allocation global")
+    _add_no_stream(p, "every method without --allocation global")
 
     p = sub.add_parser("finetune", help="recovery fine-tuning with the mask frozen (or gradual pruning on a schedule)")
     _add_model(p)
