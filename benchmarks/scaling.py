@@ -96,7 +96,11 @@ def folder_bytes(folder: Path) -> int:
 
 def one(run: str) -> dict:
     name, method = run.split(":")
-    folder = build_checkpoint(name)
+    # built in a process of its own: a child forked from a process that held the building's memory would
+    # report that memory as its own peak (Linux keeps the pre-exec high-water mark in ru_maxrss)
+    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                    f"import scaling; scaling.build_checkpoint({name!r})"], check=True)
+    folder = scratch() / name
     out = scratch() / f"out-{name}-{method}"
     report = scratch() / f"report-{name}-{method}.json"
     cmd = [sys.executable, "-m", "secateurs.cli", "prune", "--model", str(folder), "--method", method,
