@@ -141,9 +141,11 @@ def markdown(rows: list, command: str) -> str:
                      f"{r['checkpoint_bytes'] / 1e9:.2f} | {r['output_bytes'] / 1e9:.2f} | {r['output_dtype']} | "
                      f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['prune_seconds']:.0f} | {r['seconds_per_block']:.1f} | "
                      f"{r['sparsity']:.4f} |")
-    lines += ["", "Repeated runs of one shape differ by a few tenths of a GiB in peak RSS (the glibc heap: in this session d22:wanda "
-              "gave 0.90 to 1.00 GiB and llama3b:wanda 1.26 to 1.52 GiB, some of the runs before this commit's memory "
-              "changes).", "",
+    lines += ["", "Repeated runs of one shape differ by up to ~0.2 GiB in peak RSS (on 2026-12-06, with this code: d22:wanda "
+              "0.90 to 1.00 GiB, llama3b:wanda 1.42 to 1.63, llama3b:sparsegpt 2.14 to 2.35). Earlier pages showed more "
+              "for a shape whose checkpoint had just been built: the builder's memory was counted as the prune's "
+              "peak (a forked child's `ru_maxrss` keeps its parent's high-water mark); checkpoints are now built in "
+              "a process of their own.", "",
               "![peak RSS and prune time against model size](scaling.png)", ""]
     return "\n".join(lines + projection(rows))
 
