@@ -244,11 +244,7 @@ def prune(model, config, calibration: "torch.Tensor | Iterable | None" = None, *
         if isinstance(cfg, StructuredConfig):
             from .structured import prune_structured
 
-            cut, scores = prune_structured(model, cfg, ids, tracker)
-            result.structured += cut
-            if scores is not None:
-                result.block_scores = [float(x) for x in scores]
-            records.clear()  # earlier records name weights whose shapes (or blocks) are gone
+            _add_stage(result, records, cfg, [], *prune_structured(model, cfg, ids, tracker))
             continue
         plan = plans.get(k) or make_plan(model, cfg)
         method = cfg.build_method()
@@ -256,7 +252,7 @@ def prune(model, config, calibration: "torch.Tensor | Iterable | None" = None, *
             done = prune_with_data(model, plan, method, cfg, ids, tracker, checkpoint)
         else:
             done = prune_without_data(plan, method, cfg, tracker)
-        records.update({r.name: r for r in done})  # a layer pruned by two stages keeps its last record
+        _add_stage(result, records, cfg, done)
     result.prune_seconds = time.perf_counter() - start
     result.resumed_at_block = checkpoint.resumed_at if checkpoint is not None else None
     tracker.enter(Stage.COMPLETE)
@@ -264,6 +260,17 @@ def prune(model, config, calibration: "torch.Tensor | Iterable | None" = None, *
     result.stage_seconds = dict(tracker.seconds)
     result.stage = tracker.stage.value
     return result
+
+
+def _add_stage(result: PruneResult, records: dict, cfg, done: list, cut=(), scores=None) -> None:
+    """Add one stage's outcome: its layer records ``done`` into ``records`` (by name), a structured stage's
+    cuts and block scores into ``result``."""
+    if isinstance(cfg, StructuredConfig):
+        result.structured += cut
+        if scores is not None:
+            result.block_scores = [float(x) for x in scores]
+        records.clear()  # earlier records name weights whose shapes (or blocks) are gone
+    records.update({r.name: r for r in done})  # a layer pruned by two stages keeps its last record
 
 
 def evaluate(model, tokenizer, config: "EvalConfig | None" = None, ids: "torch.Tensor | None" = None,
@@ -592,7 +599,7 @@ def prune_streamed(source, config, calibration, output, *, dtype: "torch.dtype |
     check_space(output, None, extra=streamed_room(weights, dtype) * min(len(configs), 2), what="the model")
     start = time.perf_counter()
     records: dict[str, LayerRecord] = {}
-    structured, block_scores = [], None
+    result = PruneResult(configs)
     with written_folder(output, overwrite) if ranks.main else nullcontext() as folder:
         read_from = None
         for k, cfg in enumerate(configs):
@@ -607,25 +614,19 @@ def prune_streamed(source, config, calibration, output, *, dtype: "torch.dtype |
                 else:
                     plan = make_plan(model, cfg)
             into = folder if last else folder / f"stage-{k + 1}"
-            done, cut, scores = _stream_stage(model, weights, plan, cfg, ids, into, dtype, tracker,
-                                              checkpoint if last else None)
-            if isinstance(cfg, StructuredConfig):
-                structured += cut
-                block_scores = [float(x) for x in scores] if scores is not None else block_scores
-                records.clear()  # earlier records name weights whose shapes (or blocks) are gone
-            records.update({r.name: r for r in done})  # a layer pruned by two stages keeps its last record
+            _add_stage(result, records, cfg, *_stream_stage(model, weights, plan, cfg, ids, into, dtype, tracker,
+                                                            checkpoint if last else None))
             if read_from is not None:
                 weights.unmap()
                 shutil.rmtree(read_from)
             read_from = into
-        seconds = time.perf_counter() - start
+        result.prune_seconds = time.perf_counter() - start
         if ranks.main and tokenizer is not None:
             tokenizer.save_pretrained(folder)
         tracker.enter(Stage.COMPLETE)  # the model is written: what finishing does is measuring it
-        result = PruneResult(configs, layers=list(records.values()), structured=structured,
-                             block_scores=block_scores, prune_seconds=seconds,
-                             stage_seconds=dict(tracker.seconds), stage=tracker.stage.value,
-                             resumed_at_block=checkpoint.resumed_at if checkpoint is not None else None)
+        result.layers = list(records.values())
+        result.stage_seconds, result.stage = dict(tracker.seconds), tracker.stage.value
+        result.resumed_at_block = checkpoint.resumed_at if checkpoint is not None else None
         more = finishing(ranks.from_main(folder), result) if finishing is not None else {}
         if ranks.main:
             for name, text in {**(extra_files or {}), **more}.items():
@@ -697,7 +698,7 @@ def streamed_room(checkpoint, dtype: "torch.dtype | None") -> int:
 def stream_source(model: "str | None", config) -> "Path | None":
     """The safetensors folder from which :func:`prune_streamed` would prune ``model`` (a folder or built-in name)
     with ``config``, or None where the whole model must be loaded: a hub id, per-block widths, or a config
-    :func:`check_streamable` refuses (a structured method, a ranking allocation)."""
+    :func:`check_streamable` refuses (a ranking allocation; a recipe of several stages in several processes)."""
     from .models.load import streamable
 
     try:

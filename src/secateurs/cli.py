@@ -573,7 +573,8 @@ def cmd_eval(args) -> int:
     from .models.load import load_tokenizer, streamable
 
     config = _eval_config(args)
-    source = None if args.no_stream else _threads(args) or streamable(args.model)
+    _threads(args)
+    source = None if args.no_stream else streamable(args.model)
     if source is not None:
         tokenizer = load_tokenizer(source)
         ppl = api.evaluate_streamed(source, tokenizer, config, dtype=_dtype(args), progress=not args.quiet)
@@ -603,7 +604,8 @@ def cmd_compare(args) -> int:
               flush=True)
     grid = api.compare_grid(methods, settings, base)
     cells = [c for _, _, c in grid]  # streamed only when every cell is: checked as one list of configs
-    source = None if args.no_stream else _threads(args) or api.stream_source(args.model, cells)
+    _threads(args)
+    source = None if args.no_stream else api.stream_source(args.model, cells)
     model, tokenizer = (source, load_tokenizer(source)) if source is not None else _load(args)
 
     def on_row(row):

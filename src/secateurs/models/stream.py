@@ -261,7 +261,6 @@ class ShardWriter:
 
     def write(self, tensors: dict[str, torch.Tensor]) -> None:
         """``tensors`` as the next shard, each written straight from its memory (no serialised copy)."""
-        tensors = {k: v.contiguous() for k, v in tensors.items()}
         self._shard({k: (v.dtype, tuple(v.shape), lambda out, v=v: out.write(_as_buffer(v)))
                      for k, v in tensors.items()})
 
@@ -411,8 +410,7 @@ class BlockStream:
             prefix, renamed = f"{self.blocks_name}.{old}.", f"{self.blocks_name}.{new}."
             self.writer.copy(self.checkpoint, [k for k in names if k.startswith(prefix)], self.dtype,
                              rename=lambda k, p=prefix, r=renamed: r + k[len(p):])
-        inside = f"{self.blocks_name}."
-        self.writer.copy(self.checkpoint, [k for k in names if not k.startswith(inside)], self.dtype)
+        self._copy_outside_blocks(names)
 
     def copy_the_rest(self, n_blocks: int) -> None:
         """Write every tensor no walk changed, straight from the checkpoint: the blocks never entered, one shard
@@ -422,6 +420,10 @@ class BlockStream:
             if i not in self.done:
                 prefix = f"{self.blocks_name}.{i}."
                 self.writer.copy(self.checkpoint, [k for k in names if k.startswith(prefix)], self.dtype)
+        self._copy_outside_blocks(names)
+
+    def _copy_outside_blocks(self, names: list) -> None:
+        """Everything outside the blocks (embeddings, final norm, LM head), unchanged, as the last shard."""
         inside = f"{self.blocks_name}."
         self.writer.copy(self.checkpoint, [k for k in names if not k.startswith(inside)], self.dtype)
 
