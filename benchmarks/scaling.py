@@ -141,8 +141,9 @@ def markdown(rows: list, command: str) -> str:
                      f"{r['checkpoint_bytes'] / 1e9:.2f} | {r['output_bytes'] / 1e9:.2f} | {r['output_dtype']} | "
                      f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['prune_seconds']:.0f} | {r['seconds_per_block']:.1f} | "
                      f"{r['sparsity']:.4f} |")
-    lines += ["", "Repeated runs of one shape differ by up to ~0.2 GiB in peak RSS (on 2026-12-06, with this code: d22:wanda "
-              "0.90 to 1.00 GiB, llama3b:wanda 1.42 to 1.63, llama3b:sparsegpt 2.14 to 2.35). Earlier pages showed more "
+    lines += ["", "Repeated runs of one shape differ by up to ~0.35 GiB in peak RSS (this script on 2026-12-06, this code, "
+              "checkpoints already built: d22:wanda 0.90 to 1.00 GiB, d22:sparsegpt 1.33 to 1.69, llama3b:wanda 1.42 "
+              "to 1.58, llama3b:sparsegpt 1.94 to 2.14). Earlier pages showed more "
               "for a shape whose checkpoint had just been built: the builder's memory was counted as the prune's "
               "peak (a forked child's `ru_maxrss` keeps its parent's high-water mark); checkpoints are now built in "
               "a process of their own.", "",
