@@ -271,3 +271,65 @@ def test_a_new_method_with_an_option_needs_only_its_own_file(tiny_dir, tmp_path,
     assert r["config"]["options"] == {"power": 2.0} and r["sparsity"] == pytest.approx(0.5)
     cells = api_module.compare_grid(["wanda", "wanda-power"], ["0.5"], {"power": 3.0})
     assert [c.options for _, _, c in cells] == [{}, {"power": 3.0}]
+
+
+# --------------------------------------------------------------------------- joint pruning and quantization
+
+
+def direct_obs_quant(W, H, mask, percdamp, quant):
+    """Textbook OBS with quantization (the SparseGPT paper's joint mode, GPTQ's rounding): at column q a pruned
+    weight goes to 0 and a kept one to its grid point, and either error updates the free columns as in
+    :func:`direct_obs`; each group's scales are fixed at its first column from its current kept weights."""
+    from secateurs.quant import codes_of
+
+    W = W.clone()
+    rows, n = W.shape
+    H = H + percdamp * torch.diag(H).mean() * torch.eye(n, dtype=H.dtype)
+    scales = torch.zeros(rows, n // quant.group_size)
+    for q in range(n):
+        g = q // quant.group_size
+        if q % quant.group_size == 0:
+            group = W[:, q:q + quant.group_size].masked_fill(mask[:, q:q + quant.group_size], 0)
+            scales[:, g] = (group.abs().amax(1) / quant.qmax).float()
+        Hinv = torch.linalg.inv(H[q:, q:])
+        target = (codes_of(W[:, q], scales[:, g], quant).float() * scales[:, g]).double().masked_fill(mask[:, q], 0)
+        W[:, q:] -= ((W[:, q] - target) / Hinv[0, 0]).unsqueeze(1) * Hinv[0, :].unsqueeze(0)
+        W[:, q] = target
+    return W, scales
+
+
+@pytest.mark.parametrize("blocksize", [8, 16])
+def test_joint_quantization_matches_direct_obs_with_rounding(blocksize):
+    from secateurs.quant import Quant
+
+    _, H = _hessian()
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(5, 16, generator=g, dtype=torch.float64)
+    got = W.clone()
+    quant = Quant(4, 8)
+    mask, scales = sparsegpt_prune(got, H, UNSTRUCTURED, 0.5, blocksize=blocksize, percdamp=0.01, quant=quant)
+    want, want_scales = direct_obs_quant(W, H, mask, 0.01, quant)
+    assert torch.allclose(scales, want_scales, rtol=1e-6) and torch.allclose(got, want, atol=1e-6)
+    assert (got[mask] == 0).all()
+    codes = got / scales.repeat_interleave(8, dim=1)
+    assert torch.allclose(codes, codes.round(), atol=1e-5) and codes.round().abs().max() <= 7  # the int4 grid
+
+
+def test_joint_quantization_beats_rounding_to_nearest_on_the_layer_output():
+    from secateurs.quant import Quant, round_to_nearest
+
+    _, H = _hessian(n_in=32, tokens=512)
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(16, 32, generator=g, dtype=torch.float64)
+    quant = Quant(4, 16)
+    joint = W.clone()
+    mask, _ = sparsegpt_prune(joint, H, UNSTRUCTURED, 0.5, blocksize=16, percdamp=0.01, quant=quant)
+    pruned = W.clone()
+    sparsegpt_prune(pruned, H, UNSTRUCTURED, 0.5, blocksize=16, percdamp=0.01)
+    rtn, _ = round_to_nearest(pruned.float(), quant)
+
+    def error(Wq):  # ||(W - Wq) X||^2 = tr((W - Wq) H (W - Wq)^T)
+        D = W - Wq.double()
+        return float(torch.trace(D @ H @ D.t()))
+
+    assert error(joint) < error(rtn)

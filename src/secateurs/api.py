@@ -85,12 +85,16 @@ class PruneResult:
 
 def _as_configs(config) -> list:
     if isinstance(config, (PruneConfig, StructuredConfig)):
-        return [config]
-    if isinstance(config, Recipe):
-        return list(config.stages)
-    configs = list(config)
+        configs = [config]
+    elif isinstance(config, Recipe):
+        configs = list(config.stages)
+    else:
+        configs = list(config)
     if not configs or not all(isinstance(c, (PruneConfig, StructuredConfig)) for c in configs):
         raise ConfigError("prune() takes a PruneConfig, a StructuredConfig, a Recipe or a list of them")
+    if any(getattr(c, "quant", "none") != "none" for c in configs[:-1]):
+        raise ConfigError("quant applies to the last stage of a recipe: a later stage would move the weights off "
+                          "their grid")
     return configs
 
 
@@ -499,7 +503,8 @@ class _StreamedCells:
     def run(self, cfg, calib, eval_config, ids):
         cell = Path(self.tmp.name) / "cell"
         try:
-            result = prune_streamed(self.source, cfg, calib, cell, dtype=self.dtype, progress=self.progress)
+            result = prune_streamed(self.source, cfg, calib, cell, dtype=self.dtype, progress=self.progress,
+                                    save_format="sparse" if cfg.quant != "none" else "dense")  # codes need it
             return result, self.evaluate(cell, eval_config, ids)
         finally:
             shutil.rmtree(cell, ignore_errors=True)
@@ -558,7 +563,7 @@ def markdown_table(table: dict) -> str:
 
 def prune_streamed(source, config, calibration, output, *, dtype: "torch.dtype | None" = None, tokenizer=None,
                    extra_files=None, finishing=None, overwrite: bool = False, progress: bool = True,
-                   tracker: "Tracker | None" = None, checkpoint=None) -> PruneResult:
+                   tracker: "Tracker | None" = None, checkpoint=None, save_format: str = "dense") -> PruneResult:
     """Prune the safetensors checkpoint in folder ``source`` into folder ``output``, one block in memory at a time.
 
     The model is never loaded whole: its skeleton has no weights (``meta``), each block is read from the
@@ -580,12 +585,17 @@ def prune_streamed(source, config, calibration, output, *, dtype: "torch.dtype |
     Structured stages stream too: channels and heads cut each block as it is read and write the smaller one;
     blocks are scored streamed, then the kept ones are copied, renumbered.  A ranking allocation (``global``,
     of weights or of structured widths) is not streamed (:func:`prune` it in memory).
+
+    ``save_format`` ``sparse`` stores the pruned weights compressed (:mod:`secateurs.export.compressed`)
+    before ``finishing`` runs; ``dense`` (the default) is what plain transformers loads.
     """
+    from .export.compressed import check_format, compress_folder, compressible
     from .models.load import check_space, written_folder
     from .models.stream import open_streamed
 
     configs = _as_configs(config)
     check_streamable(configs)
+    check_format(save_format, configs)
     if checkpoint is not None:
         check_checkpointable(configs)
         if not checkpoint.shards:
@@ -621,10 +631,12 @@ def prune_streamed(source, config, calibration, output, *, dtype: "torch.dtype |
                 shutil.rmtree(read_from)
             read_from = into
         result.prune_seconds = time.perf_counter() - start
+        result.layers = list(records.values())
         if ranks.main and tokenizer is not None:
             tokenizer.save_pretrained(folder)
+        if ranks.main and save_format == "sparse":
+            compress_folder(folder, compressible(result))
         tracker.enter(Stage.COMPLETE)  # the model is written: what finishing does is measuring it
-        result.layers = list(records.values())
         result.stage_seconds, result.stage = dict(tracker.seconds), tracker.stage.value
         result.resumed_at_block = checkpoint.resumed_at if checkpoint is not None else None
         more = finishing(ranks.from_main(folder), result) if finishing is not None else {}

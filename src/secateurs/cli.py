@@ -1,4 +1,4 @@
-"""Prune transformers and measure what it cost: prune, eval, compare, finetune, iterate.
+"""Prune transformers and measure what it cost: prune, eval, compare, finetune, iterate, decompress, export.
 
 Every error a user can cause (bad sparsity, pattern, path, data...) ends in one line on stderr and exit
 status 2; nothing is written to the output folder unless the whole run succeeded.
@@ -99,6 +99,10 @@ def _add_prune(p, single_method=True):
                    help="prune a block's input groups one at a time, each observed after the previous one was "
                         "pruned (default: on for sparsegpt, off for wanda)")
     p.add_argument("--device", default=None, help="compute device for each block (default cpu)")
+    p.add_argument("--quant", choices=["none", "int8", "int4"], default=None,
+                   help="the kept weights as integers with group-wise scales (default none; needs --save-format "
+                        "sparse). Round to nearest; sparsegpt quantizes inside its sweep (--no-joint-quant: not)")
+    p.add_argument("--group-size", type=int, default=None, help="quant: input columns sharing one scale (default 128)")
 
 
 def _add_method_options(p):
@@ -211,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=_positive_int, default=None, metavar="N",
                    help="save the walk's state to OUTPUT.prune-state every N blocks; the same command resumes from it")
     p.add_argument("--no-resume", action="store_true", help="start the walk over even if OUTPUT.prune-state exists")
+    p.add_argument("--save-format", choices=["dense", "sparse"], default="dense",
+                   help="dense (default): what plain transformers loads; sparse: each pruned weight stored as its "
+                        "kept values and where they are (docs/format.md), read by every secateurs command")
     _add_no_stream(p, "every method without --allocation global")
 
     p = sub.add_parser("finetune", help="recovery fine-tuning with the mask frozen (or gradual pruning on a schedule)")
@@ -260,13 +267,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the cells already in --report (from an interrupted run) and measure only the rest")
     _add_no_stream(p, "weight-pruning cells without --allocation global; each cell's model is written to a "
                       "temporary folder (TMPDIR) and removed once measured")
+
+    p = sub.add_parser("decompress", help="write the plain dense checkpoint of a compressed sparse one")
+    p.add_argument("input", help="a folder saved with --save-format sparse")
+    p.add_argument("output", help="folder for the dense checkpoint (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+
+    p = sub.add_parser("export", help="write a saved model as one GGUF file (llama.cpp, Ollama, LM Studio)")
+    p.add_argument("input", help="a model folder (dense or compressed; llama or qwen2, one width for all blocks)")
+    p.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write (atomically)")
+    p.add_argument("--quant", choices=["f16", "q8_0", "q4_0"], default="f16",
+                   help="the 2-D weights' type (default f16); norms and biases stay float32")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
     return parser
 
 
 _FLAG_FIELDS = ["method", "sparsity", "pattern", "group", "include", "exclude", "calib_data", "calib_samples",
                 "calib_seqlen", "seed", "batch_size", "refine", "refine_iters", "refine_damp", "propagate",
                 "true_sequential", "device", "ratio", "score", "allocation", "round_to", "gqa", "refit",
-                "bias_compensation"]
+                "bias_compensation", "quant", "group_size"]
 
 
 def _overrides(args) -> dict:
@@ -330,13 +351,16 @@ def cmd_prune(args) -> int:
     from .config import ConfigError, Recipe, StructuredConfig, config_from_dict
     from .data import load_text, tokenize
     from .eval import speed
+    from .export.compressed import check_format, compressible, storage_of
     from .models import check_output, check_space, save_model
+    from .models.snapshot import weight_bytes
     from .progress import Stage, Tracker
 
     overrides = _overrides(args)
     recipe = Recipe.load(args.recipe, overrides) if args.recipe else Recipe([config_from_dict(overrides)])
     recipe.eval = _eval_config(args, recipe.eval)
     eval_config = None if args.no_eval else recipe.eval
+    check_format(args.save_format, recipe.stages)
     output = check_output(args.output, args.overwrite)
     source = None if args.no_stream else api.stream_source(args.model, recipe)
     checkpoint = api.walk_checkpoint(recipe, args.output, {"model": args.model or DEFAULT_MODEL}, args.save_every,
@@ -356,6 +380,8 @@ def cmd_prune(args) -> int:
     structured = any(isinstance(c, StructuredConfig) for c in recipe.stages)
     if not structured:  # zeros take the room of the weights they replace (a structured cut saves less)
         room, what = api.walk_room(model, first, checkpoint)
+        if args.save_format == "sparse":  # the dense files are written first, then re-stored one at a time
+            room += weight_bytes(model)
         check_space(output, model, extra=16 * 2**20 + room, what=what)
     dense = api.evaluate(model, tokenizer, eval_config, ids=eval_ids, progress=show) if eval_config else None
     if dense is not None:
@@ -386,9 +412,14 @@ def cmd_prune(args) -> int:
         tracker.enter(Stage.EXPORTING)
     if not current_ranks().main:  # one of several processes (torchrun): rank 0 writes
         return 0
-    save_model(model, tokenizer, output, overwrite=args.overwrite, extra_files={
-        "secateurs_report.json": json.dumps(report, indent=2) + "\n",
-        "secateurs_recipe.yaml": yaml.safe_dump(recipe.to_dict(), sort_keys=False)})
+    def files(folder):  # the weights are written (and compressed): their size goes into the report
+        report["storage"] = storage_of(folder)
+        _say_storage(report["storage"])
+        return {"secateurs_report.json": json.dumps(report, indent=2) + "\n",
+                "secateurs_recipe.yaml": yaml.safe_dump(recipe.to_dict(), sort_keys=False)}
+
+    save_model(model, tokenizer, output, overwrite=args.overwrite, extra_files=files,
+               compress=compressible(result) if args.save_format == "sparse" else None)
     tracker.enter(Stage.COMPLETE)
     report["stage"] = tracker.stage.value
     report["stage_seconds"] = dict(tracker.seconds)
@@ -412,6 +443,16 @@ def _say_pruned(result, params: int) -> None:
               f"{params:,} parameters", flush=True)
 
 
+def _say_storage(storage: dict) -> None:
+    line = (f"weights on disk: {storage['weight_bytes'] / 2**20:,.1f} MiB, {storage['ratio']:.3f} of dense "
+            f"({storage['format']})")
+    if "encoded" in storage:
+        e = storage["encoded"]
+        line += (f"; the {e['weights']} encoded weights {e['bytes'] / 2**20:,.1f} MiB, {e['ratio']:.3f} of their "
+                 "dense bytes")
+    print(line, flush=True)
+
+
 def _say_size_speed(report: dict) -> None:
     r, d, p = (report["size_speed"][k] for k in ("ratios", "dense", "pruned"))
     print(f"parameters {d['params']:,} -> {p['params']:,}; disk {d['disk_bytes'] / 2**20:.1f} -> "
@@ -430,6 +471,7 @@ def _prune_streamed(args, recipe, source, eval_config, checkpoint) -> int:
     from .data import load_text, tokenize
     from .eval import speed
     from .models.load import check_space, load_model, load_tokenizer
+    from .export.compressed import storage_of
     from .models.stream import Checkpoint, open_streamed
 
     _threads(args)
@@ -460,7 +502,9 @@ def _prune_streamed(args, recipe, source, eval_config, checkpoint) -> int:
             if eval_config else None
         if ppl is not None:
             print(f"pruned perplexity: {ppl:.3f}" + (f" (dense {dense:.3f})" if dense is not None else ""), flush=True)
-        report = api.build_report(result, folder, dense, ppl, eval_config, model_name=name, streamed=True)
+        report = api.build_report(result, folder, dense, ppl, eval_config, model_name=name, streamed=True,
+                                  storage=storage_of(folder))
+        _say_storage(report["storage"])
         if dense_size_speed is not None:
             report["size_speed"] = speed.size_speed_report(dense_size_speed, speed_of(folder))
             _say_size_speed(report)
@@ -472,7 +516,8 @@ def _prune_streamed(args, recipe, source, eval_config, checkpoint) -> int:
 
     api.prune_streamed(source, recipe, calib, args.output, dtype=dtype, tokenizer=tokenizer,
                        extra_files={"secateurs_recipe.yaml": yaml.safe_dump(recipe.to_dict(), sort_keys=False)},
-                       finishing=finishing, overwrite=args.overwrite, progress=show, checkpoint=checkpoint)
+                       finishing=finishing, overwrite=args.overwrite, progress=show, checkpoint=checkpoint,
+                       save_format=args.save_format)
     if (state_dir := api.walk_state_dir(args.output)).exists():  # the finished model supersedes it
         shutil.rmtree(state_dir)
     print(f"saved to {args.output}", flush=True)
@@ -625,6 +670,24 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_decompress(args) -> int:
+    from .export.compressed import decompress, storage_of
+
+    before = storage_of(args.input)
+    decompress(args.input, args.output, overwrite=args.overwrite)
+    print(f"decompressed {before['weight_bytes'] / 2**20:,.1f} MiB of weights into "
+          f"{storage_of(args.output)['weight_bytes'] / 2**20:,.1f} MiB in {args.output}", flush=True)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export.gguf import export_gguf
+
+    out = export_gguf(args.input, args.gguf, args.quant, overwrite=args.overwrite)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:,.1f} MiB, {args.quant})", flush=True)
+    return 0
+
+
 def _previous_table(args) -> "dict | None":
     """With ``--resume``, the table saved in ``--report`` by an earlier run (None when there is none yet)."""
     from . import api
@@ -648,7 +711,8 @@ def main(argv=None) -> int:
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
     commands = {"prune": cmd_prune, "eval": cmd_eval, "compare": cmd_compare, "finetune": cmd_finetune,
-                "iterate": cmd_iterate}
+                "iterate": cmd_iterate, "decompress": cmd_decompress,
+                "export": cmd_export}
     # a kill (SIGTERM: a scheduler's time limit, `kill`) unwinds like Ctrl-C, so temporary folders are removed
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None

@@ -31,6 +31,7 @@ from .methods import METHODS
 from .methods.base import Method, option_table
 from .models.load import first_line
 from .patterns import Pattern
+from .quant import Quant
 
 SCOPES = ("all", "attention", "mlp")
 PROPAGATE = ("pruned", "dense")
@@ -222,6 +223,8 @@ class PruneConfig(_Serialised):
     propagate: "str | None" = None  # pruned (reference default) | dense; None = pruned (dense for allocation=global)
     true_sequential: "bool | None" = None  # prune q/k/v -> o -> up/gate -> down one after the other; None = method's
     device: str = "cpu"  # where each block is computed; activations stay on the CPU
+    quant: str = "none"  # none | int8 | int4: the kept weights become integers with group-wise scales (quant.py)
+    group_size: "int | None" = None  # quant: input columns sharing one scale; None = 128
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PruneConfig":
@@ -287,6 +290,14 @@ class PruneConfig(_Serialised):
         _check(self.refine_damp is None or self.refine_damp >= 0, f"refine_damp must be >= 0, got {self.refine_damp}")
         _check(not (self.refine != "none" and ranked),
                "allocation=global masks every layer after the walk, when no layer can be refined any more")
+        _check(self.group_size is None or self.quant != "none", "group_size is read only with quant int8 or int4")
+        if self.quant_value is not None:  # parses and validates
+            _check(not ranked, "allocation=global masks every layer after the walk: quant does not apply")
+            _check(method.meets_target, "a threshold decides every layer's mask: quant applies to methods with a "
+                   "sparsity target")
+            _check(not (getattr(method, "joint_quant", False) and self.refine != "none"),
+                   f"{self.method} quantizes inside its sweep (joint_quant), and refine={self.refine} would move "
+                   "the weights off the grid afterwards: add --no-joint-quant (round to nearest after the refit)")
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -306,6 +317,11 @@ class PruneConfig(_Serialised):
     @property
     def pattern_value(self) -> Pattern:
         return Pattern.parse(self.pattern)
+
+    @property
+    def quant_value(self) -> "Quant | None":
+        """The quantization of the kept weights, or None (``quant=none``)."""
+        return Quant.parse(self.quant, 128 if self.group_size is None else self.group_size)
 
     @property
     def rules(self) -> list[LayerRule]:

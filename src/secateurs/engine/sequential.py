@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -32,8 +32,10 @@ from torch import nn
 from ..errors import CalibrationError, ConfigError, VerificationError
 from ..methods.base import InputStats, LayerTarget, Method
 from ..methods.reconstruct import admm_reconstruct
-from ..models.arch import check_finite, find_blocks, find_linears, non_finite, role_of, set_weight_of, weight_of
+from ..models.arch import (check_finite, find_blocks, find_linears, is_transposed, non_finite, role_of, set_weight_of,
+                           weight_of)
 from ..patterns import check_nm, check_tiles, zero_where_
+from ..quant import round_to_nearest
 from ..progress import Stage, Tracker
 from .allocation import allocation_of
 from .capture import StopForward, capture_inputs
@@ -249,18 +251,25 @@ def prune_layers(names: list, modules: list, method: Method, stats: InputStats, 
             # the method edits in place: never let a failure leave a half-pruned weight in the model
             Ws.append(W.clone() if W.data_ptr() == originals[i].data_ptr() else W)
         masks = method.prune_many(Ws, stats, [targets[i] for i in part])
+        # a method that quantized inside its own sweep returned (mask, scales) for each weight
+        scales = [m[1] if isinstance(m, tuple) else None for m in masks]
+        masks = [m[0] if isinstance(m, tuple) else m for m in masks]
         if refine is not None:
             W0 = torch.cat([originals[i].to(device=device, dtype=torch.float32) for i in part])
             W = refine(torch.cat(Ws), W0, stats.hessian, ~torch.cat(masks))
             Ws = list(W.split([w.shape[0] for w in Ws]))
-        for i, W, mask in zip(part, Ws, masks):
+        for k, (i, W, mask) in enumerate(zip(part, Ws, masks)):
+            if (quant := targets[i].quant) is not None and scales[k] is None:  # round to nearest on its own grid
+                W, scales[k] = round_to_nearest(W, quant)
             counts = verify_layer(names[i], W, mask, targets[i], method.meets_target)
-            finished[i] = W.to(originals[i].device, originals[i].dtype), counts
+            finished[i] = W.to(originals[i].device, originals[i].dtype), counts, scales[k]
         del Ws, masks
     out = []
     for i, (name, module, target) in enumerate(zip(names, modules, targets)):
-        W, counted = finished.pop(i)
+        W, counted, scale = finished.pop(i)
         set_weight_of(module, W)
+        if scale is not None:  # saved beside the weight (as NAME.weight_scale) until the saver packs the codes
+            module.register_buffer("weight_scale", scale.to(W.device, W.dtype))
         out.append(record(name, block, W, counted, target.sparsity if method.meets_target else None))
     return out
 
@@ -287,6 +296,7 @@ def make_plan(model: nn.Module, config) -> Plan:
     blocks_name, blocks = find_blocks(model)
     pattern = config.pattern_value
     group = config.resolved.group
+    quant = config.quant_value
     allocation = allocation_of(config)
     linears = [find_linears(block, f"{blocks_name}.{i}.") for i, block in enumerate(blocks)]
     config.check_names([(name, i) for i, found in enumerate(linears) for name in found], len(blocks))
@@ -298,8 +308,14 @@ def make_plan(model: nn.Module, config) -> Plan:
                 continue
             W = weight_of(module)
             pattern.validate_shape(*W.shape, name=name)
+            if quant is not None:
+                if is_transposed(module):
+                    raise ConfigError(f"{name}: quant int8/int4 is written for weights stored (out, in); this "
+                                      f"{type(module).__name__} stores (in, out)")
+                quant.validate_shape(W.shape[1], name=name)
             check_finite(name, W)
-            chosen[name] = (module, LayerTarget(pattern, allocation.target(config, name, i), group))
+            scaled = replace(quant, scale_dtype=W.dtype) if quant is not None else None  # scales as stored
+            chosen[name] = (module, LayerTarget(pattern, allocation.target(config, name, i), group, scaled))
         layers.append(chosen)
     if not any(layers):
         raise ConfigError("no linear layer matches the include/exclude selection: nothing to prune")

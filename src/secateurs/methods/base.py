@@ -23,6 +23,7 @@ import torch
 
 from ..errors import ConfigError
 from ..patterns import Pattern, build_mask, zero_where_
+from ..quant import Quant
 
 NEEDS = ("none", "norms", "hessian")
 
@@ -43,6 +44,8 @@ class LayerTarget:
     pattern: Pattern
     sparsity: float
     group: str = "row"  # row | layer (SparseGPT: lazy-batch, its lazy-update columns)
+    quant: "Quant | None" = None  # the kept weights' integer grid; a method that quantizes inside its own
+    # sweep (SparseGPT's joint_quant) returns (mask, scales); any other is rounded to nearest by the engine
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import torch
 
 from ..errors import CalibrationError, ConfigError
 from ..patterns import Pattern, expand_tiles, lowest_in_groups, lowest_k_mask, tile_scores, zero_where_
+from ..quant import Quant, codes_of
 from .base import InputStats, LayerTarget, Method, register
 
 log = logging.getLogger(__name__)
@@ -92,12 +93,19 @@ def sparsegpt_prune(
     sparsity: "float | list[tuple[int, float]]",
     blocksize: int = 128,
     percdamp: float = 0.01,
-) -> torch.Tensor:
+    quant: "Quant | None" = None,
+) -> "torch.Tensor | tuple[torch.Tensor, torch.Tensor]":
     """Prune ``W`` (out, in) in place given ``H = X^T X`` (in, in); return the boolean prune mask.
 
     ``sparsity`` may be a list of ``(rows, sparsity)`` segments: layers that read the same input (q/k/v)
     are then pruned in one pass over their stacked rows -- the OBS update is row-independent -- while
     each keeps its own unstructured / block selection, exactly as if pruned one by one.
+
+    ``quant`` quantizes the kept weights in the same sweep, as the paper's joint sparsification and
+    quantization does (GPTQ's column-by-column rounding): a kept ``w_q`` becomes its grid point ``q`` and the
+    error ``(w_q - q) / [H^-1]_qq`` is spread over the later columns as a pruned weight's is.  Each group's
+    scales are fixed when the sweep reaches its first column, from the current (already updated) weights it
+    keeps.  Returns ``(mask, scales)`` then, the scales ``(out, groups)`` in float32 (:mod:`secateurs.quant`).
     """
     rows, cols = W.shape
     segments = sparsity if isinstance(sparsity, list) else [(rows, sparsity)]
@@ -114,12 +122,14 @@ def sparsegpt_prune(
 
     sub = max(pattern.m, 16 - 16 % pattern.m) if pattern.kind == "nm" else 16  # N:M groups never straddle
     mask = torch.zeros_like(W, dtype=torch.bool)
+    scales = torch.zeros(rows, quant.groups(cols)) if quant is not None else None
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
         # Work on the block transposed, (count, rows), so that a column is one contiguous row.
         W1 = W[:, i1:i2].t().contiguous()
         Err1 = torch.zeros_like(W1)
+        Q1 = torch.zeros_like(W1) if quant is not None else None  # the grid points of the kept weights
         U1 = Hinv[i1:i2, i1:i2]
         d = torch.diag(U1)
         d2 = (d * d).unsqueeze(1)  # [H_F^-1]_qq as a column, (count, 1)
@@ -144,17 +154,42 @@ def sparsegpt_prune(
                     saliency = W1[j] ** 2 / d2[j]  # (m, rows)
                     mask1[j] = lowest_in_groups(saliency, pattern.m - pattern.n)
                     scale[j] = mask1[j] / d[j].unsqueeze(1)
-                torch.mul(W1[i], scale[i], out=Err1[i])
+                if quant is None:
+                    torch.mul(W1[i], scale[i], out=Err1[i])
+                else:  # kept weights go to their grid point, pruned ones to 0: both errors are spread
+                    if (i1 + i) % quant.group_size == 0:
+                        scales[:, (i1 + i) // quant.group_size] = _group_scales(W, W1, mask1, i, i1, i2, quant,
+                                                                              pattern.kind != "nm")
+                    s_col = scales[:, (i1 + i) // quant.group_size]
+                    Q1[i] = (codes_of(W1[i], s_col, quant).float() * s_col).masked_fill_(mask1[i], 0)
+                    torch.sub(W1[i], Q1[i], out=Err1[i]).div_(d[i])
                 # remove w_q and spread its error over the sub-block's later columns
                 W1[i:s2].addr_(U1[i, i:s2], Err1[i], alpha=-1)
             if s2 < count:
                 W1[s2:].addmm_(U1[s1:s2, s2:].t(), Err1[s1:s2], alpha=-1)
 
-        zero_where_(W1, mask1)  # exact zeros (the update leaves rounding residue on pruned weights)
+        if quant is None:
+            zero_where_(W1, mask1)  # exact zeros (the update leaves rounding residue on pruned weights)
+        else:
+            W1 = Q1  # exact grid points and zeros
         W[:, i1:i2] = W1.t()
         mask[:, i1:i2] = mask1.t()
         W[:, i2:] -= Err1.t() @ Hinv[i1:i2, i2:]  # lazy batched update of all later columns
-    return mask
+    return mask if quant is None else (mask, scales)
+
+
+def _group_scales(W, W1, mask1, i, i1, i2, quant: "Quant", kept_only: bool) -> torch.Tensor:
+    """The scales ``(out,)`` of the quantization group starting at column ``i1 + i``: its largest current
+    magnitude per row (columns of this lazy batch from ``W1``, with every update so far; later ones from ``W``)
+    over ``qmax``, rounded to the stored dtype.  ``kept_only``: weights the mask removes do not count."""
+    end = i1 + i + quant.group_size
+    inside = W1[i:min(end - i1, W1.shape[0])]  # (c, out)
+    if kept_only:
+        inside = inside.masked_fill(mask1[i:i + inside.shape[0]], 0)
+    absmax = inside.abs().amax(0)
+    if end > i2:  # the group reaches past this batch: those columns have every earlier batch's update
+        absmax = torch.maximum(absmax, W[:, i2:end].abs().amax(1))
+    return (absmax / quant.qmax).to(quant.scale_dtype).float()
 
 
 def _select(score: torch.Tensor, pattern: Pattern, sparsity: float) -> torch.Tensor:
@@ -173,29 +208,36 @@ class SparseGPT(Method):
     groups = ("lazy-batch",)
     true_sequential = True  # the option of the official LLaMA script; better and, with replay, faster here
     help = {"blocksize": "columns per lazy-update batch (default 128)",
-            "percdamp": "damping of H as a fraction of mean(diag H) (default 0.01)"}
+            "percdamp": "damping of H as a fraction of mean(diag H) (default 0.01)",
+            "joint_quant": "with quant int8/int4: quantize the kept weights inside the sweep (default) rather than "
+                           "round them to nearest afterwards"}
 
-    def __init__(self, blocksize: int = 128, percdamp: float = 0.01):
+    def __init__(self, blocksize: int = 128, percdamp: float = 0.01, joint_quant: bool = True):
         if blocksize < 1:
             raise ConfigError(f"sparsegpt blocksize must be >= 1, got {blocksize}")
         if not 0 < percdamp < 1:
             raise ConfigError(f"sparsegpt percdamp must be in (0, 1), got {percdamp}")
         self.blocksize = blocksize
         self.percdamp = percdamp
+        self.joint_quant = joint_quant
 
     @torch.no_grad()
-    def prune(self, W: torch.Tensor, stats: InputStats, target: LayerTarget) -> torch.Tensor:
-        return sparsegpt_prune(W, stats.hessian, target.pattern, target.sparsity, self.blocksize, self.percdamp)
+    def prune(self, W: torch.Tensor, stats: InputStats, target: LayerTarget):
+        return sparsegpt_prune(W, stats.hessian, target.pattern, target.sparsity, self.blocksize, self.percdamp,
+                               target.quant if self.joint_quant else None)
 
     @torch.no_grad()
     def prune_many(self, Ws: list, stats: InputStats, targets: list) -> list:
         """Layers sharing one input (and so one Hessian) are pruned in a single pass over stacked rows."""
-        if len({t.pattern for t in targets}) != 1:
+        if len({(t.pattern, t.quant) for t in targets}) != 1:
             return super().prune_many(Ws, stats, targets)
         W = torch.cat(Ws, dim=0)
         segments = [(w.shape[0], t.sparsity) for w, t in zip(Ws, targets)]
-        mask = sparsegpt_prune(W, stats.hessian, targets[0].pattern, segments, self.blocksize, self.percdamp)
+        out = sparsegpt_prune(W, stats.hessian, targets[0].pattern, segments, self.blocksize, self.percdamp,
+                              targets[0].quant if self.joint_quant else None)
         sizes = [w.shape[0] for w in Ws]
         for w, part in zip(Ws, W.split(sizes)):
             w.copy_(part)
-        return list(mask.split(sizes))
+        if isinstance(out, tuple):  # joint quantization: each weight's mask and scales
+            return list(zip(out[0].split(sizes), out[1].split(sizes)))
+        return list(out.split(sizes))

@@ -117,8 +117,8 @@ def streamable(spec: "str | os.PathLike | None") -> "Path | None":
             load_model(spec, torch.float32)  # converts and caches it
     else:
         folder = path
-    if not (folder / "config.json").is_file() or not any((folder / f).exists() for f in
-                                                          ("model.safetensors", "model.safetensors.index.json")):
+    if not (folder / "config.json").is_file() or not any((folder / f).exists() for f in (
+            "model.safetensors", "model.safetensors.index.json", "model.sparse.safetensors.index.json")):
         return None
     if "secateurs_structure" in json.loads((folder / "config.json").read_text()):
         return None
@@ -166,10 +166,13 @@ def load_model(spec: "str | os.PathLike | None" = None, dtype: "str | torch.dtyp
         elif path.exists():
             if not (path / "config.json").is_file():
                 raise ModelLoadError(f"{spec!r} is not a model folder (no config.json)")
-            if "secateurs_structure" in json.loads((path / "config.json").read_text()):
+            config = json.loads((path / "config.json").read_text())
+            if "secateurs_structure" in config:
                 from ..structured import load as load_structured  # per-block widths (non-uniform pruning)
 
                 model, tokenizer = load_structured(path, dtype)
+            elif "secateurs_sparsity" in config:
+                model, tokenizer = load_compressed(path, dtype), load_tokenizer(path)
             else:
                 model, tokenizer = _from_pretrained(str(path), dtype)
         elif path.is_absolute() or spec.startswith((".", "~")):  # meant as a path, not a hub id
@@ -183,6 +186,18 @@ def load_model(spec: "str | os.PathLike | None" = None, dtype: "str | torch.dtyp
         raise ModelLoadError(f"cannot load model {spec!r}: {first_line(exc)} (built-in models: {known})") from exc
     model.eval()
     return model, tokenizer
+
+
+def load_compressed(folder: "str | os.PathLike", dtype: "str | torch.dtype" = "auto"):
+    """The model of a compressed sparse checkpoint (``--save-format sparse``), decoded into memory weight by
+    weight: its skeleton is built weightless, then every tensor is read (and decoded) into it."""
+    from .stream import load_into, open_streamed, tied_head
+
+    model, checkpoint = open_streamed(folder, None if dtype == "auto" else dtype)
+    load_into(model, model, checkpoint, checkpoint.stored_dtype if dtype == "auto" else dtype)
+    if tied_head(model):  # the embeddings' parameter was replaced: the head follows it
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    return model.eval()
 
 
 def file_in_the_way(paths) -> "Path | None":
@@ -285,17 +300,23 @@ def written_folder(output: "str | os.PathLike", overwrite: bool = False):
         raise
 
 
-def save_model(model, tokenizer, output: "str | os.PathLike", overwrite: bool = False, extra_files=None) -> Path:
+def save_model(model, tokenizer, output: "str | os.PathLike", overwrite: bool = False, extra_files=None,
+               compress: "dict | None" = None) -> Path:
     """``save_pretrained`` into a temporary sibling folder, then move it into place in one rename
     (:func:`written_folder`).  ``extra_files`` maps file names to text written beside the weights (the report
-    and recipe)."""
+    and recipe), or is a function of the written folder that returns that map.  ``compress`` (the weights to
+    encode, :func:`secateurs.export.compressed.compressible`) saves a compressed sparse checkpoint."""
     with written_folder(output, overwrite) as tmp:
         try:
             model.save_pretrained(tmp)
         except SafetensorError as exc:  # safetensors' own type, also for an OSError underneath (a full disk)
             raise OutputError(f"cannot save the model in {str(output)!r}: {first_line(exc)}") from exc
+        if compress is not None:
+            from ..export.compressed import compress_folder
+
+            compress_folder(tmp, compress)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for fname, text in (extra_files or {}).items():
+        for fname, text in (extra_files(tmp) if callable(extra_files) else extra_files or {}).items():
             (tmp / fname).write_text(text)
     return Path(output)

@@ -15,6 +15,7 @@ import logging
 import mmap
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from torch import nn
 
 from ..allocator import give_back_freed_memory
 from ..errors import ModelLoadError
+from ..export import sparse
 from .arch import check_finite
 from .load import first_line
 
@@ -43,6 +45,8 @@ class Checkpoint:
     def __init__(self, folder: "str | os.PathLike"):
         self.folder = Path(folder)
         index = self.folder / INDEX
+        if not index.exists() and not (self.folder / SINGLE).exists():
+            index = self.folder / sparse.INDEX  # a compressed sparse checkpoint (export/sparse.py), if it exists
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
@@ -58,6 +62,7 @@ class Checkpoint:
         self.dtype: dict[str, torch.dtype] = {}
         self.span: dict[str, tuple[int, int]] = {}  # (first byte in its file, byte count)
         self._maps: dict[Path, mmap.mmap] = {}
+        self.files = [self.folder / name for name in files]
         for name in files:
             path = self.folder / name
             if not path.is_file():
@@ -81,6 +86,38 @@ class Checkpoint:
         if weight_map is not None and (lost := sorted(set(weight_map) - set(self.file_of))):
             raise ModelLoadError(f"{self.folder / weight_map[lost[0]]}: lacks {lost[0]} (and {len(lost) - 1} more) "
                                  "that the index names")
+        self.packed: dict[str, dict] = {}  # encoded weight -> its entry; read() decodes it
+        self._part_file: dict[str, Path] = {}
+        self.stored_bytes: dict[str, int] = {}  # encoded weight -> the bytes of its parts
+        if (index.name == sparse.INDEX) != ("secateurs_sparsity" in self._config()):
+            raise ModelLoadError(f"{self.folder}: its config and its weight files disagree on whether it is a "
+                                 "compressed sparse checkpoint")
+        if index.name == sparse.INDEX:
+            self._index_encoded(sparse.check_entry(self._config()["secateurs_sparsity"], str(self.folder)))
+
+    def _config(self) -> dict:
+        path = self.folder / "config.json"
+        try:
+            return json.loads(path.read_text()) if path.is_file() else {}
+        except ValueError as exc:
+            raise ModelLoadError(f"{path}: not JSON ({first_line(exc)})") from None
+
+    def _index_encoded(self, entry: dict) -> None:
+        """Name each encoded weight as the weight it stands for (its shape, its values' dtype), its stored
+        parts apart: the checkpoint then reads as the dense one it encodes."""
+        for name, e in entry["tensors"].items():
+            parts = sparse.parts_of(name, e)
+            if lost := [p for p in parts if p not in self.file_of]:
+                raise ModelLoadError(f"{self.folder}: the compressed checkpoint lacks {lost[0]}")
+            for part in parts:
+                self._part_file[part] = self.file_of.pop(part)
+                del self.shape[part]
+                dtype = self.dtype.pop(part)
+                self.stored_bytes[name] = self.stored_bytes.get(name, 0) + self.span.pop(part)[1]
+                if part.endswith((".values", ".scales")):  # the values' dtype: the weight's
+                    self.file_of[name], self.dtype[name] = self._part_file[part], dtype
+            self.shape[name] = tuple(e["shape"])
+            self.packed[name] = e
 
     @property
     def stored_dtype(self) -> torch.dtype:
@@ -102,6 +139,8 @@ class Checkpoint:
     def mapped(self, name: str) -> torch.Tensor:
         """Tensor ``name`` as stored, without reading it: a read-only view of the memory-mapped file, whose
         pages come into memory only where it is read (the embedding rows of the tokens in use)."""
+        if name in self.packed:  # decoded in memory: an encoded weight has no dense bytes on disk
+            return self.read([name])[name]
         path = self.file_of[name]
         if path not in self._maps:
             with open(path, "rb") as f:
@@ -127,6 +166,9 @@ class Checkpoint:
     def chunks(self, name: str, values: int = 2**24):
         """Tensor ``name`` as stored, read from its file ``values`` values at a time (flat tensors): memory for
         one chunk, whatever the tensor's size."""
+        if name in self.packed:
+            yield from self.read([name])[name].view(-1).split(values)
+            return
         first, size = self.span[name]
         width = torch.empty(0, dtype=self.dtype[name]).element_size()
         with open(self.file_of[name], "rb") as f:
@@ -138,19 +180,25 @@ class Checkpoint:
 
     def read(self, names, dtype: "torch.dtype | None" = None) -> dict[str, torch.Tensor]:
         """The tensors ``names``, read from their files (each file opened once), floats cast to ``dtype``."""
+        names = list(names)
+        stored = [n for n in names if n not in self.packed]
+        stored += [p for n in names if n in self.packed for p in sparse.parts_of(n, self.packed[n])]
         by_file: dict[Path, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.file_of[name], []).append(name)
+        for name in stored:
+            by_file.setdefault(self.file_of.get(name) or self._part_file[name], []).append(name)
         out = {}
         for path, keys in by_file.items():
             try:
                 with safe_open(path, framework="pt") as f:
                     for key in keys:
-                        t = f.get_tensor(key)
-                        out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+                        out[key] = f.get_tensor(key)
             except SafetensorError as exc:
                 raise ModelLoadError(f"{path}: cannot read {keys[0]} ({first_line(exc)})") from None
-        return out
+        packed = [n for n in names if n in self.packed]
+        parts = [{p.rsplit(".", 1)[1]: out.pop(p) for p in sparse.parts_of(n, self.packed[n])} for n in packed]
+        with ThreadPoolExecutor(max(1, min(len(packed), torch.get_num_threads()))) as pool:  # a weight per core
+            out.update(zip(packed, pool.map(lambda n, p: sparse.decode(n, self.packed[n], p), packed, parts)))
+        return {k: t.to(dtype) if dtype is not None and t.is_floating_point() else t for k, t in out.items()}
 
 
 def _header(path: Path) -> tuple[dict, int]:
@@ -174,12 +222,15 @@ def open_streamed(folder: "str | os.PathLike", dtype: "torch.dtype | None" = Non
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     checkpoint = Checkpoint(folder)
     dtype = dtype or checkpoint.stored_dtype
     try:
         config = AutoConfig.from_pretrained(folder)
-        with init_empty_weights(include_buffers=False):
+        if hasattr(config, "secateurs_sparsity"):  # how the files store the weights, not the model: saved dense
+            del config.secateurs_sparsity
+        with init_empty_weights(include_buffers=False), no_init_weights():  # no values to draw: they are read
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except Exception as exc:
         raise ModelLoadError(f"cannot build the model of {str(folder)!r}: {first_line(exc)}") from exc
@@ -250,49 +301,30 @@ def outside_blocks(model: nn.Module, blocks_name: str) -> list[nn.Module]:
 
 class ShardWriter:
     """Writes a model's tensors into ``folder`` as they are finished: one shard per :meth:`write`, then the
-    standard ``model.safetensors.index.json`` that ``from_pretrained`` reads (:meth:`finish`)."""
+    standard ``model.safetensors.index.json`` that ``from_pretrained`` reads (:meth:`finish`).  ``stem`` names
+    the files (``model``: ``model-00001-of-00009.safetensors`` and ``model.safetensors.index.json``)."""
 
-    def __init__(self, folder: Path, shards: int):
+    def __init__(self, folder: Path, shards: int, stem: str = "model"):
         self.folder = Path(folder)
         self.shards = shards
+        self.stem = stem
         self.written = 0
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
 
     def write(self, tensors: dict[str, torch.Tensor]) -> None:
         """``tensors`` as the next shard, each written straight from its memory (no serialised copy)."""
-        self._shard({k: (v.dtype, tuple(v.shape), lambda out, v=v: out.write(_as_buffer(v)))
-                     for k, v in tensors.items()})
+        self.write_entries({k: (v.dtype, tuple(v.shape), lambda out, v=v: out.write(_as_buffer(v)))
+                            for k, v in tensors.items()})
 
     def copy(self, checkpoint: Checkpoint, names: list, dtype: "torch.dtype | None" = None,
              rename=None) -> None:
-        """Tensors ``names`` of ``checkpoint``, unchanged, as the next shard: the bytes go from file to file in
-        chunks, never all in memory (floating-point ones stored in another dtype than ``dtype`` are converted
-        one tensor at a time).  ``rename(name)``, if given, is the name each is written under."""
-        def converted(k):
-            return lambda out: out.write(_as_buffer(checkpoint.read([k], dtype)[k]))
+        """Tensors ``names`` of ``checkpoint``, unchanged, as the next shard (:func:`copied`)."""
+        self.write_entries(copied(checkpoint, names, dtype, rename))
 
-        def copied(k):
-            def write(out):
-                first, size = checkpoint.span[k]
-                with open(checkpoint.file_of[k], "rb") as src:
-                    src.seek(first)
-                    while size:
-                        chunk = src.read(min(size, 64 * 2**20))
-                        out.write(chunk)
-                        size -= len(chunk)
-            return write
-
-        entries = {}
-        for k in names:
-            convert = dtype is not None and checkpoint.dtype[k].is_floating_point and checkpoint.dtype[k] != dtype
-            entries[rename(k) if rename else k] = (dtype if convert else checkpoint.dtype[k], checkpoint.shape[k],
-                                                   converted(k) if convert else copied(k))
-        self._shard(entries)
-
-    def _shard(self, entries: dict) -> None:
+    def write_entries(self, entries: dict) -> None:
         """Write the next shard: ``entries`` maps each tensor's name to ``(dtype, shape, write(file))``, the
-        last writing exactly the tensor's bytes; the safetensors header goes first."""
+        last writing exactly the tensor's bytes, called in order; the safetensors header goes first."""
         if self.written == self.shards:
             raise ValueError(f"all {self.shards} shards are written already")
         self.written += 1
@@ -317,7 +349,7 @@ class ShardWriter:
         self.total_size += offset
 
     def _name(self, k: int) -> str:
-        return f"model-{k:05d}-of-{self.shards:05d}.safetensors"
+        return f"{self.stem}-{k:05d}-of-{self.shards:05d}.safetensors"
 
     def adopt(self, shards: int) -> None:
         """Count the first ``shards`` shards, which an earlier run wrote into the folder, as written (a resumed
@@ -348,7 +380,34 @@ class ShardWriter:
         if self.written != self.shards:
             raise ValueError(f"{self.written} of {self.shards} shards written")
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
-        (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        (self.folder / f"{self.stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def copied(checkpoint: Checkpoint, names: list, dtype: "torch.dtype | None" = None, rename=None) -> dict:
+    """:meth:`ShardWriter.write_entries` entries for tensors ``names`` of ``checkpoint``, unchanged: the bytes
+    go from file to file in chunks, never all in memory (floating-point ones stored in another dtype than
+    ``dtype``, and encoded weights, are converted or decoded one tensor at a time).  ``rename(name)``, if
+    given, is the name each is written under."""
+    def converted(k):
+        return lambda out: out.write(_as_buffer(checkpoint.read([k], dtype)[k]))
+
+    def raw(k):
+        def write(out):
+            first, size = checkpoint.span[k]
+            with open(checkpoint.file_of[k], "rb") as src:
+                src.seek(first)
+                while size:
+                    chunk = src.read(min(size, 64 * 2**20))
+                    out.write(chunk)
+                    size -= len(chunk)
+        return write
+
+    entries = {}
+    for k in names:
+        cast = dtype is not None and checkpoint.dtype[k].is_floating_point and checkpoint.dtype[k] != dtype
+        entries[rename(k) if rename else k] = (dtype if cast else checkpoint.dtype[k], checkpoint.shape[k],
+                                               converted(k) if cast or k in checkpoint.packed else raw(k))
+    return entries
 
 
 class BlockStream:

@@ -214,6 +214,10 @@ def load(path: "str | Path", dtype: "torch.dtype | str" = "auto"):
     config = AutoConfig.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
     structure = getattr(config, STRUCTURE_KEY, None)
+    if getattr(config, "secateurs_sparsity", None) is not None:  # a compressed sparse checkpoint
+        from ..models.load import load_compressed
+
+        return load_compressed(path, dtype), tokenizer
     if structure is None:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), tokenizer
     from safetensors.torch import load_file

@@ -1,0 +1,1 @@
+"""Outputs that are really smaller: the compressed sparse checkpoint."""
