@@ -433,3 +433,18 @@ def test_quantization_is_refused_for_conv1d_weights_and_before_the_last_stage(ca
     with pytest.raises(ConfigError, match="last stage"):
         prune(tiny_model("llama"), Recipe([PruneConfig(method="wanda", quant="int8"), PruneConfig(method="magnitude")]),
               calib_ids, progress=False)
+
+
+def test_llama_cpp_runs_an_exported_model_to_the_same_logits(tiny_dir, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")  # built from source where it installs; not in CI
+    folder = _tiny_folder(tiny_dir, tmp_path, "--method", "wanda")
+    assert main(["export", str(folder), "--gguf", str(tmp_path / "m.gguf"), "--quiet"]) == 0
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
+    model, tok = load_model(str(folder))
+    ids = tok("the cat sat on the mat. a dog ran in the park.")["input_ids"]
+    assert llm.tokenize(b"the cat sat on the mat. a dog ran in the park.", add_bos=False) == ids
+    llm.eval(ids)
+    got = torch.tensor(llm.scores[: len(ids)])
+    llm.close()
+    want = model.float()(torch.tensor([ids])).logits[0]
+    assert torch.allclose(got, want, atol=2e-2) and (got.argmax(-1) == want.argmax(-1)).all()

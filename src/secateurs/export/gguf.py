@@ -56,7 +56,7 @@ def _pre_tokenizer_name(backend) -> str:
         return pt.Sequence([pt.Split(Regex(regex), behavior="isolated"),
                             pt.ByteLevel(add_prefix_space=False, use_regex=False)])
 
-    candidates = {"gpt2": pt.ByteLevel(add_prefix_space=False, use_regex=True),
+    candidates = {"gpt-2": pt.ByteLevel(add_prefix_space=False, use_regex=True),
                   "llama-bpe": split(GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"]),
                   "qwen2": split(GGUF_PRE_TOKENIZER_SPLITS["qwen2"])}
     if backend.pre_tokenizer is None:
