@@ -414,6 +414,8 @@ def test_the_cli_quantizes_streamed_and_in_memory_alike(tiny_dir, tmp_path, caps
     (["--quant", "int4", "--method", "sparsegpt", "--refine", "admm", "--save-format", "sparse"], "--no-joint-quant"),
     (["--quant", "int4", "--allocation", "global", "--save-format", "sparse"], "allocation=global"),
     (["--quant", "int2", "--save-format", "sparse"], "invalid choice"),
+    (["--quant", "int4", "--group-size", "32", "--method", "sparsegpt", "--save-format", "sparse", "--no-stream",
+      "--save-every", "1"], "needs the streamed prune"),
 ])
 def test_bad_quantization_settings_are_refused_before_any_work(tiny_dir, tmp_path, capsys, flags, message):
     try:
@@ -448,3 +450,23 @@ def test_llama_cpp_runs_an_exported_model_to_the_same_logits(tiny_dir, tmp_path)
     llm.close()
     want = model.float()(torch.tensor([ids])).logits[0]
     assert torch.allclose(got, want, atol=2e-2) and (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_iterate_refuses_quantization_before_any_cycle(tmp_path):
+    from secateurs import ConfigError
+    from secateurs.training import TrainConfig, iterate
+
+    with pytest.raises(ConfigError, match="quantize the final model"):
+        iterate(tiny_model("llama"), None, PruneConfig(method="magnitude", quant="int4", group_size=32), [0.5],
+                TrainConfig(), tmp_path / "cycles")
+    assert not (tmp_path / "cycles").exists()
+
+
+def test_a_streamed_walk_saved_every_block_keeps_the_quantization_scales(tiny_dir, tmp_path):
+    flags = ["--method", "sparsegpt", "--quant", "int4", "--group-size", "32", "--no-eval"]
+    for name, extra in [("plain", []), ("saved", ["--save-every", "1"])]:
+        assert main(["prune", *cli_args(tiny_dir, *flags, *extra), "--save-format", "sparse",
+                     "--output", str(tmp_path / name)]) == 0
+    a, b = (storage_of(tmp_path / n) for n in ("plain", "saved"))
+    assert a["encoded"] == b["encoded"] and a["encoded"]["weights"] == 14  # every weight stored as codes
+    assert _same(load(tmp_path / "plain")[0].state_dict(), load(tmp_path / "saved")[0].state_dict())

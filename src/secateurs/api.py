@@ -204,6 +204,9 @@ def walk_checkpoint(config, output, run: dict, every: "int | None" = None, resum
             raise
         raise ConfigError(f"{folder} holds a saved walk, which this run cannot resume ({exc}); give --no-resume "
                           "(resume=False) to remove it") from None
+    if not streamed and _as_configs(config)[0].quant != "none":
+        raise ConfigError("a walk saved from memory keeps the weights, not their quantization scales: --save-every "
+                          "with --quant needs the streamed prune (drop --no-stream)")
     return WalkCheckpoint(folder, run, every=every, shards=streamed)
 
 

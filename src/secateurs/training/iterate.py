@@ -110,6 +110,9 @@ def iterate(model, tokenizer, prune_config, sparsities: list, train_config: Trai
     from ..config import check_seqlen
     from ..models.load import save_model
 
+    if prune_config.quant != "none":  # training would move the weights off their grid
+        raise ConfigError("iterate retrains the weights after every cycle, off any integer grid: quantize the "
+                          "final model with prune --quant instead")
     for target in sparsities:  # fail before the first cycle, not in the middle of one
         validate(model, cycle_config(prune_config, target), calibration)
     check_seqlen(model, train_config.seqlen, "training seqlen")
