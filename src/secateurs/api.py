@@ -48,6 +48,8 @@ class PruneResult:
     stage_seconds: dict = field(default_factory=dict)
     stage: str = Stage.IDLE.value
     resumed_at_block: "int | None" = None  # a walk resumed from a checkpoint: the block this process started at
+    untouched: dict = field(default_factory=dict)  # weights in scope left as they are (name -> count)
+    untouched_zeros: int = 0  # zeros measured in them
 
     @property
     def zeros(self) -> int:
@@ -59,8 +61,10 @@ class PruneResult:
 
     @property
     def sparsity(self) -> float:
-        """Measured zeros / total over the pruned weight matrices."""
-        return self.zeros / self.numel if self.numel else 0.0
+        """Measured zeros / total over the weights in scope: the pruned matrices and any the engine left as they
+        are (:attr:`untouched`; a mixture of experts' fused experts, say)."""
+        total = self.numel + sum(self.untouched.values())
+        return (self.zeros + self.untouched_zeros) / total if total else 0.0
 
     @property
     def per_layer(self) -> dict[str, float]:
@@ -80,6 +84,7 @@ class PruneResult:
             **({"structured": [r.to_dict() for r in self.structured]} if self.structured else {}),
             **({"block_scores": self.block_scores} if self.block_scores is not None else {}),
             **({"resumed_at_block": self.resumed_at_block} if self.resumed_at_block is not None else {}),
+            **({"untouched": self.untouched, "untouched_zeros": self.untouched_zeros} if self.untouched else {}),
         }
 
 
@@ -260,7 +265,10 @@ def prune(model, config, calibration: "torch.Tensor | Iterable | None" = None, *
         else:
             done = prune_without_data(plan, method, cfg, tracker)
         _add_stage(result, records, cfg, done)
+        result.untouched.update(plan.untouched)
     result.prune_seconds = time.perf_counter() - start
+    weights = dict(model.named_parameters())
+    result.untouched_zeros = sum(weights[n].numel() - int(torch.count_nonzero(weights[n])) for n in result.untouched)
     result.resumed_at_block = checkpoint.resumed_at if checkpoint is not None else None
     tracker.enter(Stage.COMPLETE)
     result.layers = list(records.values())
@@ -629,12 +637,20 @@ def prune_streamed(source, config, calibration, output, *, dtype: "torch.dtype |
             into = folder if last else folder / f"stage-{k + 1}"
             _add_stage(result, records, cfg, *_stream_stage(model, weights, plan, cfg, ids, into, dtype, tracker,
                                                             checkpoint if last else None))
+            if plan is not None and not isinstance(cfg, StructuredConfig):
+                result.untouched.update(plan.untouched)
             if read_from is not None:
                 weights.unmap()
                 shutil.rmtree(read_from)
             read_from = into
         result.prune_seconds = time.perf_counter() - start
         result.layers = list(records.values())
+        if ranks.main and result.untouched:  # the zeros of what was left as it is, as written
+            from .models.stream import Checkpoint
+
+            written = Checkpoint(folder)
+            result.untouched_zeros = sum(chunk.numel() - int(torch.count_nonzero(chunk))
+                                         for name in result.untouched for chunk in written.chunks(name))
         if ranks.main and tokenizer is not None:
             tokenizer.save_pretrained(folder)
         if ranks.main and save_format == "sparse":

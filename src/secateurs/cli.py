@@ -103,6 +103,9 @@ def _add_prune(p, single_method=True):
                    help="the kept weights as integers with group-wise scales (default none; needs --save-format "
                         "sparse). Round to nearest; sparsegpt quantizes inside its sweep (--no-joint-quant: not)")
     p.add_argument("--group-size", type=int, default=None, help="quant: input columns sharing one scale (default 128)")
+    p.add_argument("--allow-partial", action="store_true", default=None,
+                   help="prune even where much of the scope is weights secateurs cannot prune yet (a mixture of "
+                        "experts' fused experts); they are named, and the reported sparsity counts them")
 
 
 def _add_method_options(p):
@@ -287,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 _FLAG_FIELDS = ["method", "sparsity", "pattern", "group", "include", "exclude", "calib_data", "calib_samples",
                 "calib_seqlen", "seed", "batch_size", "refine", "refine_iters", "refine_damp", "propagate",
                 "true_sequential", "device", "ratio", "score", "allocation", "round_to", "gqa", "refit",
-                "bias_compensation", "quant", "group_size"]
+                "bias_compensation", "quant", "group_size", "allow_partial"]
 
 
 def _overrides(args) -> dict:
@@ -434,8 +437,10 @@ def cmd_prune(args) -> int:
 
 def _say_pruned(result, params: int) -> None:
     if result.layers:
+        left = (f" ({sum(result.untouched.values()):,} weights in scope left as they are, counted)"
+                if result.untouched else "")
         print(f"pruned {len(result.layers)} weight matrices in {result.prune_seconds:.1f} s; "
-              f"measured sparsity {result.sparsity:.4f}", flush=True)
+              f"measured sparsity {result.sparsity:.4f}{left}", flush=True)
     if result.structured:
         cut = sorted({(r.kind, r.before, r.after) for r in result.structured})
         print(f"structured: {len(result.structured)} cuts in {result.prune_seconds:.1f} s "

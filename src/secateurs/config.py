@@ -225,6 +225,7 @@ class PruneConfig(_Serialised):
     device: str = "cpu"  # where each block is computed; activations stay on the CPU
     quant: str = "none"  # none | int8 | int4: the kept weights become integers with group-wise scales (quant.py)
     group_size: "int | None" = None  # quant: input columns sharing one scale; None = 128
+    allow_partial: bool = False  # prune even if much of the scope cannot be pruned (reported, counted in sparsity)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PruneConfig":

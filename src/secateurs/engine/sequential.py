@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -284,6 +284,7 @@ class Plan:
     blocks_name: str
     blocks: nn.ModuleList
     layers: list  # per block: {qualified name: (module, LayerTarget)}
+    untouched: dict = field(default_factory=dict)  # weights in scope the engine cannot prune: name -> count
 
     @property
     def all_layers(self):
@@ -319,7 +320,46 @@ def make_plan(model: nn.Module, config) -> Plan:
         layers.append(chosen)
     if not any(layers):
         raise ConfigError("no linear layer matches the include/exclude selection: nothing to prune")
-    return Plan(blocks_name, blocks, layers)
+    untouched = untouched_in_scope(blocks_name, blocks, linears, config)
+    check_partial(untouched, sum(weight_of(m).numel() for per_block in layers for m, _ in per_block.values()),
+                  config)
+    return Plan(blocks_name, blocks, layers, untouched)
+
+
+PARTIAL_SHARE = 0.01  # more of the scope than this left unpruned is refused without allow_partial
+
+
+def untouched_in_scope(blocks_name: str, blocks, linears: list, config) -> dict[str, int]:
+    """The weight tensors (2-D and more: not norms or biases) of the blocks in ``config``'s scope that are not
+    the weight of a linear the engine prunes -- a mixture of experts' fused 3-D experts, its router -- with
+    their sizes: the part of the scope a prune leaves as it is."""
+    out = {}
+    for i, block in enumerate(blocks):
+        pruned = {f"{name}.weight" for name in linears[i]}
+        for name, p in block.named_parameters():
+            qualified = f"{blocks_name}.{i}.{name}"
+            owner = qualified.rsplit(".", 1)[0]
+            if p.dim() >= 2 and qualified not in pruned and config.selects(owner, role_of(owner)):
+                out[qualified] = p.numel()
+    return out
+
+
+def check_partial(untouched: dict, pruned: int, config) -> None:
+    """Refuse a prune that would leave more than :data:`PARTIAL_SHARE` of its scope's weights untouched (a
+    "50% sparse" model that is 5% sparse), unless ``config.allow_partial``; name what is left either way."""
+    if not untouched:
+        return
+    total = sum(untouched.values())
+    share = total / (total + pruned)
+    largest = sorted(untouched, key=untouched.get, reverse=True)
+    named = ", ".join(largest[:3]) + (f" and {len(largest) - 3} more" if len(largest) > 3 else "")
+    if share > PARTIAL_SHARE and not config.allow_partial:
+        raise ConfigError(f"{share:.1%} of the weights in scope are not ones secateurs can prune yet ({named}): the "
+                          "model would be far less sparse than asked. Narrow the scope (--include attention, "
+                          "--exclude REGEX), or prune the rest with --allow-partial (the reported sparsity counts "
+                          "what is left)")
+    log.warning("%.1f%% of the weights in scope are left as they are (%s); the reported sparsity counts them",
+                share * 100, named)
 
 
 @torch.no_grad()

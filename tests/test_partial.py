@@ -1,0 +1,92 @@
+"""Honest reports: weights in scope that the engine cannot prune (a mixture of experts' fused experts) are
+named, counted in the measured sparsity, and refused unless the user narrows the scope or allows it."""
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+
+from conftest import VOCAB
+from secateurs import ConfigError, PruneConfig, prune
+from secateurs.cli import main
+
+CALIB = dict(calib_samples=4, calib_seqlen=32, batch_size=2)
+
+
+def moe(family: str, vocab: int = VOCAB):
+    torch.manual_seed(0)
+    common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256)
+    if family == "mixtral":
+        config = tf.MixtralConfig(**common, intermediate_size=128, num_local_experts=4, num_experts_per_tok=2)
+    else:
+        config = tf.Qwen3MoeConfig(**common, intermediate_size=128, moe_intermediate_size=64, num_experts=4,
+                                   num_experts_per_tok=2, head_dim=16)
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+def scope_zeros(model, include=("all",)) -> float:
+    """Zeros / total over every 2-D (or larger) weight of the blocks, counted directly."""
+    cfg = PruneConfig(include=tuple(include))
+    from secateurs.models.arch import role_of
+
+    zeros = total = 0
+    for name, p in model.model.layers.named_parameters():
+        owner = f"model.layers.{name}".rsplit(".", 1)[0]
+        if p.dim() >= 2 and cfg.selects(owner, role_of(owner)):
+            zeros += int((p == 0).sum())
+            total += p.numel()
+    return zeros / total
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3moe"])
+def test_a_scope_mostly_made_of_experts_is_refused_naming_them(family, calib_ids):
+    model = moe(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"experts.*--allow-partial"):
+        prune(model, PruneConfig(method="wanda", **CALIB), calib_ids, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing changed
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3moe"])
+def test_an_allowed_partial_prune_reports_the_sparsity_of_the_whole_scope(family, calib_ids, caplog):
+    model = moe(family)
+    result = prune(model, PruneConfig(method="wanda", allow_partial=True, **CALIB), calib_ids, progress=False)
+    assert any("experts" in n for n in result.untouched) and "left as they are" in caplog.text
+    assert result.sparsity == pytest.approx(scope_zeros(model), abs=1e-9)
+    assert result.sparsity < 0.4  # not the 0.5 asked for, and said so
+    assert result.to_dict()["untouched"] == result.untouched
+
+
+def test_attention_only_is_a_full_prune(calib_ids):
+    model = moe("mixtral")
+    result = prune(model, PruneConfig(method="wanda", include=("attention",), **CALIB), calib_ids, progress=False)
+    assert not result.untouched and result.sparsity == pytest.approx(0.5)
+    assert result.sparsity == pytest.approx(scope_zeros(model, ["attention"]))
+
+
+def test_dense_models_have_nothing_untouched(calib_ids):
+    from conftest import tiny_model
+
+    for family in ("llama", "gpt2", "opt"):
+        result = prune(tiny_model(family), PruneConfig(method="magnitude"), None, progress=False)
+        assert result.untouched == {}
+
+
+def test_the_cli_refuses_then_runs_an_allowed_partial_prune(tmp_path, capsys, tiny_dir):
+    tokenizer = tf.AutoTokenizer.from_pretrained(tiny_dir / "model")
+    moe("mixtral", vocab=len(tokenizer)).save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    flags = ["--model", str(tmp_path / "moe"), "--quiet", "--calib-data", str(tiny_dir / "train.txt"),
+             "--calib-samples", "4", "--calib-seqlen", "32", "--no-eval", "--method", "wanda",
+             "--no-stream"]  # transformers 5 saves Mixtral's experts one by one, as older versions named them
+    assert main(["prune", *flags, "--output", str(tmp_path / "o")]) == 2
+    assert "--allow-partial" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert main(["prune", *flags, "--allow-partial", "--output", str(tmp_path / "o"),
+                 "--report", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["untouched"]
+    saved = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert report["sparsity"] == pytest.approx(scope_zeros(saved), abs=1e-9)
+    assert "left as they are, counted" in capsys.readouterr().out
