@@ -79,14 +79,26 @@ def test_the_cli_refuses_then_runs_an_allowed_partial_prune(tmp_path, capsys, ti
     moe("mixtral", vocab=len(tokenizer)).save_pretrained(tmp_path / "moe")
     tokenizer.save_pretrained(tmp_path / "moe")
     flags = ["--model", str(tmp_path / "moe"), "--quiet", "--calib-data", str(tiny_dir / "train.txt"),
-             "--calib-samples", "4", "--calib-seqlen", "32", "--no-eval", "--method", "wanda",
-             "--no-stream"]  # transformers 5 saves Mixtral's experts one by one, as older versions named them
+             "--calib-samples", "4", "--calib-seqlen", "32", "--no-eval", "--method", "wanda"]
     assert main(["prune", *flags, "--output", str(tmp_path / "o")]) == 2
     assert "--allow-partial" in capsys.readouterr().err and not (tmp_path / "o").exists()
     assert main(["prune", *flags, "--allow-partial", "--output", str(tmp_path / "o"),
                  "--report", str(tmp_path / "r.json")]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["untouched"]
+    # transformers 5 saves Mixtral's experts one tensor each, as older versions named them: loaded whole
+    assert report["untouched"] and report["streamed"] is False
     saved = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "o")
     assert report["sparsity"] == pytest.approx(scope_zeros(saved), abs=1e-9)
     assert "left as they are, counted" in capsys.readouterr().out
+
+
+def test_a_checkpoint_in_a_converted_layout_is_loaded_whole_not_streamed(tmp_path):
+    from conftest import tiny_model
+    from secateurs.models.load import streamable
+    from secateurs.models.stream import foreign_names
+
+    moe("mixtral").save_pretrained(tmp_path / "moe")
+    tiny_model("llama").save_pretrained(tmp_path / "dense")
+    assert any("block_sparse_moe.experts.0" in n for n in foreign_names(tmp_path / "moe"))
+    assert streamable(tmp_path / "moe") is None
+    assert foreign_names(tmp_path / "dense") == [] and streamable(tmp_path / "dense") == tmp_path / "dense"

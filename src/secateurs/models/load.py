@@ -108,7 +108,8 @@ def _converted(gguf: Path, cached: Path, dtype):
 def streamable(spec: "str | os.PathLike | None") -> "Path | None":
     """The safetensors folder a prune of ``spec`` can stream from: a local model folder with safetensors
     weights, or the converted cache of a built-in model or a GGUF file (made now if it is not there yet); None
-    for a hub id or a folder with per-block widths (loaded whole)."""
+    for a hub id, a folder with per-block widths, or one whose tensors are stored under names that
+    ``from_pretrained`` converts (:func:`~secateurs.models.stream.foreign_names`): those are loaded whole."""
     spec = str(spec) if spec is not None else DEFAULT_MODEL
     path = Path(spec).expanduser()
     if spec in BUILTIN_MODELS or (path.suffix == ".gguf" and path.is_file()):
@@ -121,6 +122,12 @@ def streamable(spec: "str | os.PathLike | None") -> "Path | None":
             "model.safetensors", "model.safetensors.index.json", "model.sparse.safetensors.index.json")):
         return None
     if "secateurs_structure" in json.loads((folder / "config.json").read_text()):
+        return None
+    from .stream import foreign_names
+
+    if foreign := foreign_names(folder):
+        log.info("%s stores %s (and %d more tensors) under names its model converts when it loads them: it is "
+                 "loaded whole, not streamed", folder, foreign[0], len(foreign) - 1)
         return None
     return folder
 

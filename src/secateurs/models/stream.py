@@ -220,21 +220,8 @@ def open_streamed(folder: "str | os.PathLike", dtype: "torch.dtype | None" = Non
     ``dtype`` None keeps the checkpoint's own.  The skeleton's parameter shapes are checked against the files
     before anything is read, so a checkpoint that disagrees with its config fails here, naming the file.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
     checkpoint = Checkpoint(folder)
-    dtype = dtype or checkpoint.stored_dtype
-    try:
-        config = AutoConfig.from_pretrained(folder)
-        if hasattr(config, "secateurs_sparsity"):  # how the files store the weights, not the model: saved dense
-            del config.secateurs_sparsity
-        with init_empty_weights(include_buffers=False), no_init_weights():  # no values to draw: they are read
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot build the model of {str(folder)!r}: {first_line(exc)}") from exc
-    model.eval()
+    model = _skeleton(folder, dtype or checkpoint.stored_dtype)
     if tied_head(model):  # as from_pretrained ties them (a skeleton built on meta is not tied yet)
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     head = _prefix(model, model.get_output_embeddings()) + "weight" if tied_head(model) else None
@@ -247,6 +234,33 @@ def open_streamed(folder: "str | os.PathLike", dtype: "torch.dtype | None" = Non
             raise ModelLoadError(f"{checkpoint.file_of[name]}: {name} has shape {checkpoint.shape[name]}, the config "
                                  f"says {tuple(p.shape)}")
     return model, checkpoint
+
+
+def _skeleton(folder, dtype: torch.dtype) -> nn.Module:
+    """The model of ``folder``'s config with every parameter on the ``meta`` device (buffers are real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        if hasattr(config, "secateurs_sparsity"):  # how the files store the weights, not the model: saved dense
+            del config.secateurs_sparsity
+        with init_empty_weights(include_buffers=False), no_init_weights():  # no values to draw: they are read
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot build the model of {str(folder)!r}: {first_line(exc)}") from exc
+    return model.eval()
+
+
+def foreign_names(folder: "str | os.PathLike") -> list[str]:
+    """The tensors of ``folder``'s checkpoint that its model does not name: a checkpoint in a layout that
+    ``from_pretrained`` converts as it loads (transformers 5 keeps a mixture of experts' experts fused, and
+    reads and writes them one tensor per expert, as older versions named them).  Such a folder is loaded
+    whole, not streamed."""
+    checkpoint = Checkpoint(folder)
+    known = set(_skeleton(folder, checkpoint.stored_dtype).state_dict())
+    return sorted(set(checkpoint.shape) - known)
 
 
 def tied_head(model: nn.Module) -> bool:
