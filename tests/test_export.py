@@ -470,3 +470,13 @@ def test_a_streamed_walk_saved_every_block_keeps_the_quantization_scales(tiny_di
     a, b = (storage_of(tmp_path / n) for n in ("plain", "saved"))
     assert a["encoded"] == b["encoded"] and a["encoded"]["weights"] == 14  # every weight stored as codes
     assert _same(load(tmp_path / "plain")[0].state_dict(), load(tmp_path / "saved")[0].state_dict())
+
+
+def test_an_exported_gguf_file_has_an_ordinary_file_s_mode(tiny_dir, tmp_path):
+    import os
+
+    folder = _tiny_folder(tiny_dir, tmp_path, "--method", "magnitude")
+    assert main(["export", str(folder), "--gguf", str(tmp_path / "m.gguf"), "--quiet"]) == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "m.gguf").stat().st_mode & 0o777 == 0o666 & ~mask

@@ -133,7 +133,8 @@ def export_gguf(folder: "str | os.PathLike", out: "str | os.PathLike", quant: st
     from transformers import AutoConfig
 
     from ..models.load import check_file_path, load_tokenizer
-    from ..models.stream import Checkpoint, open_streamed
+    from ..atomic import umask
+    from ..models.stream import open_streamed
 
     folder, out = Path(folder), Path(out)
     if quant not in QUANTS:
@@ -146,8 +147,7 @@ def export_gguf(folder: "str | os.PathLike", out: "str | os.PathLike", quant: st
     check_export(folder)
     config = AutoConfig.from_pretrained(folder)
     tokenizer = load_tokenizer(folder)
-    checkpoint = Checkpoint(folder)
-    skeleton, _ = open_streamed(folder)  # checks every tensor's shape against the config
+    _, checkpoint = open_streamed(folder)  # checks every tensor's shape against the config
     arch = getattr(gguf.MODEL_ARCH, ARCHS[config.model_type])
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -178,19 +178,7 @@ def export_gguf(folder: "str | os.PathLike", out: "str | os.PathLike", quant: st
     try:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
         writer.add_name(folder.name)
-        writer.add_context_length(config.max_position_embeddings)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_block_count(config.num_hidden_layers)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(heads)
-        writer.add_head_count_kv(kv_heads)
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_rope_freq_base(float(getattr(config, "rope_theta", None)
-                                        or (config.rope_parameters or {}).get("rope_theta", 10000.0)))
-        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-        writer.add_vocab_size(config.vocab_size)
+        _add_hyperparameters(writer, config, head_dim)
         writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                               "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -210,12 +198,30 @@ def export_gguf(folder: "str | os.PathLike", out: "str | os.PathLike", quant: st
         for gname, name in tensors:
             writer.write_tensor_data(stored(name, checkpoint.read([name])[name]))
         writer.close()
-        del skeleton
+        tmp.chmod(0o666 & ~umask())  # mkstemp makes it private; the result is an ordinary file
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def _add_hyperparameters(writer, config, head_dim: int) -> None:
+    """The shape of the model, under llama.cpp's keys: widths and counts as the (possibly cut) config says them;
+    the head size given explicitly, since a head cut leaves it apart from ``hidden_size / heads``."""
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None)
+                                    or (config.rope_parameters or {}).get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
 
 
 def _type_of(shape: tuple, qtype: "gguf.GGMLQuantizationType") -> "gguf.GGMLQuantizationType":
