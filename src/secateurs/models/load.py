@@ -118,8 +118,10 @@ def streamable(spec: "str | os.PathLike | None") -> "Path | None":
             load_model(spec, torch.float32)  # converts and caches it
     else:
         folder = path
+    from ..export.sparse import INDEX as COMPRESSED_INDEX
+
     if not (folder / "config.json").is_file() or not any((folder / f).exists() for f in (
-            "model.safetensors", "model.safetensors.index.json", "model.sparse.safetensors.index.json")):
+            "model.safetensors", "model.safetensors.index.json", COMPRESSED_INDEX)):
         return None
     if "secateurs_structure" in json.loads((folder / "config.json").read_text()):
         return None
