@@ -60,6 +60,35 @@ def free_space(monkeypatch):
     return set_free
 
 
+MOE_FAMILIES = ["mixtral", "qwen2moe", "qwen3moe", "olmoe"]
+
+
+def tiny_moe(family: str, vocab: int = VOCAB, seed: int = 0, **extra):
+    """A tiny random mixture of experts: 4 experts, 2 per token, 2 blocks.  ``qwen2moe`` has a shared expert
+    and its first block dense (``mlp_only_layers``); ``gptoss`` keeps its experts in a layout secateurs does not
+    prune (transposed, with biases)."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, num_experts_per_tok=2)
+    if family == "mixtral":
+        config = tf.MixtralConfig(**common, intermediate_size=128, num_local_experts=4)
+    elif family == "qwen2moe":
+        config = tf.Qwen2MoeConfig(**common, intermediate_size=128, moe_intermediate_size=64, num_experts=4,
+                                   shared_expert_intermediate_size=96, mlp_only_layers=[0])
+    elif family == "qwen3moe":
+        config = tf.Qwen3MoeConfig(**common, intermediate_size=128, moe_intermediate_size=64, num_experts=4,
+                                   head_dim=16)
+    elif family == "olmoe":
+        config = tf.OlmoeConfig(**common, intermediate_size=64, num_experts=4)
+    elif family == "gptoss":
+        config = tf.GptOssConfig(**common, head_dim=16, intermediate_size=64, num_local_experts=4)
+    else:
+        raise ValueError(family)
+    for key, value in extra.items():
+        setattr(config, key, value)
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
 def tiny_model(family: str, seed: int = 0):
     torch.manual_seed(seed)
     config = tiny_config(family)

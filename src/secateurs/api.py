@@ -27,6 +27,7 @@ from .engine import LayerRecord, WalkCheckpoint, make_plan, prune_with_data, pru
 from .engine.allocation import allocation_of
 from .engine.distributed import current as current_ranks
 from .models.arch import find_blocks
+from .models.experts import conceal
 from .methods import METHODS
 from .methods.base import option_table
 from .eval import library_versions, machine, parameter_counts, peak_rss_bytes, perplexity
@@ -70,6 +71,18 @@ class PruneResult:
     def per_layer(self) -> dict[str, float]:
         return {r.name: r.sparsity for r in self.layers}
 
+    @property
+    def experts(self) -> "dict | None":
+        """A mixture of experts' pruned expert matrices: how many, and how many of them were pruned by
+        magnitude because their expert was routed too few calibration tokens (None for other models)."""
+        from .engine.sequential import MIN_EXPERT_TOKENS
+
+        matrices = [r for r in self.layers if ".experts." in r.name]
+        if not matrices:
+            return None
+        rare = sum(r.routed_tokens is not None and r.routed_tokens < MIN_EXPERT_TOKENS for r in matrices)
+        return {"matrices": len(matrices), "by_magnitude": rare, "min_tokens": MIN_EXPERT_TOKENS}
+
     def to_dict(self) -> dict:
         return {
             "sparsity": self.sparsity,
@@ -85,6 +98,7 @@ class PruneResult:
             **({"block_scores": self.block_scores} if self.block_scores is not None else {}),
             **({"resumed_at_block": self.resumed_at_block} if self.resumed_at_block is not None else {}),
             **({"untouched": self.untouched, "untouched_zeros": self.untouched_zeros} if self.untouched else {}),
+            **({"experts": self.experts} if self.experts else {}),
         }
 
 
@@ -132,7 +146,10 @@ def validate(model, config, calibration: "torch.Tensor | Iterable | None" = None
     layer_sparsity rules against its layer names) and this machine (the compute device), and the calibration
     against the configs and the model's context.  Raises :class:`ConfigError` (or another ``ValueError``) with a one-line message.
     """
-    _prepare(model, _as_configs(config), calibration)
+    try:
+        _prepare(model, _as_configs(config), calibration)
+    finally:
+        conceal(model)
 
 
 def _prepare(model, configs: list, calibration) -> tuple:
@@ -248,24 +265,28 @@ def prune(model, config, calibration: "torch.Tensor | Iterable | None" = None, *
     tracker = tracker or Tracker(show=progress)
     if checkpoint is not None:
         check_checkpointable(configs)
-    ids, plans = _prepare(model, configs, calibration)
-    result = PruneResult(configs)
-    start = time.perf_counter()
-    records: dict[str, LayerRecord] = {}
-    for k, cfg in enumerate(configs):
-        if isinstance(cfg, StructuredConfig):
-            from .structured import prune_structured
+    try:  # planning exposes a mixture of experts' fused experts as linears; the model is given back as it was
+        ids, plans = _prepare(model, configs, calibration)
+        result = PruneResult(configs)
+        start = time.perf_counter()
+        records: dict[str, LayerRecord] = {}
+        for k, cfg in enumerate(configs):
+            if isinstance(cfg, StructuredConfig):
+                from .structured import prune_structured
 
-            _add_stage(result, records, cfg, [], *prune_structured(model, cfg, ids, tracker))
-            continue
-        plan = plans.get(k) or make_plan(model, cfg)
-        method = cfg.build_method()
-        if cfg.needs_calibration:
-            done = prune_with_data(model, plan, method, cfg, ids, tracker, checkpoint)
-        else:
-            done = prune_without_data(plan, method, cfg, tracker)
-        _add_stage(result, records, cfg, done)
-        result.untouched.update(plan.untouched)
+                conceal(model)
+                _add_stage(result, records, cfg, [], *prune_structured(model, cfg, ids, tracker))
+                continue
+            plan = plans.get(k) or make_plan(model, cfg)
+            method = cfg.build_method()
+            if cfg.needs_calibration:
+                done = prune_with_data(model, plan, method, cfg, ids, tracker, checkpoint)
+            else:
+                done = prune_without_data(plan, method, cfg, tracker)
+            _add_stage(result, records, cfg, done)
+            result.untouched.update(plan.untouched)
+    finally:
+        conceal(model)
     result.prune_seconds = time.perf_counter() - start
     weights = dict(model.named_parameters())
     result.untouched_zeros = sum(weights[n].numel() - int(torch.count_nonzero(weights[n])) for n in result.untouched)

@@ -34,6 +34,7 @@ from ..methods.base import InputStats, LayerTarget, Method
 from ..methods.reconstruct import admm_reconstruct
 from ..models.arch import (check_finite, find_blocks, find_linears, is_transposed, non_finite, role_of, set_weight_of,
                            weight_of)
+from ..models.experts import ExpertLinear, expose, routers, stage_of, viewed
 from ..patterns import check_nm, check_tiles, zero_where_
 from ..quant import round_to_nearest
 from ..progress import Stage, Tracker
@@ -58,6 +59,7 @@ class LayerRecord:
     pruned: int  # weights the method chose to remove
     zeros: int  # zeros measured in the final weight (may include weights that were already zero)
     numel: int
+    routed_tokens: "int | None" = None  # an expert's matrix: the calibration tokens routed to the expert
 
     @property
     def sparsity(self) -> float:
@@ -178,6 +180,15 @@ class Observer:
                                    "precision? load the model in float32)")
         return st
 
+    def take(self, name: str) -> InputStats:
+        """:meth:`stats_for`, handed over: the observer keeps nothing of them (bounded memory when statistics
+        are gathered for many groups and used one at a time)."""
+        st = self.stats_for(name)
+        gid = self.group_of.get(name, -1)
+        self._whole.pop(gid, None)
+        self.stats.pop(gid, None)
+        return st
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
@@ -294,13 +305,22 @@ class Plan:
 
 
 def make_plan(model: nn.Module, config) -> Plan:
+    """What ``config`` prunes in ``model``, every layer checked.  A mixture of experts' fused experts are
+    exposed as linears (:func:`~..models.experts.expose`; :func:`~..models.experts.conceal` undoes it);
+    routers are never pruned."""
     blocks_name, blocks = find_blocks(model)
+    expose(model)
     pattern = config.pattern_value
     group = config.resolved.group
     quant = config.quant_value
     allocation = allocation_of(config)
-    linears = [find_linears(block, f"{blocks_name}.{i}.") for i, block in enumerate(blocks)]
-    config.check_names([(name, i) for i, found in enumerate(linears) for name in found], len(blocks))
+    linears, routing = [], []
+    for i, block in enumerate(blocks):
+        prefix = f"{blocks_name}.{i}."
+        skip = {prefix + name for name in routers(block)}
+        linears.append({n: m for n, m in find_linears(block, prefix).items() if n not in skip})
+        routing += [(name, i) for name in sorted(skip)]
+    config.check_names([(name, i) for i, found in enumerate(linears) for name in found] + routing, len(blocks))
     layers = []
     for i, found in enumerate(linears):
         chosen = {}
@@ -310,6 +330,9 @@ def make_plan(model: nn.Module, config) -> Plan:
             W = weight_of(module)
             pattern.validate_shape(*W.shape, name=name)
             if quant is not None:
+                if isinstance(module, ExpertLinear):
+                    raise ConfigError(f"{name}: quant int8/int4 does not store a mixture of experts' experts yet; "
+                                      "--exclude experts leaves them dense")
                 if is_transposed(module):
                     raise ConfigError(f"{name}: quant int8/int4 is written for weights stored (out, in); this "
                                       f"{type(module).__name__} stores (in, out)")
@@ -319,10 +342,13 @@ def make_plan(model: nn.Module, config) -> Plan:
             chosen[name] = (module, LayerTarget(pattern, allocation.target(config, name, i), group, scaled))
         layers.append(chosen)
     if not any(layers):
+        if chosen := [name for name, _ in routing if config.selects(name, role_of(name))]:
+            raise ConfigError(f"the include/exclude selection holds only routers ({', '.join(chosen[:2])}"
+                              f"{' ...' if len(chosen) > 2 else ''}), which secateurs never prunes: nothing to prune")
         raise ConfigError("no linear layer matches the include/exclude selection: nothing to prune")
     untouched = untouched_in_scope(blocks_name, blocks, linears, config)
     check_partial(untouched, sum(weight_of(m).numel() for per_block in layers for m, _ in per_block.values()),
-                  config)
+                  config, {name for name, _ in routing})
     return Plan(blocks_name, blocks, layers, untouched)
 
 
@@ -336,6 +362,7 @@ def untouched_in_scope(blocks_name: str, blocks, linears: list, config) -> dict[
     out = {}
     for i, block in enumerate(blocks):
         pruned = {f"{name}.weight" for name in linears[i]}
+        pruned |= {f"{blocks_name}.{i}.{name}" for name in viewed(block)}  # fused experts, pruned through views
         for name, p in block.named_parameters():
             qualified = f"{blocks_name}.{i}.{name}"
             owner = qualified.rsplit(".", 1)[0]
@@ -344,10 +371,15 @@ def untouched_in_scope(blocks_name: str, blocks, linears: list, config) -> dict[
     return out
 
 
-def check_partial(untouched: dict, pruned: int, config) -> None:
+def check_partial(untouched: dict, pruned: int, config, routing: "set[str]" = frozenset()) -> None:
     """Refuse a prune that would leave more than :data:`PARTIAL_SHARE` of its scope's weights untouched (a
-    "50% sparse" model that is 5% sparse), unless ``config.allow_partial``; name what is left either way."""
+    "50% sparse" model that is 5% sparse), unless ``config.allow_partial``; name what is left either way
+    (routers, modules named in ``routing``, are never pruned: they are only counted)."""
     if not untouched:
+        return
+    if all(name.rsplit(".", 1)[0] in routing for name in untouched):
+        log.info("the routers are never pruned; the reported sparsity counts their %d weights",
+                 sum(untouched.values()))
         return
     total = sum(untouched.values())
     share = total / (total + pruned)
@@ -399,6 +431,87 @@ def prune_without_data(plan: Plan, method: Method, config, tracker: Tracker,
     return records
 
 
+# --------------------------------------------------------------------------- passes over one block
+
+MIN_EXPERT_TOKENS = 16  # an expert routed fewer calibration tokens is pruned by magnitude
+EXPERT_STATS_BYTES = 1 << 30  # experts' statistics held at once (at least one expert's): more passes beyond
+
+
+def stats_bytes(needs: str, width: int) -> int:
+    """The float32 statistics ``needs`` of one input ``width`` wide take."""
+    return {"none": 0, "norms": 4 * width, "hessian": 4 * width * width}[needs]
+
+
+def identity_stats(needs: str, width: int, tokens: int, device) -> InputStats:
+    """Statistics of unit norms (``H = I``): Wanda's scores become ``|W|`` and SparseGPT's OBS removes the
+    smallest ``w^2`` with no update -- magnitude pruning, for an expert too rarely routed to measure."""
+    ones = torch.ones(width, device=device)
+    return InputStats(tokens, sq_norms=ones if needs != "none" else None,
+                      hessian=torch.diag(ones) if needs == "hessian" else None)
+
+
+@dataclass
+class Pass:
+    """One observing run of a block: the input groups it gathers statistics for (in execution order), and
+    those it prunes when it ends."""
+
+    observe: list
+    prune: list
+
+
+def plan_passes(groups: list, expert, size, sequential: bool, budget: "int | None" = None) -> list[Pass]:
+    """The runs of a block that observe its input ``groups`` (in execution order) and when each is pruned.
+
+    ``expert(group)`` is ``(key, stage)`` for a group of expert ``key`` (stage 0: gate and up, 1: down) and
+    None for any other; ``size(group)``: the bytes of its statistics.  Without experts: at once, one pass
+    observes every group and prunes them all; true ``sequential``, one pass per group.  Experts have a set of
+    statistics each (a mixture of 64 experts, 64 Hessians), so at most ``budget`` bytes of them
+    (:data:`EXPERT_STATS_BYTES`; at least one expert's) are gathered per pass.  No expert reads what another
+    writes, so a pass prunes its experts as soon as it ends: at once, whole experts per pass, the other groups
+    observed in the first and pruned after the last; true sequential, every expert's gate and up, then every
+    expert's down.
+    """
+    budget = EXPERT_STATS_BYTES if budget is None else budget
+
+    def chunks(parts: list) -> list[list]:  # parts: lists of groups, kept whole, cut into runs within budget
+        out, held = [], budget
+        for part in parts:
+            need = sum(size(g) for g in part)
+            if not out or held + need > budget:
+                out.append([])
+                held = 0
+            out[-1] += part
+            held += need
+        return out
+
+    order = {g[0]: k for k, g in enumerate(groups)}
+    if not sequential:
+        others = [g for g in groups if expert(g) is None]
+        experts: dict = {}
+        for g in groups:
+            if expert(g) is not None:
+                experts.setdefault(expert(g)[0], []).append(g)
+        runs = chunks(list(experts.values())) or [[]]
+        passes = [Pass(sorted((others if k == 0 else []) + run, key=lambda g: order[g[0]]), list(run))
+                  for k, run in enumerate(runs)]
+        passes[-1].prune += others
+        return passes
+    passes, k = [], 0
+    while k < len(groups):
+        if expert(groups[k]) is None:
+            passes.append(Pass([groups[k]], [groups[k]]))
+            k += 1
+            continue
+        end = k
+        while end < len(groups) and expert(groups[end]) is not None:
+            end += 1
+        for stage in (0, 1):
+            for run in chunks([[g] for g in groups[k:end] if expert(g)[1] == stage]):
+                passes.append(Pass(run, run))
+        k = end
+    return passes
+
+
 # --------------------------------------------------------------------------- the weight walk
 
 
@@ -413,6 +526,7 @@ class WeightJob:
     scores: "dict | None"  # a ranking allocation: every layer's scores, gathered here, masks chosen after the walk
     layouts: dict  # input groups learnt once per set of hooked layers: blocks are alike
     ranks: Ranks = ONE  # several processes: rank 0 prunes, every rank gets the weights
+    routed: dict = field(default_factory=dict)  # expert views -> the calibration tokens routed to their expert
 
     def layers(self, step: BlockVisit) -> dict:
         return self.plan.layers[step.index]
@@ -433,6 +547,29 @@ class WeightJob:
             log.warning("%s never ran during calibration; left dense", ", ".join(unseen))
         return groups
 
+    def passes(self, step: BlockVisit, groups: list, sequential: bool) -> list["Pass"]:
+        layers = self.layers(step)
+
+        def expert(group):  # (which expert, its stage) of an expert view's group, or None
+            module = layers[group[0]][0]
+            return None if stage_of(module) is None else ((id(module._experts), module.index), stage_of(module))
+
+        width = {g[0]: weight_of(layers[g[0]][0]).shape[1] for g in groups}
+        return plan_passes(groups, expert, lambda g: stats_bytes(self.config.needs, width[g[0]]), sequential)
+
+    def stats(self, step: BlockVisit, names: list, observer: Observer) -> InputStats:
+        """The statistics of input group ``names``, handed over by ``observer``; an expert routed fewer than
+        :data:`MIN_EXPERT_TOKENS` calibration tokens gets the identity instead, which makes every method
+        rank its weights by magnitude (:func:`identity_stats`)."""
+        stats = observer.take(names[0])
+        module = self.layers(step)[names[0]][0]
+        if not isinstance(module, ExpertLinear):
+            return stats
+        self.routed.update({n: stats.tokens for n in names})
+        if stats.tokens < MIN_EXPERT_TOKENS:
+            return identity_stats(self.config.needs, weight_of(module).shape[1], stats.tokens, step.device)
+        return stats
+
     def layout(self, step: BlockVisit) -> "BlockLayout | None":
         return self.layouts.get(frozenset(n[len(step.prefix):] for n in self.layers(step)))
 
@@ -442,6 +579,8 @@ class WeightJob:
         records = prune_layers(names, modules, self.method, stats, [layers[n][1] for n in names], step.index,
                                step.device, self.refine) if self.ranks.main else []
         self.ranks.send_weights([m.weight.data for m in modules])
+        for r in records:
+            r.routed_tokens = self.routed.get(r.name)
         return records
 
 
@@ -488,9 +627,15 @@ def prune_with_data(model: nn.Module, plan: Plan, method: Method, config, input_
             checkpoint.save(i, plan.blocks, records, outputs, spent + time.perf_counter() - started)
 
     walk_blocks(plan.blocks, plan.blocks_name, hidden, calls, device, visit, tracker, first, last, after, source)
+    if rare := sorted({n.rsplit(".", 1)[0] for n, t in job.routed.items() if t < MIN_EXPERT_TOKENS}):
+        log.warning("%d experts were routed fewer than %d calibration tokens and were pruned by magnitude (%s%s); "
+                    "more calibration samples reach more experts", len(rare), MIN_EXPERT_TOKENS,
+                    ", ".join(rare[:3]), " ..." if len(rare) > 3 else "")
     if ranking:
         tracker.enter(Stage.PRUNING)
         records += _apply_ranking(plan, config, job.scores)
+        for r in records:
+            r.routed_tokens = job.routed.get(r.name)
     return records
 
 
@@ -505,40 +650,54 @@ def _ran(groups: list, observer: Observer, block: int) -> list:
     return ran
 
 
-def _visit_at_once(step: BlockVisit, job: WeightJob) -> tuple:
-    """Observe every layer in one pass over the unchanged block, then prune them all (the reference way).
+def _observer(job: WeightJob, step: BlockVisit, groups: list, keep: bool, keep_inputs: bool = False) -> Observer:
+    """An observer of ``groups`` (in execution order); unless the outputs are kept, the run stops at the last
+    one's input."""
+    layers = job.layers(step)
+    return Observer({n: layers[n][0] for g in groups for n in g}, job.config.needs,
+                    {n: k for k, g in enumerate(groups) for n in g}, stop_after=None if keep else groups[-1][0],
+                    keep_inputs=keep_inputs, ranks=job.ranks)
 
-    With a ranking allocation the layers are only scored here; their masks are chosen after the walk."""
+
+def _visit_at_once(step: BlockVisit, job: WeightJob) -> tuple:
+    """Observe every layer on the unchanged block, then prune them all (the reference way).
+
+    Experts' statistics may be split over several passes (:func:`plan_passes`); each pass's experts are pruned
+    when it ends, the other layers after the last.  With a ranking allocation the layers are only scored here;
+    their masks are chosen after the walk."""
     groups = job.groups(step)
     if not groups:
         return None, []
-    records = []
+    records, got = [], None
     dense_outputs = job.config.resolved.propagate == "dense"
-    members = [n for g in groups for n in g]
-    layers = job.layers(step)
-    observer = Observer({n: layers[n][0] for n in members}, job.config.needs,
-                        {n: k for k, g in enumerate(groups) for n in g},
-                        stop_after=None if dense_outputs else groups[-1][0], ranks=job.ranks)
-    try:  # while only observing, the block's output is not needed: stop at the last group's input
-        got = step.run(keep=dense_outputs, observer=observer)
-    finally:
-        observer.remove()
-    step.describe(Stage.PRUNING if job.scores is None else Stage.COMPUTING_IMPORTANCE)
-    for names in _ran(groups, observer, step.index):
-        stats = observer.stats_for(names[0])
-        if job.scores is not None:
-            for name in names:
-                W = weight_of(layers[name][0]).to(step.device, torch.float32)
-                job.scores[name] = job.method.scores(W, stats).cpu()
-        else:
-            records += job.prune(step, names, stats)
-    return (got if dense_outputs else None), records
+    observed: dict[str, Observer] = {}  # first name of a group that ran -> the observer holding its statistics
+    for k, part in enumerate(job.passes(step, groups, sequential=False)):
+        step.describe(Stage.CALIBRATING)
+        keep = dense_outputs and k == 0
+        observer = _observer(job, step, part.observe, keep)
+        try:  # while only observing, the block's output is not needed: stop at the last group's input
+            out = step.run(keep=keep, observer=observer)
+        finally:
+            observer.remove()
+        got = out if keep else got
+        observed.update({g[0]: observer for g in _ran(part.observe, observer, step.index)})
+        step.describe(Stage.PRUNING if job.scores is None else Stage.COMPUTING_IMPORTANCE)
+        for names in [g for g in part.prune if g[0] in observed]:
+            stats = job.stats(step, names, observed.pop(names[0]))
+            if job.scores is not None:
+                for name in names:
+                    W = weight_of(job.layers(step)[name][0]).to(step.device, torch.float32)
+                    job.scores[name] = job.method.scores(W, stats).cpu()
+            else:
+                records += job.prune(step, names, stats)
+    return got, records
 
 
 def _visit_true_sequential(step: BlockVisit, job: WeightJob) -> tuple:
-    """Observe and prune one input group at a time, each seeing the outputs of the groups pruned before it.
+    """Observe and prune one input group at a time, each seeing the outputs of the groups pruned before it
+    (experts' groups of one stage together, :func:`plan_passes`: no expert reads another's outputs).
 
-    Each observing pass stops at its group's input, and children of the block that are finished are
+    Each observing pass stops at its last group's input, and children of the block that are finished are
     replayed from their last linear's cached input (see :mod:`.layout`), so the whole walk costs about
     one forward of the block more than observing does.
     """
@@ -551,25 +710,24 @@ def _visit_true_sequential(step: BlockVisit, job: WeightJob) -> tuple:
     pruned: set[str] = set()
     replays: list[Replay] = []
     try:
-        for names in groups:
+        for part in job.passes(step, groups, sequential=True):
             step.describe(Stage.CALIBRATING)
-            observer = Observer({n: layers[n][0] for n in names}, job.config.needs, {n: 0 for n in names},
-                                stop_after=names[0], keep_inputs=bool(replay_inputs.intersection(names)),
-                                ranks=job.ranks)
+            names = [n for g in part.observe for n in g]
+            observer = _observer(job, step, part.observe, keep=False,
+                                 keep_inputs=bool(replay_inputs.intersection(names)))
             try:
                 step.run(keep=False, observer=observer, replays=tuple(replays))
             finally:
                 observer.remove()
-            if not _ran([names], observer, step.index):
-                continue
             step.describe(Stage.PRUNING)
-            records += job.prune(step, names, observer.stats_for(names[0]))
-            pruned.update(n[len(step.prefix):] for n in names)
+            for group in _ran(part.observe, observer, step.index):
+                records += job.prune(step, group, job.stats(step, group, observer))
+                pruned.update(n[len(step.prefix):] for n in group)
             for child, spec in layout.children.items():
                 if step.prefix + spec.linear in names and spec.members <= pruned:
                     linear = layers[step.prefix + spec.linear][0]
-                    replay = Replay(step.block.get_submodule(child), linear, observer.inputs[0], spec.tuple_len,
-                                    step.device)
+                    inputs = observer.inputs[observer.group_of[step.prefix + spec.linear]]
+                    replay = Replay(step.block.get_submodule(child), linear, inputs, spec.tuple_len, step.device)
                     replay.install()
                     replays.append(replay)
             del observer

@@ -67,6 +67,10 @@ def compress_folder(folder: "str | os.PathLike", weights: dict) -> None:
     checkpoint = Checkpoint(folder)
     if checkpoint.packed:
         raise ConfigError(f"{folder} is a compressed sparse checkpoint already")
+    # a mixture of experts' experts are pruned fused and written by transformers one tensor per expert, under
+    # names of the family's own (Mixtral: experts.0.w1): every tensor of its experts is treated as pruned
+    if (experts := next((v for k, v in weights.items() if ".experts." in k), None)) is not None:
+        weights = {**{name: experts for name in checkpoint.shape if ".experts." in name}, **weights}
     files = _by_file(checkpoint)
     writer = ShardWriter(folder, len(files), stem=sparse.STEM)
     encoded: dict[str, dict] = {}

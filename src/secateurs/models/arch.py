@@ -2,7 +2,8 @@
 
 No per-family scripts: the decoder blocks are the largest ``nn.ModuleList`` of identical modules that
 hold linear layers; embeddings and head come from ``get_input_embeddings`` / ``get_output_embeddings``.
-A "linear" is ``nn.Linear`` or GPT-2's ``Conv1D``, whose weight is stored transposed ``(in, out)``;
+A "linear" is ``nn.Linear``, GPT-2's ``Conv1D``, whose weight is stored transposed ``(in, out)``, or one
+expert's matrix of fused experts while a prune exposes them (:mod:`.experts`);
 :func:`weight_of` / :func:`set_weight_of` always speak ``(out, in)``.
 """
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ArchitectureError, ModelLoadError
+from .experts import ExpertLinear
 from .pages import overwrite_
 
 try:  # GPT-2 family
@@ -21,7 +23,8 @@ try:  # GPT-2 family
 except ImportError:  # pragma: no cover
     Conv1D = ()
 
-LINEAR_TYPES = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
+# ExpertLinear: one expert's matrix of a mixture of experts' fused experts, while a prune exposes them
+LINEAR_TYPES = (nn.Linear, ExpertLinear) + ((Conv1D,) if Conv1D else ())
 _ATTENTION = re.compile(r"(^|\.)[^.]*(attn|attention)[^.]*(\.|$)", re.IGNORECASE)
 
 

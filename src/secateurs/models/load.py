@@ -199,11 +199,19 @@ def load_model(spec: "str | os.PathLike | None" = None, dtype: "str | torch.dtyp
 
 def load_compressed(folder: "str | os.PathLike", dtype: "str | torch.dtype" = "auto"):
     """The model of a compressed sparse checkpoint (``--save-format sparse``), decoded into memory weight by
-    weight: its skeleton is built weightless, then every tensor is read (and decoded) into it."""
-    from .stream import load_into, open_streamed, tied_head
+    weight: its skeleton is built weightless, then every tensor is read (and decoded) into it.  A checkpoint
+    whose tensors are named as ``from_pretrained`` converts them (a mixture of experts saved by transformers 5)
+    is decoded whole and handed to ``from_pretrained``, which converts it."""
+    from .stream import Checkpoint, skeleton, foreign_names, load_into, open_streamed, tied_head
 
-    model, checkpoint = open_streamed(folder, None if dtype == "auto" else dtype)
-    load_into(model, model, checkpoint, checkpoint.stored_dtype if dtype == "auto" else dtype)
+    checkpoint = Checkpoint(folder)
+    dtype = checkpoint.stored_dtype if dtype == "auto" else dtype
+    if foreign_names(folder):
+        empty = skeleton(folder, dtype)
+        state = checkpoint.read(checkpoint.shape, dtype)
+        return type(empty).from_pretrained(None, config=empty.config, state_dict=state, dtype=dtype).eval()
+    model, checkpoint = open_streamed(folder, dtype)
+    load_into(model, model, checkpoint, dtype)
     if tied_head(model):  # the embeddings' parameter was replaced: the head follows it
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     return model.eval()

@@ -221,7 +221,7 @@ def open_streamed(folder: "str | os.PathLike", dtype: "torch.dtype | None" = Non
     before anything is read, so a checkpoint that disagrees with its config fails here, naming the file.
     """
     checkpoint = Checkpoint(folder)
-    model = _skeleton(folder, dtype or checkpoint.stored_dtype)
+    model = skeleton(folder, dtype or checkpoint.stored_dtype)
     if tied_head(model):  # as from_pretrained ties them (a skeleton built on meta is not tied yet)
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     head = _prefix(model, model.get_output_embeddings()) + "weight" if tied_head(model) else None
@@ -236,7 +236,7 @@ def open_streamed(folder: "str | os.PathLike", dtype: "torch.dtype | None" = Non
     return model, checkpoint
 
 
-def _skeleton(folder, dtype: torch.dtype) -> nn.Module:
+def skeleton(folder, dtype: torch.dtype) -> nn.Module:
     """The model of ``folder``'s config with every parameter on the ``meta`` device (buffers are real)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -259,7 +259,7 @@ def foreign_names(folder: "str | os.PathLike") -> list[str]:
     reads and writes them one tensor per expert, as older versions named them).  Such a folder is loaded
     whole, not streamed."""
     checkpoint = Checkpoint(folder)
-    known = set(_skeleton(folder, checkpoint.stored_dtype).state_dict())
+    known = set(skeleton(folder, checkpoint.stored_dtype).state_dict())
     return sorted(set(checkpoint.shape) - known)
 
 
