@@ -40,6 +40,17 @@ def expert_slices(model):
     return out
 
 
+def routed_inputs(model, ids, experts):
+    """``(hidden, top_k_index, top_k_weights)`` of every calibration batch at ``experts``, in a plain forward."""
+    seen = []
+    handle = experts.register_forward_pre_hook(lambda m, args: seen.append([a.detach().clone() for a in args]))
+    with torch.no_grad():
+        for start in range(0, len(ids), CALIB["batch_size"]):
+            model(ids[start:start + CALIB["batch_size"]])
+    handle.remove()
+    return seen
+
+
 def scope_zeros(model) -> float:
     """Zeros / total over every 2-D (or larger) weight of the blocks, counted directly."""
     zeros = total = 0
@@ -95,12 +106,7 @@ def test_per_expert_statistics_are_those_of_the_tokens_routed_to_it(family, ids,
     model = tiny_moe(family)
     first, mlp = moe_blocks(model)[0]
     experts = mlp.experts
-    seen = []
-    handle = experts.register_forward_pre_hook(lambda m, args: seen.append([a.detach().clone() for a in args]))
-    with torch.no_grad():
-        for start in range(0, len(ids), CALIB["batch_size"]):
-            model(ids[start:start + CALIB["batch_size"]])
-    handle.remove()
+    seen = routed_inputs(model, ids, experts)
     gate_up, down = experts.gate_up_proj.detach().clone(), experts.down_proj.detach().clone()
 
     got = {}
@@ -268,3 +274,110 @@ def test_other_families_with_fused_experts_are_pruned_too(family, ids):
         for W in (m.gate_up_proj, m.down_proj):
             assert (W == 0).float().mean().item() == pytest.approx(0.5)
     assert result.sparsity == pytest.approx(scope_zeros(model), abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------------ removing experts
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_removing_experts_keeps_the_best_and_loads_in_plain_transformers_with_fewer(family, ids, tmp_path):
+    from secateurs import StructuredConfig
+
+    model = tiny_moe(family)
+    first, mlp = moe_blocks(model)[0]
+    gate_up, down = mlp.experts.gate_up_proj.detach().clone(), mlp.experts.down_proj.detach().clone()
+    router = mlp.gate.weight.detach().clone()
+    # REAP by hand: mean over the tokens routed to e of g_e(t) * ||f_e(t)||
+    reap = []
+    for e in range(4):
+        total, tokens = 0.0, 0
+        for hidden, index, weights in routed_inputs(model, ids, mlp.experts):
+            token, slot = torch.where(index == e)
+            f = mlp.experts._apply_gate(hidden[token] @ gate_up[e].t()) @ down[e].t()
+            total += float((weights[token, slot] * f.norm(dim=-1)).sum())
+            tokens += len(token)
+        reap.append(total / max(tokens, 1))
+    keep = sorted(sorted(range(4), key=lambda e: -reap[e])[:2])
+
+    result = prune(model, StructuredConfig(method="experts", count=2, **CALIB), ids, progress=False)
+    record = next(r for r in result.structured if r.block == first)
+    assert (record.before, record.after, record.removed) == (4, 2, sorted(set(range(4)) - set(keep)))
+    assert torch.equal(mlp.experts.gate_up_proj, gate_up[keep]) and torch.equal(mlp.experts.down_proj, down[keep])
+    assert torch.equal(mlp.gate.weight, router[keep])
+    model.save_pretrained(tmp_path)
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert all(m.experts.gate_up_proj.shape[0] == 2 for _, m in moe_blocks(loaded))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_removing_experts_by_frequency_drops_the_least_chosen(ids):
+    from secateurs import StructuredConfig
+
+    model = tiny_moe("olmoe")
+    first, mlp = moe_blocks(model)[0]
+    counts = torch.zeros(4)
+    for _, index, _ in routed_inputs(model, ids, mlp.experts):
+        counts += torch.bincount(index.flatten(), minlength=4)
+    result = prune(model, StructuredConfig(method="experts", ratio=0.25, score="frequency", **CALIB), ids,
+                   progress=False)
+    assert result.structured[0].removed == [int(torch.argmin(counts))]
+    assert model.config.num_experts == 3
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(count=3), "leaves 1, fewer than the 2 each token is routed to"),
+    (dict(count=4), "leaves 0"),
+    (dict(ratio=0.1), "removes none"),
+])
+def test_expert_removal_that_leaves_too_few_is_refused_before_any_change(bad, match, ids):
+    from secateurs import StructuredConfig
+
+    model = tiny_moe("mixtral")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=match):
+        prune(model, StructuredConfig(method="experts", **bad, **CALIB), ids, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_expert_removal_on_a_dense_model_or_with_wrong_options_is_refused(ids):
+    from conftest import tiny_model
+    from secateurs import StructuredConfig
+
+    with pytest.raises(ConfigError, match="mixture of experts"):
+        prune(tiny_model("llama"), StructuredConfig(method="experts", count=1, **CALIB), ids, progress=False)
+    with pytest.raises(ConfigError, match="score 'bi' is not offered for experts"):
+        StructuredConfig(method="experts", count=1, score="bi")
+    with pytest.raises(ConfigError, match="allocation uniform"):
+        StructuredConfig(method="experts", ratio=0.5, allocation="global")
+
+
+def test_the_cli_removes_experts(tmp_path, tiny_dir):
+    from secateurs.cli import main
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(tiny_dir / "model")
+    tiny_moe("qwen3moe", vocab=len(tokenizer)).save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    assert main(["prune", "--model", str(tmp_path / "moe"), "--quiet", "--calib-data", str(tiny_dir / "train.txt"),
+                 "--calib-samples", "4", "--calib-seqlen", "32", "--no-eval", "--method", "experts",
+                 "--remove-per-layer", "1", "--output", str(tmp_path / "o"), "--report", str(tmp_path / "r.json")]) == 0
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert loaded.config.num_experts == 3 and loaded.model.layers[1].mlp.experts.down_proj.shape[0] == 3
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [r["after"] for r in report["structured"]] == [3, 3]
+
+
+def test_fine_tuning_holds_the_experts_zeros(ids):
+    from secateurs.training import TrainConfig, train
+
+    model = tiny_moe("mixtral")
+    prune(model, PruneConfig(method="wanda", **CALIB), ids, progress=False)
+    zeros = {n: p == 0 for n, p in model.named_parameters() if p.dim() >= 2 and (p == 0).any()}
+    assert any("experts" in n for n in zeros)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    train(model, ids.flatten(), TrainConfig(steps=3, batch_size=2, seqlen=16, lr=1e-2), progress=False)
+    for n, p in model.named_parameters():
+        if n in zeros:
+            assert torch.equal(p == 0, zeros[n]), n  # no pruned weight came back, none kept was zeroed
+    assert not torch.equal(before["model.layers.0.mlp.experts.down_proj"],
+                           model.get_parameter("model.layers.0.mlp.experts.down_proj"))  # the experts did train

@@ -63,14 +63,14 @@ def _add_prune(p, single_method=True):
         p.add_argument("--layer-sparsity", action="append", default=None, metavar="REGEX=S",
                        help="per-layer override, repeatable: 'mlp=0.6', 'blocks:0-4=0.3'")
         p.add_argument("--recipe", default=None, help="YAML/JSON recipe (flags override its top level)")
-        s = p.add_argument_group("structured methods (channels, heads, blocks)")
-        s.add_argument("--ratio", type=float, default=None, help="fraction of each layer's channels / heads "
-                       "(of all of them with --allocation global), or of the blocks, to remove")
+        s = p.add_argument_group("structured methods (channels, heads, blocks, experts)")
+        s.add_argument("--ratio", type=float, default=None, help="fraction of each layer's channels / heads / "
+                       "experts (of all of them with --allocation global), or of the blocks, to remove")
         s.add_argument("--remove-per-layer", type=int, default=None, metavar="N",
-                       help="channels (heads: head units) removed in every block")
+                       help="channels (heads: head units; experts: experts) removed in every block")
         s.add_argument("--remove-blocks", type=int, default=None, metavar="K", help="blocks: remove K whole blocks")
         s.add_argument("--score", default=None, help="channels/heads: magnitude | wanda | fluctuation (default); "
-                       "blocks: bi (default) | angular")
+                       "blocks: bi (default) | angular; experts: reap (default) | frequency")
         s.add_argument("--round-to", type=int, default=None, help="kept channels per layer: a multiple of this")
         s.add_argument("--gqa", default=None, help="heads: per-group (default) | kv-groups")
         s.add_argument("--refit", action="store_true", default=None,

@@ -36,9 +36,10 @@ from .quant import Quant
 SCOPES = ("all", "attention", "mlp")
 PROPAGATE = ("pruned", "dense")
 REFINE = ("none", "admm")  # weight reconstruction on the chosen mask, after the method (methods/reconstruct.py)
-STRUCTURED = ("channels", "heads", "blocks")  # structured methods: remove whole units, not single weights
+STRUCTURED = ("channels", "heads", "blocks", "experts")  # structured methods: remove whole units, not single weights
 WIDTH_SCORES = ("magnitude", "wanda", "fluctuation")
 DEPTH_SCORES = ("bi", "angular")
+EXPERT_SCORES = ("reap", "frequency")
 
 
 @dataclass(frozen=True)
@@ -377,16 +378,17 @@ class PruneConfig(_Serialised):
 
 @dataclass(frozen=True)
 class StructuredConfig(_Serialised):
-    """Structured pruning: remove whole MLP channels, attention heads or decoder blocks.
+    """Structured pruning: remove whole MLP channels, attention heads, decoder blocks or experts.
 
     Give either ``ratio`` (fraction of each layer's channels / heads, or of all of them with
     ``allocation="global"``, or of the blocks) or ``count`` (channels / head units per layer, or blocks).
     """
 
-    method: str = "channels"  # channels | heads | blocks
-    ratio: "float | None" = None  # fraction of channels / heads / blocks to remove
-    count: "int | None" = None  # or: channels (heads units) removed per layer, or blocks removed
-    score: "str | None" = None  # width: magnitude | wanda | fluctuation (default); blocks: bi (default) | angular
+    method: str = "channels"  # channels | heads | blocks | experts
+    ratio: "float | None" = None  # fraction of channels / heads / blocks / experts to remove
+    count: "int | None" = None  # or: channels (head units, experts) removed per layer, or blocks removed
+    score: "str | None" = None  # width: magnitude | wanda | fluctuation (default); blocks: bi (default) | angular;
+    # experts: reap (default) | frequency
     allocation: str = "uniform"  # uniform (same width in every block: a plain HF config) | global
     round_to: int = 1  # kept channels per layer are a multiple of this (hardware-friendly widths)
     gqa: str = "per-group"  # heads: per-group (same query heads removed in every KV group) | kv-groups
@@ -403,7 +405,8 @@ class StructuredConfig(_Serialised):
         _check_types(self)
         _check(self.method in STRUCTURED, f"method: {self.method!r} is not structured ({', '.join(STRUCTURED)})")
         depth = self.method == "blocks"
-        scores = DEPTH_SCORES if depth else WIDTH_SCORES
+        experts = self.method == "experts"
+        scores = DEPTH_SCORES if depth else EXPERT_SCORES if experts else WIDTH_SCORES
         _check(self.score is None or self.score in scores,
                f"score {self.score!r} is not offered for {self.method} ({', '.join(scores)})")
         _check((self.ratio is None) != (self.count is None),
@@ -418,7 +421,10 @@ class StructuredConfig(_Serialised):
         _check(self.gqa in ("per-group", "kv-groups"), f"gqa must be per-group or kv-groups, got {self.gqa!r}")
         _check(not (self.refit and self.bias_compensation),
                "refit and bias_compensation are two repairs of the same projection: choose one")
-        _check(not (depth and (self.refit or self.bias_compensation)), "blocks: refit/bias compensation do not apply")
+        _check(not ((depth or experts) and (self.refit or self.bias_compensation)),
+               f"{self.method}: refit/bias compensation do not apply")
+        _check(not (experts and self.allocation == "global"),
+               "experts: every block loses the same number (one expert count in the config): allocation uniform")
         _check(self.calib_samples >= 1 and self.calib_seqlen >= 1, "calib_samples and calib_seqlen must be >= 1")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check_device_name(self.device)
@@ -426,11 +432,12 @@ class StructuredConfig(_Serialised):
     @property
     def score_name(self) -> str:
         """The score in use: the one given, else fluctuation for width and Block Influence (bi) for depth."""
-        return self.score or ("bi" if self.method == "blocks" else "fluctuation")
+        return self.score or {"blocks": "bi", "experts": "reap"}.get(self.method, "fluctuation")
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "blocks" or self.score_name != "magnitude" or self.refit or bool(self.bias_compensation)
+        return self.method in ("blocks", "experts") or self.score_name != "magnitude" or self.refit or \
+            bool(self.bias_compensation)
 
 
 def config_from_dict(data: dict[str, Any]) -> "PruneConfig | StructuredConfig":

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from ..allocator import give_back_freed_memory
 from ..errors import CalibrationError, ConfigError, VerificationError
 from ..methods.base import InputStats, LayerTarget, Method
 from ..methods.reconstruct import admm_reconstruct
@@ -570,6 +571,12 @@ class WeightJob:
             return identity_stats(self.config.needs, weight_of(module).shape[1], stats.tokens, step.device)
         return stats
 
+    def after_pass(self, step: BlockVisit, part: "Pass") -> None:
+        """A pass that pruned experts freed their statistics (each below glibc's mmap threshold, so taken from
+        the heap, which keeps what is freed): hand that memory back before the next pass gathers more."""
+        if any(isinstance(self.layers(step)[g[0]][0], ExpertLinear) for g in part.prune):
+            give_back_freed_memory()
+
     def layout(self, step: BlockVisit) -> "BlockLayout | None":
         return self.layouts.get(frozenset(n[len(step.prefix):] for n in self.layers(step)))
 
@@ -690,6 +697,7 @@ def _visit_at_once(step: BlockVisit, job: WeightJob) -> tuple:
                     job.scores[name] = job.method.scores(W, stats).cpu()
             else:
                 records += job.prune(step, names, stats)
+        job.after_pass(step, part)
     return got, records
 
 
@@ -723,6 +731,7 @@ def _visit_true_sequential(step: BlockVisit, job: WeightJob) -> tuple:
             for group in _ran(part.observe, observer, step.index):
                 records += job.prune(step, group, job.stats(step, group, observer))
                 pruned.update(n[len(step.prefix):] for n in group)
+            job.after_pass(step, part)
             for child, spec in layout.children.items():
                 if step.prefix + spec.linear in names and spec.members <= pruned:
                     linear = layers[step.prefix + spec.linear][0]

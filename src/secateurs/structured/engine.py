@@ -173,6 +173,11 @@ def check_structured(model: nn.Module, config) -> None:
     """Every check that needs only the model's shapes, before any calibration or change (and, from the CLI,
     before the dense evaluation): the count against the layer or the depth, head pruning against the config
     family, and an explicit bias compensation against the output projection."""
+    if config.method == "experts":
+        from .experts import check_experts
+
+        check_experts(model, config)
+        return
     blocks_name, blocks = find_blocks(model)
     if config.method == "blocks":
         L = len(blocks)

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.arch import find_blocks, find_linears, weight_of
+from ..models.experts import is_fused
 from ..patterns import Pattern, build_mask, zero_where_
 from .schedules import Schedule, increment
 
@@ -36,6 +37,14 @@ def prunable_linears(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+def fused_experts(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The fused experts parameters (``...experts.gate_up_proj``, ``down_proj``) of a mixture of experts'
+    blocks, by qualified name: pruned through views (:mod:`..models.experts`), held here as they are."""
+    name, blocks = find_blocks(model)
+    return {f"{name}.{i}.{n}.{param}": getattr(m, param) for i, block in enumerate(blocks)
+            for n, m in block.named_modules() if is_fused(m) for param in ("gate_up_proj", "down_proj")}
+
+
 class Masks:
     """One boolean prune mask per linear weight (``(out, in)`` orientation), re-applied on demand."""
 
@@ -44,15 +53,24 @@ class Masks:
 
     @classmethod
     def from_zeros(cls, model: nn.Module, names: "list[str] | None" = None) -> "Masks":
-        """Freeze the zeros a model has now (e.g. after one-shot pruning)."""
+        """Freeze the zeros a model has now (e.g. after one-shot pruning): of every linear in the blocks (or of
+        ``names``), and, without ``names``, of a mixture of experts' fused experts, held by parameter name."""
         linears = prunable_linears(model)
-        return cls({n: weight_of(m) == 0 for n, m in linears.items() if names is None or n in names})
+        masks = {n: weight_of(m) == 0 for n, m in linears.items() if names is None or n in names}
+        if names is None:
+            masks.update({n: p.data == 0 for n, p in fused_experts(model).items() if not bool(p.data.all())})
+        return cls(masks)
 
     @torch.no_grad()
     def apply(self, model: nn.Module) -> None:
         modules = dict(model.named_modules())
+        params = None
         for name, mask in self.masks.items():
-            W = weight_of(modules[name])
+            if name in modules:
+                W = weight_of(modules[name])
+            else:  # a fused experts parameter
+                params = params if params is not None else dict(model.named_parameters())
+                W = params[name].data
             zero_where_(W, mask.to(W.device))
 
     @contextlib.contextmanager
