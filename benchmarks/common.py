@@ -26,6 +26,14 @@ def run_each(script: str, runs: list, extra: list, on_row) -> list[dict]:
     return rows
 
 
+def build_apart(module: str, name: str) -> None:
+    """``module.build_checkpoint(name)`` (a benchmark script beside this one) in a process of its own: a child
+    forked from a process that held the building's memory would report that memory as its own peak (Linux
+    keeps the pre-exec high-water mark in ``ru_maxrss``), and a run in this process would count it."""
+    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                    f"import {module}; {module}.build_checkpoint({name!r})"], check=True)
+
+
 def rss_bytes() -> int:
     """This process's resident set now (Linux)."""
     with open("/proc/self/statm") as f:

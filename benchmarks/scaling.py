@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import benchmark_main
+from common import benchmark_main, build_apart
 
 SHAPES = {  # name: (hidden, intermediate, blocks, heads, kv heads, vocabulary, tied)
     "small": (768, 2048, 8, 12, 4, 49152, True),
@@ -96,10 +96,7 @@ def folder_bytes(folder: Path) -> int:
 
 def one(run: str) -> dict:
     name, method = run.split(":")
-    # built in a process of its own: a child forked from a process that held the building's memory would
-    # report that memory as its own peak (Linux keeps the pre-exec high-water mark in ru_maxrss)
-    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-                    f"import scaling; scaling.build_checkpoint({name!r})"], check=True)
+    build_apart("scaling", name)
     folder = scratch() / name
     out = scratch() / f"out-{name}-{method}"
     report = scratch() / f"report-{name}-{method}.json"

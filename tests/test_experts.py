@@ -215,10 +215,11 @@ def test_a_streamed_prune_of_fused_experts_equals_the_prune_in_memory(ids, tmp_p
     assert result.experts["matrices"] == 24 and result.sparsity == pytest.approx(scope_zeros(streamed), abs=1e-12)
 
 
-def test_the_cli_prunes_a_mixtral_folder_dense_and_compressed(tmp_path, capsys, tiny_dir):
+def test_the_cli_prunes_a_mixtral_folder_dense_and_compressed(tmp_path, capsys, tiny_dir, monkeypatch):
     from secateurs.cli import main
     from secateurs.models.load import load_model
 
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
     tokenizer = tf.AutoTokenizer.from_pretrained(tiny_dir / "model")
     tiny_moe("mixtral", vocab=len(tokenizer)).save_pretrained(tmp_path / "moe")
     tokenizer.save_pretrained(tmp_path / "moe")
@@ -229,10 +230,18 @@ def test_the_cli_prunes_a_mixtral_folder_dense_and_compressed(tmp_path, capsys, 
     dense = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "d")
     assert report["sparsity"] == pytest.approx(scope_zeros(dense), abs=1e-12) and report["experts"]["matrices"] == 24
     assert main(["prune", *flags, "--save-format", "sparse", "--output", str(tmp_path / "s")]) == 0
+    assert report["streamed"] is True  # converted once into the cache, then streamed: the experts stay fused
     encoded = json.loads((tmp_path / "s" / "config.json").read_text())["secateurs_sparsity"]["tensors"]
-    assert sum(".experts." in n for n in encoded) == 24  # Mixtral's own names (experts.0.w1), compressed
+    assert {n for n in encoded if ".experts." in n} == {f"model.layers.{i}.mlp.experts.{p}" for i in range(2)
+                                                        for p in ("gate_up_proj", "down_proj")}
     packed = load_model(str(tmp_path / "s"))[0]
     assert all(torch.equal(a, b) for a, b in zip(dense.state_dict().values(), packed.state_dict().values()))
+    # loaded whole, saved by transformers one tensor per expert (Mixtral: experts.0.w1), compressed under those names
+    assert main(["prune", *flags, "--no-stream", "--save-format", "sparse", "--output", str(tmp_path / "w")]) == 0
+    encoded = json.loads((tmp_path / "w" / "config.json").read_text())["secateurs_sparsity"]["tensors"]
+    assert sum(".experts." in n and n.endswith((".w1.weight", ".w2.weight", ".w3.weight")) for n in encoded) == 24
+    whole = load_model(str(tmp_path / "w"))[0]
+    assert all(torch.equal(a, b) for a, b in zip(dense.state_dict().values(), whole.state_dict().values()))
 
 
 MORE = {  # other families with experts in transformers' standard fused layout (tiny configs; first block dense
@@ -352,9 +361,10 @@ def test_expert_removal_on_a_dense_model_or_with_wrong_options_is_refused(ids):
         StructuredConfig(method="experts", ratio=0.5, allocation="global")
 
 
-def test_the_cli_removes_experts(tmp_path, tiny_dir):
+def test_the_cli_removes_experts(tmp_path, tiny_dir, monkeypatch):
     from secateurs.cli import main
 
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
     tokenizer = tf.AutoTokenizer.from_pretrained(tiny_dir / "model")
     tiny_moe("qwen3moe", vocab=len(tokenizer)).save_pretrained(tmp_path / "moe")
     tokenizer.save_pretrained(tmp_path / "moe")
@@ -381,3 +391,59 @@ def test_fine_tuning_holds_the_experts_zeros(ids):
             assert torch.equal(p == 0, zeros[n]), n  # no pruned weight came back, none kept was zeroed
     assert not torch.equal(before["model.layers.0.mlp.experts.down_proj"],
                            model.get_parameter("model.layers.0.mlp.experts.down_proj"))  # the experts did train
+
+
+# ------------------------------------------------------------------ checkpoints saved one tensor per expert
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2moe"])
+def test_a_mixture_saved_by_transformers_is_converted_once_and_streamed(family, ids, tmp_path, monkeypatch):
+    from secateurs.api import prune_streamed
+    from secateurs.models.load import streamable
+    from secateurs.models.stream import foreign_names
+
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    model = tiny_moe(family)
+    model.save_pretrained(tmp_path / "moe")
+    assert any(".experts.0." in n for n in foreign_names(tmp_path / "moe"))  # one tensor per expert
+    cached = streamable(tmp_path / "moe")
+    assert cached is not None and cached.is_relative_to(tmp_path / "cache") and foreign_names(cached) == []
+    stamp = [(f.name, f.stat().st_mtime_ns) for f in sorted(cached.iterdir())]
+    assert streamable(tmp_path / "moe") == cached and stamp == [(f.name, f.stat().st_mtime_ns)
+                                                                for f in sorted(cached.iterdir())]  # made once
+    again = tf.AutoModelForCausalLM.from_pretrained(cached)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    cfg = PruneConfig(method="sparsegpt", **CALIB)
+    prune_streamed(cached, cfg, ids, tmp_path / "out", progress=False)
+    prune(model, cfg, ids, progress=False)
+    streamed = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), streamed.state_dict().values()))
+
+
+def test_a_layout_the_conversion_does_not_know_is_loaded_whole(tmp_path, monkeypatch):
+    import transformers.conversion_mapping as mapping
+
+    from secateurs.models.load import streamable
+
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    tiny_moe("qwen3moe").save_pretrained(tmp_path / "moe")
+    real = mapping.get_model_conversion_mapping
+
+    def with_an_unknown_operation(model, *args, **kwargs):
+        rules = real(model, *args, **kwargs)
+        for rule in rules:
+            if getattr(rule, "operations", None):
+                rule.operations = [type("Transpose", (), {"dim": 0})()] + list(rule.operations)
+        return rules
+
+    monkeypatch.setattr(mapping, "get_model_conversion_mapping", with_an_unknown_operation)
+    assert streamable(tmp_path / "moe") is None and not (tmp_path / "cache").exists()
+
+
+def test_a_cache_without_room_loads_the_mixture_whole(tmp_path, monkeypatch, free_space, caplog):
+    from secateurs.models.load import streamable
+
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    tiny_moe("olmoe").save_pretrained(tmp_path / "moe")
+    free_space(1000)
+    assert streamable(tmp_path / "moe") is None and "loaded whole instead" in caplog.text

@@ -76,15 +76,3 @@ def test_the_cli_refuses_then_runs_an_allowed_partial_prune(tmp_path, capsys, ti
     saved = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "o")
     assert report["sparsity"] == pytest.approx(scope_zeros(saved), abs=1e-9)
     assert "left as they are, counted" in capsys.readouterr().out
-
-
-def test_a_checkpoint_in_a_converted_layout_is_loaded_whole_not_streamed(tmp_path):
-    from conftest import tiny_model
-    from secateurs.models.load import streamable
-    from secateurs.models.stream import foreign_names
-
-    tiny_moe("mixtral").save_pretrained(tmp_path / "moe")
-    tiny_model("llama").save_pretrained(tmp_path / "dense")
-    assert any("block_sparse_moe.experts.0" in n for n in foreign_names(tmp_path / "moe"))
-    assert streamable(tmp_path / "moe") is None
-    assert foreign_names(tmp_path / "dense") == [] and streamable(tmp_path / "dense") == tmp_path / "dense"

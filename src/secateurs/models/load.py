@@ -107,9 +107,10 @@ def _converted(gguf: Path, cached: Path, dtype):
 
 def streamable(spec: "str | os.PathLike | None") -> "Path | None":
     """The safetensors folder a prune of ``spec`` can stream from: a local model folder with safetensors
-    weights, or the converted cache of a built-in model or a GGUF file (made now if it is not there yet); None
-    for a hub id, a folder with per-block widths, or one whose tensors are stored under names that
-    ``from_pretrained`` converts (:func:`~secateurs.models.stream.foreign_names`): those are loaded whole."""
+    weights, or the converted cache of a built-in model, a GGUF file or a folder whose tensors are stored under
+    names that ``from_pretrained`` converts (a mixture of experts' experts one tensor per expert,
+    :mod:`.convert`), made now if it is not there yet; None for a hub id, a folder with per-block widths, or
+    one in a converted layout :mod:`.convert` does not handle: those are loaded whole."""
     spec = str(spec) if spec is not None else DEFAULT_MODEL
     path = Path(spec).expanduser()
     if spec in BUILTIN_MODELS or (path.suffix == ".gguf" and path.is_file()):
@@ -125,9 +126,12 @@ def streamable(spec: "str | os.PathLike | None") -> "Path | None":
         return None
     if "secateurs_structure" in json.loads((folder / "config.json").read_text()):
         return None
+    from .convert import converted_cache
     from .stream import foreign_names
 
     if foreign := foreign_names(folder):
+        if (cached := converted_cache(folder)) is not None:
+            return cached
         log.info("%s stores %s (and %d more tensors) under names its model converts when it loads them: it is "
                  "loaded whole, not streamed", folder, foreign[0], len(foreign) - 1)
         return None
