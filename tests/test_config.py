@@ -69,7 +69,7 @@ def test_nm_implies_sparsity():
     (dict(method="wanda", options={"threshold": 0.1}), "method wanda has no option 'threshold'"),
     (dict(method="wanda", allocation="global", propagate="pruned"), "needs propagate=dense"),
     (dict(method="wanda", allocation="global", true_sequential=True), "true_sequential does not apply"),
-    (dict(allocation="owl"), "allocation must be one of uniform, global"),
+    (dict(allocation="owls"), "allocation must be one of uniform, global, owl"),
     (dict(layer_sparsity=["mlp=1.5"]), r"\[0, 1\)"),
     (dict(layer_sparsity=["mlp"]), "REGEX=S"),
     (dict(pattern="2:4", layer_sparsity=["mlp=0.3"]), "N:M"),

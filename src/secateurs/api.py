@@ -194,6 +194,9 @@ def check_checkpointable(config) -> None:
                           "checkpoint")
     if c.allocation == "global":
         raise ConfigError("allocation=global ranks every layer after the walk: its walk cannot be checkpointed")
+    if c.allocation == "owl":
+        raise ConfigError("allocation=owl sets every block's target from a walk of the dense model first: its "
+                          "pruning walk cannot be checkpointed")
     if current_ranks().world > 1:
         raise ConfigError("a walk checkpoint (--save-every) serves one process, not several")
 

@@ -87,7 +87,12 @@ def _add_prune(p, single_method=True):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="calibration samples per block forward (default 8)")
     p.add_argument("--allocation", default=None, help="how the sparsity is spread over layers: uniform (default; "
-                   "structured: the same width everywhere, a plain HF config) | global (one ranking of all layers)")
+                   "structured: the same width everywhere, a plain HF config) | global (one ranking of all layers) | "
+                   "owl (weights: blocks with more outliers keep more, the mean kept)")
+    p.add_argument("--owl-m", type=float, default=None, help="owl: outlier = score above M x the block's mean "
+                   "(default 5)")
+    p.add_argument("--owl-lambda", type=float, default=None, help="owl: the blocks' sparsities span at most 2 "
+                   "lambda (default 0.08)")
     _add_method_options(p)
     p.add_argument("--refine", choices=["none", "admm"], default=None,
                    help="after masking, re-fit the kept weights to the dense layer's outputs (admm; default none)")
@@ -290,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 _FLAG_FIELDS = ["method", "sparsity", "pattern", "group", "include", "exclude", "calib_data", "calib_samples",
                 "calib_seqlen", "seed", "batch_size", "refine", "refine_iters", "refine_damp", "propagate",
                 "true_sequential", "device", "ratio", "score", "allocation", "round_to", "gqa", "refit",
-                "bias_compensation", "quant", "group_size", "allow_partial"]
+                "bias_compensation", "quant", "group_size", "allow_partial", "owl_m", "owl_lambda"]
 
 
 def _overrides(args) -> dict:

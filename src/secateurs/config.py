@@ -209,7 +209,7 @@ class PruneConfig(_Serialised):
     sparsity: "float | None" = None  # fraction removed; None = 1 - N/M for N:M, else 0.5
     pattern: str = "unstructured"  # unstructured | N:M (N kept in every M inputs) | block:B
     group: "str | None" = None  # which scores compete: row | layer (sparsegpt: lazy-batch); None = the method's
-    allocation: str = "uniform"  # uniform (layer_sparsity rules on top) | global (one ranking of all layers)
+    allocation: str = "uniform"  # uniform (layer_sparsity rules on top) | global (one ranking of all layers) | owl
     include: "tuple[str, ...]" = ("all",)  # scopes (all/attention/mlp) or regexes
     exclude: "tuple[str, ...]" = ()  # regexes of layer names to leave dense
     layer_sparsity: "tuple[str, ...]" = ()  # ("REGEX=S", "blocks:0-4=0.3"); last match wins
@@ -227,6 +227,8 @@ class PruneConfig(_Serialised):
     quant: str = "none"  # none | int8 | int4: the kept weights become integers with group-wise scales (quant.py)
     group_size: "int | None" = None  # quant: input columns sharing one scale; None = 128
     allow_partial: bool = False  # prune even if much of the scope cannot be pruned (reported, counted in sparsity)
+    owl_m: "float | None" = None  # allocation=owl: a weight is an outlier above M x its block's mean score; None = 5
+    owl_lambda: "float | None" = None  # allocation=owl: blocks' sparsities span 2 lambda around the mean; None = 0.08
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PruneConfig":
@@ -269,6 +271,17 @@ class PruneConfig(_Serialised):
             except re.error as exc:
                 raise ConfigError(f"include/exclude: bad regex {rx!r} ({exc})") from None
         rules = self.rules  # parses and validates
+        owl = self.allocation == "owl"
+        for key in ("owl_m", "owl_lambda"):
+            _check(getattr(self, key) is None or owl, f"{key} is read only with allocation=owl")
+        _check(not (owl and implied is not None), "allocation=owl gives blocks different sparsities, which an N:M "
+               "pattern (one sparsity, N/M) cannot have")
+        _check(not (owl and rules), "layer_sparsity overrides contradict allocation=owl (it sets every block's)")
+        _check(not (owl and cls.needs == "none"), f"allocation=owl measures outliers on calibration activations, "
+               f"which {self.method} does not gather: use wanda or sparsegpt")
+        _check(self.owl_m is None or self.owl_m > 0, f"owl_m must be > 0, got {self.owl_m}")
+        _check(self.owl_lambda is None or 0 < self.owl_lambda < 0.5, f"owl_lambda must be in (0, 0.5), got "
+               f"{self.owl_lambda}")
         _check(not (rules and implied is not None), "layer_sparsity overrides cannot be combined with an N:M pattern")
         _check(not (rules and ranked), "layer_sparsity overrides contradict allocation=global (one ranking)")
         _check(self.calib_samples >= 1 and self.calib_seqlen >= 1, "calib_samples and calib_seqlen must be >= 1")

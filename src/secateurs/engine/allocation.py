@@ -8,8 +8,9 @@ An allocation hands every layer its target.  It runs when the statistics it need
   the last block one ranking of all the scores (or tiles) chooses every mask; layers then differ in sparsity
   and only the mean is the target.
 
-A statistics-driven allocation (OWL: each block's target from the outlier ratio of its activations) is a
-third kind: targets fixed per block once that block's statistics are in, before it is pruned.
+* ``owl`` needs every block's statistics before any is pruned: a first walk of the dense model measures each
+  block's outlier ratio, and every block's target is fixed from them before the pruning walk
+  (:class:`OWL`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class Allocation:
 
     name: ClassVar[str] = ""
     ranks: ClassVar[bool] = False
+    first_walk: ClassVar[bool] = False  # targets come from a walk of the dense model before the pruning walk
 
     def target(self, config, name: str, block: "int | None") -> float:
         """The fraction of layer ``name`` (in block ``block``) to remove."""
@@ -60,7 +62,41 @@ class GlobalRanking(Allocation):
         return masks
 
 
-ALLOCATIONS: dict[str, Allocation] = {a.name: a for a in (Uniform(), GlobalRanking())}
+class OWL(Allocation):
+    """Outlier-Weighed Layerwise sparsity (Yin et al., 2024, arXiv:2310.05175): blocks with more outliers keep more.
+
+    For block ``l``, with Wanda's score ``A_ij = |W_ij| * ||X_j||_2`` over every weight of its pruned layers
+    (on the dense model's activations), the outlier ratio is ``D_l = #{A > M * mean_l(A)} / #A``.  The ratios
+    are stretched linearly onto ``[0, 2 lambda]``, ``x_l = 2 lambda (D_l - min D) / (max D - min D)``, and block
+    ``l`` keeps ``1 - S + x_l - mean(x)``: its sparsity is ``S_l = S - x_l + mean(x)``, the mean over blocks is
+    ``S`` exactly, and blocks differ by at most ``2 lambda``.  Defaults ``M = 5``, ``lambda = 0.08`` (the
+    paper's LLaMA settings).  Every layer of a block gets its block's target.
+    """
+
+    name = "owl"
+    first_walk = True
+    M, LAMBDA = 5.0, 0.08
+
+    @classmethod
+    def outlier_ratio(cls, scores, m: float) -> float:
+        """``D``: the fraction of a block's scores above ``m`` times their mean.  ``scores()`` yields them one
+        layer at a time (twice: the mean first, then the count), so no block's scores are held at once."""
+        total, count = 0.0, 0
+        for s in scores():
+            total += float(s.sum(dtype=torch.float64))
+            count += s.numel()
+        return sum(int((s > m * (total / count)).sum()) for s in scores()) / count
+
+    @classmethod
+    def sparsities(cls, ratios: list[float], sparsity: float, lam: float) -> list[float]:
+        """Every block's target from its outlier ratio (see the class docstring)."""
+        lo, hi = min(ratios), max(ratios)
+        x = [0.0 if hi == lo else 2 * lam * (d - lo) / (hi - lo) for d in ratios]
+        mean = sum(x) / len(x)
+        return [sparsity - xi + mean for xi in x]
+
+
+ALLOCATIONS: dict[str, Allocation] = {a.name: a for a in (Uniform(), GlobalRanking(), OWL())}
 
 
 def allocation_of(config) -> Allocation:

@@ -39,7 +39,7 @@ from ..models.experts import ExpertLinear, expose, routers, stage_of, viewed
 from ..patterns import check_nm, check_tiles, zero_where_
 from ..quant import round_to_nearest
 from ..progress import Stage, Tracker
-from .allocation import allocation_of
+from .allocation import OWL, allocation_of
 from .capture import StopForward, capture_inputs
 from .distributed import ONE, Ranks, current
 from .layout import BlockLayout, Replay, learn_layout
@@ -612,6 +612,8 @@ def prune_with_data(model: nn.Module, plan: Plan, method: Method, config, input_
     with source.outside_blocks():
         hidden, calls = capture_inputs(model, plan.blocks, input_ids, config.batch_size)
 
+    if allocation_of(config).first_walk:
+        owl_targets(plan, config, hidden, calls, device, tracker, source)
     job = WeightJob(plan, method, config, refiner(config), {} if ranking else None, {}, ranks)
     records: list[LayerRecord] = []
     last = max(i for i, per_block in enumerate(plan.layers) if per_block)  # nothing after it needs inputs
@@ -644,6 +646,49 @@ def prune_with_data(model: nn.Module, plan: Plan, method: Method, config, input_
         for r in records:
             r.routed_tokens = job.routed.get(r.name)
     return records
+
+
+@torch.no_grad()
+def owl_targets(plan: Plan, config, hidden: list, calls: list, device, tracker: Tracker,
+                source: InMemory = IN_MEMORY) -> None:
+    """``allocation=owl``: walk the dense model once, measuring each block's outlier ratio from Wanda's scores
+    on its activations, then give every layer of the plan its block's target (:class:`.allocation.OWL`)."""
+    m = OWL.M if config.owl_m is None else config.owl_m
+    lam = OWL.LAMBDA if config.owl_lambda is None else config.owl_lambda
+    ratios: dict[int, float] = {}
+    last = max(i for i, per_block in enumerate(plan.layers) if per_block)
+
+    def visit(step: BlockVisit):
+        layers = plan.layers[step.index]
+        if not layers:
+            return None
+        observer = Observer({n: module for n, (module, _) in layers.items()}, "norms",
+                            {n: k for k, n in enumerate(layers)}, ranks=current())
+        try:
+            outs = step.run(keep=step.need_outputs, observer=observer)
+        finally:
+            observer.remove()
+        seen = observer.seen()
+        norms = {n: observer.stats_for(n).sq_norms.sqrt() for n in layers if n in seen}
+
+        def scores():
+            for n, norm in norms.items():
+                yield weight_of(layers[n][0]).to(step.device, torch.float32).abs().mul_(norm.unsqueeze(0))
+
+        ratios[step.index] = OWL.outlier_ratio(scores, m) if norms else 0.0
+        return outs
+
+    with source.read_only():
+        walk_blocks(plan.blocks, plan.blocks_name, hidden, calls, device, visit, tracker, last=last, source=source)
+    blocks = sorted(ratios)
+    targets = OWL.sparsities([ratios[i] for i in blocks], config.resolved.sparsity, lam)
+    for i, target in zip(blocks, targets):
+        if not 0 <= target < 1:
+            raise ConfigError(f"allocation=owl: owl_lambda {lam} spreads sparsity {config.resolved.sparsity} to "
+                              f"{target:.3f} in block {i}, outside [0, 1): give a smaller owl_lambda")
+        plan.layers[i] = {n: (module, replace(t, sparsity=target)) for n, (module, t) in plan.layers[i].items()}
+    log.info("allocation=owl: outlier ratios %s -> block sparsities %s", [round(ratios[i], 4) for i in blocks],
+             [round(t, 4) for t in targets])
 
 
 def _ran(groups: list, observer: Observer, block: int) -> list:

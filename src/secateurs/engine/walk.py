@@ -59,6 +59,11 @@ class InMemory:
         """A resumed walk starts at block ``first``: the blocks before it are finished (and written)."""
 
     @contextmanager
+    def read_only(self):
+        """While inside, a walk only reads the blocks (a streamed model writes none and counts none finished)."""
+        yield
+
+    @contextmanager
     def outside_blocks(self, output: bool = False):
         """While inside, what runs before the blocks (and with ``output``, after them) is in memory."""
         yield

@@ -467,6 +467,15 @@ class BlockStream:
         if self.writer is not None:
             self.writer.adopt(first)  # their shards are in the writer's folder already
 
+    @contextmanager
+    def read_only(self):
+        writer, done = self.writer, set(self.done)
+        self.writer = None
+        try:
+            yield
+        finally:
+            self.writer, self.done = writer, done
+
     def leave(self, i: int, block: nn.Module) -> None:
         if self.writer is not None:
             prefix = f"{self.blocks_name}.{i}."
