@@ -34,6 +34,23 @@ def build_apart(module: str, name: str) -> None:
                     f"import {module}; {module}.build_checkpoint({name!r})"], check=True)
 
 
+def finish_checkpoint(tmp: Path, folder: Path) -> Path:
+    """Give a random-weight checkpoint built in ``tmp`` the built-in model's tokenizer (ids < 49,152, within
+    every vocabulary the benchmarks build) and move it into place as ``folder``: a half-built one is never
+    taken for a finished one."""
+    from secateurs.models.load import load_model
+
+    _, tokenizer = load_model()
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def folder_bytes(folder: Path) -> int:
+    """The bytes of a folder's safetensors files."""
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
 def rss_bytes() -> int:
     """This process's resident set now (Linux)."""
     with open("/proc/self/statm") as f:

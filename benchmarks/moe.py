@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import benchmark_main, build_apart
+from common import benchmark_main, build_apart, finish_checkpoint, folder_bytes
 
 SHAPES = {  # name: (family, config fields)
     "olmoe": ("olmoe", dict(hidden_size=2048, intermediate_size=1024, num_experts=64, num_experts_per_tok=8,
@@ -55,8 +55,6 @@ def build_checkpoint(name: str) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from secateurs.models.load import load_model
-
     folder = scratch() / name
     if (folder / "config.json").exists():
         return folder
@@ -66,10 +64,7 @@ def build_checkpoint(name: str) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     tmp = scratch() / f".{name}-building"
     model.save_pretrained(tmp)
-    _, tokenizer = load_model()  # the built-in model's tokenizer: ids < 49,152 <= every vocabulary here
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(folder)
-    return folder
+    return finish_checkpoint(tmp, folder)
 
 
 def streamed(run: str) -> dict:
@@ -175,10 +170,6 @@ def one(run: str) -> dict:
         row.update(sparsity=result.sparsity, expert_matrices=result.experts["matrices"],
                    by_magnitude=result.experts["by_magnitude"])
     return row
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
 def markdown(rows: list, command: str) -> str:

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import benchmark_main, build_apart
+from common import benchmark_main, build_apart, finish_checkpoint, folder_bytes
 
 SHAPES = {  # name: (hidden, intermediate, blocks, heads, kv heads, vocabulary, tied)
     "small": (768, 2048, 8, 12, 4, 49152, True),
@@ -54,8 +54,6 @@ def build_checkpoint(name: str) -> Path:
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from secateurs.models.load import load_model
 
     folder = scratch() / name
     if (folder / "model.safetensors.index.json").exists():
@@ -84,14 +82,7 @@ def build_checkpoint(name: str) -> Path:
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                    "weight_map": weight_map}, indent=2))
     config.save_pretrained(tmp)
-    _, tokenizer = load_model()  # the built-in model's tokenizer: ids < 49,152 <= every vocabulary here
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(folder)
-    return folder
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    return finish_checkpoint(tmp, folder)
 
 
 def one(run: str) -> dict:
