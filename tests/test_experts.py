@@ -229,6 +229,8 @@ def test_the_cli_prunes_a_mixtral_folder_dense_and_compressed(tmp_path, capsys, 
     report = json.loads((tmp_path / "r.json").read_text())
     dense = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "d")
     assert report["sparsity"] == pytest.approx(scope_zeros(dense), abs=1e-12) and report["experts"]["matrices"] == 24
+    assert f"24 expert matrices, {report['experts']['by_magnitude']} of them pruned by magnitude" in \
+        capsys.readouterr().out
     assert main(["prune", *flags, "--save-format", "sparse", "--output", str(tmp_path / "s")]) == 0
     assert report["streamed"] is True  # converted once into the cache, then streamed: the experts stay fused
     encoded = json.loads((tmp_path / "s" / "config.json").read_text())["secateurs_sparsity"]["tensors"]

@@ -444,8 +444,11 @@ def _say_pruned(result, params: int) -> None:
     if result.layers:
         left = (f" ({sum(result.untouched.values()):,} weights in scope left as they are, counted)"
                 if result.untouched else "")
+        experts = result.experts
+        rare = (f"; {experts['matrices']} expert matrices, {experts['by_magnitude']} of them pruned by magnitude "
+                f"(fewer than {experts['min_tokens']} routed calibration tokens)" if experts else "")
         print(f"pruned {len(result.layers)} weight matrices in {result.prune_seconds:.1f} s; "
-              f"measured sparsity {result.sparsity:.4f}{left}", flush=True)
+              f"measured sparsity {result.sparsity:.4f}{left}{rare}", flush=True)
     if result.structured:
         cut = sorted({(r.kind, r.before, r.after) for r in result.structured})
         print(f"structured: {len(result.structured)} cuts in {result.prune_seconds:.1f} s "
