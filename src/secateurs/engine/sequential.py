@@ -612,11 +612,11 @@ def prune_with_data(model: nn.Module, plan: Plan, method: Method, config, input_
     with source.outside_blocks():
         hidden, calls = capture_inputs(model, plan.blocks, input_ids, config.batch_size)
 
+    last = max(i for i, per_block in enumerate(plan.layers) if per_block)  # nothing after it needs inputs
     if allocation_of(config).first_walk:
-        owl_targets(plan, config, hidden, calls, device, tracker, source)
+        owl_targets(plan, config, hidden, calls, device, tracker, last, source)
     job = WeightJob(plan, method, config, refiner(config), {} if ranking else None, {}, ranks)
     records: list[LayerRecord] = []
-    last = max(i for i, per_block in enumerate(plan.layers) if per_block)  # nothing after it needs inputs
     first, spent = 0, 0.0
     dtype = next(plan.blocks.parameters()).dtype
     if checkpoint is not None and (state := checkpoint.start(config, input_ids, dtype)) is not None:
@@ -649,14 +649,14 @@ def prune_with_data(model: nn.Module, plan: Plan, method: Method, config, input_
 
 
 @torch.no_grad()
-def owl_targets(plan: Plan, config, hidden: list, calls: list, device, tracker: Tracker,
+def owl_targets(plan: Plan, config, hidden: list, calls: list, device, tracker: Tracker, last: int,
                 source: InMemory = IN_MEMORY) -> None:
-    """``allocation=owl``: walk the dense model once, measuring each block's outlier ratio from Wanda's scores
-    on its activations, then give every layer of the plan its block's target (:class:`.allocation.OWL`)."""
+    """``allocation=owl``: walk the dense model once (blocks up to ``last``, the last with layers to prune),
+    measuring each block's outlier ratio from Wanda's scores on its activations, then give every layer of the
+    plan its block's target (:class:`.allocation.OWL`)."""
     m = OWL.M if config.owl_m is None else config.owl_m
     lam = OWL.LAMBDA if config.owl_lambda is None else config.owl_lambda
     ratios: dict[int, float] = {}
-    last = max(i for i, per_block in enumerate(plan.layers) if per_block)
 
     def visit(step: BlockVisit):
         layers = plan.layers[step.index]

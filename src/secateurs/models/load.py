@@ -210,8 +210,8 @@ def load_compressed(folder: "str | os.PathLike", dtype: "str | torch.dtype" = "a
 
     checkpoint = Checkpoint(folder)
     dtype = checkpoint.stored_dtype if dtype == "auto" else dtype
-    if foreign_names(folder):
-        empty = skeleton(folder, dtype)
+    empty = skeleton(folder, dtype)
+    if foreign_names(folder, empty):
         state = checkpoint.read(checkpoint.shape, dtype)
         return type(empty).from_pretrained(None, config=empty.config, state_dict=state, dtype=dtype).eval()
     model, checkpoint = open_streamed(folder, dtype)

@@ -253,13 +253,13 @@ def skeleton(folder, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
-def foreign_names(folder: "str | os.PathLike") -> list[str]:
-    """The tensors of ``folder``'s checkpoint that its model does not name: a checkpoint in a layout that
-    ``from_pretrained`` converts as it loads (transformers 5 keeps a mixture of experts' experts fused, and
-    reads and writes them one tensor per expert, as older versions named them).  Such a folder is loaded
-    whole, not streamed."""
+def foreign_names(folder: "str | os.PathLike", model: "nn.Module | None" = None) -> list[str]:
+    """The tensors of ``folder``'s checkpoint that its model (``model``, a skeleton of it if given) does not
+    name: a checkpoint in a layout that ``from_pretrained`` converts as it loads (transformers 5 keeps a mixture
+    of experts' experts fused, and reads and writes them one tensor per expert, as older versions named them).
+    Such a folder is streamed from a converted copy (:mod:`.convert`) or loaded whole."""
     checkpoint = Checkpoint(folder)
-    known = set(skeleton(folder, checkpoint.stored_dtype).state_dict())
+    known = set((model or skeleton(folder, checkpoint.stored_dtype)).state_dict())
     return sorted(set(checkpoint.shape) - known)
 
 

@@ -23,13 +23,12 @@ import logging
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..engine.capture import capture_inputs
 from ..engine.walk import IN_MEMORY, BlockVisit, InMemory, walk_blocks
 from ..errors import ConfigError
 from ..models.arch import find_blocks
-from ..models.experts import is_fused
+from ..models.experts import conceal, expose, is_fused
 from ..progress import Stage, Tracker
 
 log = logging.getLogger(__name__)
@@ -83,26 +82,22 @@ def check_experts(model: nn.Module, config) -> tuple[int, int]:
 
 
 class ExpertObserver:
-    """A forward hook on fused experts: for every expert, the routed tokens and ``sum_t g_j(t) ||f_j(t)||``."""
+    """Forward hooks on the ``down_proj`` views of exposed experts (:func:`~..models.experts.expose`): expert
+    ``j``'s view reads ``g_j(t) h_t`` (the routing weight applied before it), so the norm of each output row
+    is ``g_j(t) ||f_j(t)||`` (routing weights are never negative); the hooks add up those norms and count the
+    rows, every expert's routed tokens."""
 
     def __init__(self, experts: nn.Module):
         n = experts.gate_up_proj.shape[0]
-        self.experts = experts
         self.tokens = torch.zeros(n, dtype=torch.long)
         self.weighted_norm = torch.zeros(n, dtype=torch.float64)
-        self.handle = experts.register_forward_hook(self.hook)
+        self.handles = [getattr(experts, str(j)).down_proj.register_forward_hook(self.hook(j)) for j in range(n)]
 
-    @torch.no_grad()
-    def hook(self, module, args, output):
-        hidden, index, weights = args[:3]
-        for j in range(module.gate_up_proj.shape[0]):
-            token, slot = torch.where(index == j)
-            if not len(token):
-                continue
-            h = module._apply_gate(F.linear(hidden[token], module.gate_up_proj[j]))
-            out = F.linear(h, module.down_proj[j]).float()
-            self.tokens[j] += len(token)
-            self.weighted_norm[j] += float((weights[token, slot].float() * out.norm(dim=-1)).sum())
+    def hook(self, j: int):
+        def add(module, args, out):
+            self.tokens[j] += out.shape[0]
+            self.weighted_norm[j] += float(out.float().norm(dim=-1).sum())
+        return add
 
     def scores(self, score: str) -> torch.Tensor:
         if score == "frequency":
@@ -110,7 +105,8 @@ class ExpertObserver:
         return self.weighted_norm / self.tokens.clamp_min(1)
 
     def remove(self) -> None:
-        self.handle.remove()
+        for h in self.handles:
+            h.remove()
 
 
 @torch.no_grad()
@@ -155,12 +151,14 @@ def prune_experts(model: nn.Module, config, input_ids: torch.Tensor, tracker: Tr
         layers = moe_layers(step.block)
         if not layers:
             return None
+        expose(step.block)  # each expert's matrices as views, run on its routed tokens (checked on the first call)
         observers = [ExpertObserver(experts) for experts, _ in layers]
         try:
             step.run(keep=False)
         finally:
             for o in observers:
                 o.remove()
+            conceal(step.block)
         step.describe(Stage.PRUNING)
         for (experts, router), o in zip(layers, observers):
             scores = o.scores(config.score_name)

@@ -64,13 +64,9 @@ class Masks:
     @torch.no_grad()
     def apply(self, model: nn.Module) -> None:
         modules = dict(model.named_modules())
-        params = None
         for name, mask in self.masks.items():
-            if name in modules:
-                W = weight_of(modules[name])
-            else:  # a fused experts parameter
-                params = params if params is not None else dict(model.named_parameters())
-                W = params[name].data
+            # a linear by module name, or a mixture of experts' fused experts by parameter name
+            W = weight_of(modules[name]) if name in modules else model.get_parameter(name).data
             zero_where_(W, mask.to(W.device))
 
     @contextlib.contextmanager
