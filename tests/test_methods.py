@@ -152,9 +152,10 @@ def test_inverse_cholesky_factor():
     assert torch.allclose(U.t() @ U, torch.linalg.inv(Hd), rtol=1e-8, atol=1e-12)
 
 
-def test_the_in_place_inverse_factor_has_the_bits_of_the_plain_one():
-    """Factorised and solved in place, with dead channels, it is bit for bit flip -> cholesky -> solve -> flip,
-    and the caller's H is untouched."""
+def test_the_in_place_inverse_factor_equals_the_plain_one():
+    """Factorised and solved in place, with dead channels, it is flip -> cholesky -> solve -> flip to float32
+    rounding (bit for bit on Intel CPUs; elsewhere the triangular solve's kernel for a row-major factor may round
+    differently), with the plain one's strides, and the caller's H is untouched."""
     from secateurs.methods.sparsegpt import _reverse_
 
     for n in (7, 130, 513):
@@ -170,7 +171,8 @@ def test_the_in_place_inverse_factor_has_the_bits_of_the_plain_one():
         L = torch.linalg.cholesky(A)
         expected = torch.linalg.solve_triangular(L, torch.eye(n), upper=False).flip(0, 1)
         got = damped_inverse_cholesky(H, 0.01, dead)
-        assert torch.equal(got, expected) and got.stride() == expected.stride() and torch.equal(H, before)
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7 * expected.abs().max())
+        assert got.stride() == expected.stride() and torch.equal(H, before)
     for shape, chunk in (((5, 7), 3), ((6, 6), 1), ((9, 4), 100)):
         M = torch.randn(shape)
         for m in (M.clone(), M.t().contiguous().t()):  # row- and column-major
