@@ -171,7 +171,7 @@ def test_the_in_place_inverse_factor_equals_the_plain_one():
         L = torch.linalg.cholesky(A)
         expected = torch.linalg.solve_triangular(L, torch.eye(n), upper=False).flip(0, 1)
         got = damped_inverse_cholesky(H, 0.01, dead)
-        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7 * expected.abs().max())
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
         assert got.stride() == expected.stride() and torch.equal(H, before)
     for shape, chunk in (((5, 7), 3), ((6, 6), 1), ((9, 4), 100)):
         M = torch.randn(shape)
