@@ -38,15 +38,18 @@ def _perplexity(proc) -> str:
     return next(line for line in proc.stdout.splitlines() if line.startswith("pruned perplexity"))
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "wanda+dsnot"])
 def test_two_processes_give_one_process_weights(tiny_dir, tmp_path, method):
-    one = _run(_flags(tiny_dir, method, "--output", str(tmp_path / "one")), 1)
-    two = _run(_flags(tiny_dir, method, "--output", str(tmp_path / "two"), "--report", str(tmp_path / "r.json")), 2)
+    method, _, refine = method.partition("+")
+    extra = ["--refine", refine, "--refine-threshold", "0"] if refine else []  # dsnot: the channels' sums too
+    one = _run(_flags(tiny_dir, method, *extra, "--output", str(tmp_path / "one")), 1)
+    two = _run(_flags(tiny_dir, method, *extra, "--output", str(tmp_path / "two"), "--report",
+                      str(tmp_path / "r.json")), 2)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert a.keys() == b.keys()
-    # the squared norms, and X^T X, are added in one process's order: the same bits
+    # the squared norms, the sums and X^T X are added in one process's order: the same bits
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _perplexity(one) == _perplexity(two)  # three decimals, as printed
     assert '"processes": 2' in (tmp_path / "r.json").read_text()

@@ -20,7 +20,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .config import (ConfigError, EvalConfig, PruneConfig, Recipe, StructuredConfig, check_device, check_seqlen,
+from .config import (REFINE_OPTIONS, ConfigError, EvalConfig, PruneConfig, Recipe, StructuredConfig, check_device, check_seqlen,
                      check_token_ids)
 from .data import calibration_windows, load_text, tokenize
 from .engine import LayerRecord, WalkCheckpoint, make_plan, prune_with_data, prune_without_data
@@ -363,7 +363,8 @@ def parse_setting(text: str) -> dict:
 
 
 def parse_method(text: str) -> dict:
-    """A compare row: ``"sparsegpt"`` or ``"sparsegpt+admm"`` (the method with ``refine="admm"``)."""
+    """A compare row: ``"sparsegpt"`` or ``"sparsegpt+admm"`` (the method with ``refine="admm"``; ``+dsnot``
+    likewise)."""
     method, plus, refine = text.strip().partition("+")
     return {"method": method, "refine": refine} if plus else {"method": method}
 
@@ -383,15 +384,15 @@ def compare_grid(methods: Sequence[str], settings: Sequence[str], base: "PruneCo
             raise ConfigError(f"{what} name {', '.join(map(repr, twice))} more than once: one column or row each")
     shared = _shared_settings(base)
     options = {**shared.pop("options", {}), **{k: shared.pop(k) for k in list(shared) if k in option_table()}}
-    narrow = {k: shared.pop(k) for k in ("group", "refine_iters", "refine_damp") if shared.get(k) is not None}
+    narrow = {k: shared.pop(k) for k in ("group", *REFINE_OPTIONS) if shared.get(k) is not None}
     cells, read = [], set()
     for m in methods:
         row = parse_method(m)
         cls = METHODS.get(row["method"])  # an unknown name is refused, with the known ones, by PruneConfig
-        refined = row.get("refine", shared.get("refine", "none")) != "none"
+        refine = row.get("refine", shared.get("refine", "none"))
         own_options = {k: v for k, v in options.items() if cls is not None and k in cls.options()}
         own = {k: v for k, v in narrow.items()
-               if (refined if k.startswith("refine") else cls is not None and v in cls.groups)}
+               if (refine in REFINE_OPTIONS[k] if k in REFINE_OPTIONS else cls is not None and v in cls.groups)}
         read.update(own_options, own)
         cells += [(m, s, PruneConfig.from_dict({**shared, **own, **row, **parse_setting(s), "options": own_options}))
                   for s in settings]

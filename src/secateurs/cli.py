@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import atomic
 from .errors import ConfigError
-from .config import STRUCTURED
+from .config import REFINE, STRUCTURED
 from .engine.distributed import current as current_ranks, launched, lost_a_rank, stop as stop_ranks
 from .methods import METHODS
 from .methods.base import option_table
@@ -94,10 +94,14 @@ def _add_prune(p, single_method=True):
     p.add_argument("--owl-lambda", type=float, default=None, help="owl: the blocks' sparsities span at most 2 "
                    "lambda (default 0.08)")
     _add_method_options(p)
-    p.add_argument("--refine", choices=["none", "admm"], default=None,
-                   help="after masking, re-fit the kept weights to the dense layer's outputs (admm; default none)")
-    p.add_argument("--refine-iters", type=int, default=None, help="admm iterations (default 20)")
+    p.add_argument("--refine", choices=list(REFINE), default=None,
+                   help="after masking: re-fit the kept weights to the dense layer's outputs (admm), or swap "
+                        "weights in and out of each row's mask to keep its expected output (dsnot); default none")
+    p.add_argument("--refine-iters", type=int, default=None, help="admm iterations (default 20); dsnot: most "
+                   "swaps per row (default 50)")
     p.add_argument("--refine-damp", type=float, default=None, help="admm damping per channel (default 0.1)")
+    p.add_argument("--refine-threshold", type=float, default=None, help="dsnot: a row stops once its expected "
+                   "output error is at most this (default 0.1)")
     p.add_argument("--propagate", choices=["pruned", "dense"], default=None,
                    help="next block sees pruned (default) or dense outputs")
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None,
@@ -293,8 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _FLAG_FIELDS = ["method", "sparsity", "pattern", "group", "include", "exclude", "calib_data", "calib_samples",
-                "calib_seqlen", "seed", "batch_size", "refine", "refine_iters", "refine_damp", "propagate",
-                "true_sequential", "device", "ratio", "score", "allocation", "round_to", "gqa", "refit",
+                "calib_seqlen", "seed", "batch_size", "refine", "refine_iters", "refine_damp", "refine_threshold",
+                "propagate", "true_sequential", "device", "ratio", "score", "allocation", "round_to", "gqa", "refit",
                 "bias_compensation", "quant", "group_size", "allow_partial", "owl_m", "owl_lambda"]
 
 

@@ -35,7 +35,9 @@ from .quant import Quant
 
 SCOPES = ("all", "attention", "mlp")
 PROPAGATE = ("pruned", "dense")
-REFINE = ("none", "admm")  # weight reconstruction on the chosen mask, after the method (methods/reconstruct.py)
+REFINE = ("none", "admm", "dsnot")  # after the method: admm re-fits the kept weights (methods/reconstruct.py),
+# dsnot swaps weights in and out of the mask (methods/dsnot.py)
+REFINE_OPTIONS = {"refine_iters": ("admm", "dsnot"), "refine_damp": ("admm",), "refine_threshold": ("dsnot",)}
 STRUCTURED = ("channels", "heads", "blocks", "experts")  # structured methods: remove whole units, not single weights
 WIDTH_SCORES = ("magnitude", "wanda", "fluctuation")
 DEPTH_SCORES = ("bi", "angular")
@@ -175,6 +177,8 @@ class _Serialised:
     def from_dict(cls, data: dict[str, Any]):
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
+        _check("refine" not in unknown, f"refine={data.get('refine')} refines the mask and weights a weight method "
+               f"({', '.join(sorted(METHODS))}) leaves; {data.get('method', cls.method)} removes whole units instead")
         _check(not unknown, f"unknown config field(s) for method {data.get('method', cls.method)!r}: "
                f"{', '.join(unknown)}")
         return cls(**data)
@@ -194,6 +198,7 @@ class Resolved:
     true_sequential: bool
     refine_iters: int
     refine_damp: float
+    refine_threshold: float
 
 
 @dataclass(frozen=True)
@@ -213,9 +218,10 @@ class PruneConfig(_Serialised):
     include: "tuple[str, ...]" = ("all",)  # scopes (all/attention/mlp) or regexes
     exclude: "tuple[str, ...]" = ()  # regexes of layer names to leave dense
     layer_sparsity: "tuple[str, ...]" = ()  # ("REGEX=S", "blocks:0-4=0.3"); last match wins
-    refine: str = "none"  # none | admm: re-fit the kept weights to the dense layer's outputs after masking
-    refine_iters: "int | None" = None  # admm iterations; None = 20
+    refine: str = "none"  # none | admm (re-fit the kept weights) | dsnot (swap weights in and out of the mask)
+    refine_iters: "int | None" = None  # admm iterations / dsnot's most swaps per row; None = 20 / 50
     refine_damp: "float | None" = None  # admm: each input channel damped by this fraction of its diag(H); None = 0.1
+    refine_threshold: "float | None" = None  # dsnot: a row stops once its expected output error is this small; None = 0.1
     calib_data: str = "enwiki"
     calib_samples: int = 128  # the papers' setting; the README's quick demo uses fewer
     calib_seqlen: int = 2048
@@ -299,10 +305,15 @@ class PruneConfig(_Serialised):
         _check(not (self.true_sequential and ranked),
                "allocation=global ranks every layer before any is pruned, so true_sequential does not apply")
         _check(self.refine in REFINE, f"refine must be one of {REFINE}, got {self.refine!r}")
-        for key in ("refine_iters", "refine_damp"):
-            _check(getattr(self, key) is None or self.refine != "none", f"{key} is read only with refine=admm")
+        for key, reader in REFINE_OPTIONS.items():
+            _check(getattr(self, key) is None or self.refine in reader,
+                   f"{key} is read only with refine={' or '.join(reader)}")
         _check(self.refine_iters is None or self.refine_iters >= 1, f"refine_iters must be >= 1, got {self.refine_iters}")
         _check(self.refine_damp is None or self.refine_damp >= 0, f"refine_damp must be >= 0, got {self.refine_damp}")
+        _check(self.refine_threshold is None or self.refine_threshold >= 0,
+               f"refine_threshold must be >= 0, got {self.refine_threshold}")
+        _check(not (self.refine == "dsnot" and pattern.kind == "block"), f"refine=dsnot swaps single weights, which "
+               f"would break the tiles of pattern {pattern}: use it with unstructured or N:M patterns")
         _check(not (self.refine != "none" and ranked),
                "allocation=global masks every layer after the walk, when no layer can be refined any more")
         _check(self.group_size is None or self.quant != "none", "group_size is read only with quant int8 or int4")
@@ -326,8 +337,9 @@ class PruneConfig(_Serialised):
             propagate=self.propagate or ("dense" if ranked else "pruned"),
             true_sequential=self.true_sequential if self.true_sequential is not None else
             cls.true_sequential and not ranked,
-            refine_iters=20 if self.refine_iters is None else self.refine_iters,
-            refine_damp=0.1 if self.refine_damp is None else self.refine_damp)
+            refine_iters=self.refine_iters if self.refine_iters is not None else 50 if self.refine == "dsnot" else 20,
+            refine_damp=0.1 if self.refine_damp is None else self.refine_damp,
+            refine_threshold=0.1 if self.refine_threshold is None else self.refine_threshold)
 
     @property
     def pattern_value(self) -> Pattern:
@@ -349,8 +361,15 @@ class PruneConfig(_Serialised):
 
     @property
     def needs(self) -> str:
-        """The statistics the engine gathers: the method's own, or ``X^T X`` when the weights are refined."""
-        return "hessian" if self.refine != "none" else METHODS[self.method].needs
+        """The statistics the engine gathers: the method's own, ``X^T X`` when the weights are re-fitted, at
+        least the input norms when DSnoT refines the mask."""
+        own = METHODS[self.method].needs
+        return "hessian" if self.refine == "admm" else "norms" if self.refine == "dsnot" and own == "none" else own
+
+    @property
+    def needs_sums(self) -> bool:
+        """Does the engine also gather the input channels' sums (their means: DSnoT)?"""
+        return self.refine == "dsnot"
 
     def build_method(self):
         return METHODS[self.method].build(self.options)

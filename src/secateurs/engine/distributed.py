@@ -55,10 +55,12 @@ class Ranks:
         mine = self.share(self.check_calibration(ids, batch_size))
         return ids[mine.start * batch_size : mine.stop * batch_size]
 
-    def reduce_stats(self, needs: str, stats: InputStats, parts: "list | None" = None) -> InputStats:
+    def reduce_stats(self, needs: str, stats: InputStats, parts: "list | None" = None,
+                     sum_parts: "list | None" = None) -> InputStats:
         """The whole statistics (``needs``: "norms" or "hessian") on rank 0 from every rank's partial ones;
         other ranks get theirs back unchanged.  ``parts``: this rank's squared-norm vector of every batch, in
-        order, or for a Hessian on a rank after the first its batches' inputs, not yet added."""
+        order, or for a Hessian on a rank after the first its batches' inputs, not yet added; ``sum_parts``
+        (where the channels' sums are gathered): this rank's sums of every batch, in order."""
         return stats
 
     def seen(self, names: list) -> set:
@@ -89,7 +91,8 @@ class Distributed(Ranks):
         self.dist = dist
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
 
-    def reduce_stats(self, needs: str, stats: InputStats, parts: "list | None" = None) -> InputStats:
+    def reduce_stats(self, needs: str, stats: InputStats, parts: "list | None" = None,
+                     sum_parts: "list | None" = None) -> InputStats:
         dist = self.dist
         width = stats.hessian.shape[0] if stats.hessian is not None else \
             parts[0].shape[-1] if needs == "hessian" and parts else None
@@ -114,13 +117,19 @@ class Distributed(Ranks):
                 for x in parts or []:
                     gram_lower_(H, x.float())
                 dist.send(H, dst=(self.rank + 1) % self.world)
-        elif needs == "norms":  # every batch's vector, added in batch order: one process's sum to the last bit
-            every = self.gather([p.cpu() for p in parts or []])
-            total = every[0].clone()
-            for p in every[1:]:
-                total.add_(p)
-            out.sq_norms = total.to(parts[0].device if parts else "cpu")
+        elif needs == "norms":
+            out.sq_norms = self._in_order(parts or [])
+        if sum_parts is not None:
+            out.sums = self._in_order(sum_parts)
         return out if self.main else stats
+
+    def _in_order(self, parts: list) -> torch.Tensor:
+        """Every rank's per-batch vectors added in batch order: one process's sum to the last bit."""
+        every = self.gather([p.cpu() for p in parts])
+        total = every[0].clone()
+        for p in every[1:]:
+            total.add_(p)
+        return total.to(parts[0].device if parts else "cpu")
 
     def seen(self, names: list) -> set:
         return set(self.gather(list(names)))

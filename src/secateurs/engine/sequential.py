@@ -10,7 +10,8 @@ Each block's visit::
                 dense outputs seen while observing (``propagate="dense"``) feed the next block
 
 With ``refine="admm"`` the statistics are always ``X^T X`` and, after the method has chosen a layer's mask,
-the kept weights are re-fitted to the dense layer's outputs (:mod:`..methods.reconstruct`).
+the kept weights are re-fitted to the dense layer's outputs (:mod:`..methods.reconstruct`); with
+``refine="dsnot"`` the channels' sums are gathered too and the mask itself is refined (:mod:`..methods.dsnot`).
 
 Linears that are fed the *same tensor object* (q/k/v; gate/up) form one **input set**: they share a single
 statistics accumulator (one ``X^T X``, not three); the sets are learnt from one call of the block
@@ -32,6 +33,7 @@ from torch import nn
 from ..allocator import give_back_freed_memory
 from ..errors import CalibrationError, ConfigError, VerificationError
 from ..methods.base import InputStats, LayerTarget, Method
+from ..methods.dsnot import dsnot
 from ..methods.reconstruct import admm_reconstruct
 from ..models.arch import (check_finite, find_blocks, find_linears, is_transposed, non_finite, role_of, set_weight_of,
                            weight_of)
@@ -105,8 +107,11 @@ class Observer:
     """
 
     def __init__(self, layers: dict[str, nn.Module], needs: str, groups: dict[str, int],
-                 stop_after: "str | None" = None, keep_inputs: bool = False, ranks: Ranks = ONE):
+                 stop_after: "str | None" = None, keep_inputs: bool = False, ranks: Ranks = ONE,
+                 sums: bool = False):
         self.needs = needs
+        self.sums = sums  # also sum_t x_tj, for the channels' means
+        self.sum_parts: dict[int, list] = {}  # several ranks: every batch's sums, added in order by rank 0
         self.inputs: "dict[int, list] | None" = {} if keep_inputs else None  # group id -> its input per batch (CPU)
         self.group_of = dict(groups)  # layer name -> input group id
         self.stats: dict[int, InputStats] = {}
@@ -145,6 +150,11 @@ class Observer:
             return
         st = self.stats.setdefault(gid, InputStats())
         st.tokens += x.reshape(-1, x.shape[-1]).shape[0]
+        if self.sums:
+            total = x.reshape(-1, x.shape[-1]).float().sum(0)
+            if self.ranks.world > 1:
+                self.sum_parts.setdefault(gid, []).append(total.clone())
+            st.sums = total if st.sums is None else st.sums.add_(total)
         if self.needs == "hessian" and self.ranks.rank > 0:  # added onto the earlier ranks' sum when it comes
             self.parts.setdefault(gid, []).append(x.detach().reshape(-1, x.shape[-1]))
             return
@@ -168,7 +178,8 @@ class Observer:
         gid = self.group_of.get(name, -1)
         if gid not in self._whole:  # first use: add up the ranks' parts, complete the symmetric matrix
             st = self.ranks.reduce_stats(self.needs, self.stats.get(gid, InputStats()),
-                                         self.parts.pop(gid, None))
+                                         self.parts.pop(gid, None), self.sum_parts.pop(gid, [])
+                                         if self.sums else None)
             if st.hessian is not None:
                 mirror_lower_(st.hessian)
                 st.sq_norms = torch.diag(st.hessian)
@@ -235,11 +246,15 @@ def record(name: str, block: "int | None", W: torch.Tensor, counts: tuple[int, i
 
 
 def refiner(config):
-    """The weight reconstruction a config asks for, as ``f(W, W0, H, keep) -> W``, or None."""
-    if config.refine == "none":
-        return None
-    iters, damp = config.resolved.refine_iters, config.resolved.refine_damp
-    return lambda W, W0, H, keep: admm_reconstruct(W, W0, H, keep, iters, damp)
+    """The refinement a config asks for, as ``f(W, W0, stats, pruned, pattern) -> (W, pruned)``, or None."""
+    settings = config.resolved
+    if config.refine == "admm":
+        return lambda W, W0, stats, pruned, pattern: (admm_reconstruct(
+            W, W0, stats.hessian, ~pruned, settings.refine_iters, settings.refine_damp), pruned)
+    if config.refine == "dsnot":
+        return lambda W, W0, stats, pruned, pattern: dsnot(W, W0, pruned, stats, pattern, settings.refine_iters,
+                                                           settings.refine_threshold)
+    return None
 
 
 @torch.no_grad()
@@ -247,8 +262,8 @@ def prune_layers(names: list, modules: list, method: Method, stats: InputStats, 
                  block: "int | None", device, refine=None) -> list[LayerRecord]:
     """Prune layers that share one input; weights are written back only once every one verified.
 
-    ``refine`` (see :func:`refiner`) re-fits the kept weights of all of them in one pass over their
-    stacked rows: they share ``H``, and each row is its own least-squares problem.  Without it, a method
+    ``refine`` (see :func:`refiner`) refines all of them in one pass over their stacked rows: they share
+    their statistics, and each row is its own problem.  Without it, a method
     that prunes each matrix on its own (the base :meth:`Method.prune_many`) gets them one at a time, so
     that only one float32 copy is alive at once; each verified result waits in the model's dtype.
     """
@@ -268,8 +283,9 @@ def prune_layers(names: list, modules: list, method: Method, stats: InputStats, 
         masks = [m[0] if isinstance(m, tuple) else m for m in masks]
         if refine is not None:
             W0 = torch.cat([originals[i].to(device=device, dtype=torch.float32) for i in part])
-            W = refine(torch.cat(Ws), W0, stats.hessian, ~torch.cat(masks))
-            Ws = list(W.split([w.shape[0] for w in Ws]))
+            W, mask = refine(torch.cat(Ws), W0, stats, torch.cat(masks), targets[part[0]].pattern)
+            sizes = [w.shape[0] for w in Ws]
+            Ws, masks = list(W.split(sizes)), list(mask.split(sizes))
         for k, (i, W, mask) in enumerate(zip(part, Ws, masks)):
             if (quant := targets[i].quant) is not None and scales[k] is None:  # round to nearest on its own grid
                 W, scales[k] = round_to_nearest(W, quant)
@@ -443,12 +459,14 @@ def stats_bytes(needs: str, width: int) -> int:
     return {"none": 0, "norms": 4 * width, "hessian": 4 * width * width}[needs]
 
 
-def identity_stats(needs: str, width: int, tokens: int, device) -> InputStats:
+def identity_stats(needs: str, width: int, tokens: int, device, sums: bool = False) -> InputStats:
     """Statistics of unit norms (``H = I``): Wanda's scores become ``|W|`` and SparseGPT's OBS removes the
-    smallest ``w^2`` with no update -- magnitude pruning, for an expert too rarely routed to measure."""
+    smallest ``w^2`` with no update -- magnitude pruning, for an expert too rarely routed to measure.  Zero
+    means, where ``sums`` are asked for: DSnoT sees no error to mend."""
     ones = torch.ones(width, device=device)
     return InputStats(tokens, sq_norms=ones if needs != "none" else None,
-                      hessian=torch.diag(ones) if needs == "hessian" else None)
+                      hessian=torch.diag(ones) if needs == "hessian" else None,
+                      sums=torch.zeros(width, device=device) if sums else None)
 
 
 @dataclass
@@ -568,7 +586,8 @@ class WeightJob:
             return stats
         self.routed.update({n: stats.tokens for n in names})
         if stats.tokens < MIN_EXPERT_TOKENS:
-            return identity_stats(self.config.needs, weight_of(module).shape[1], stats.tokens, step.device)
+            return identity_stats(self.config.needs, weight_of(module).shape[1], stats.tokens, step.device,
+                                  self.config.needs_sums)
         return stats
 
     def after_pass(self, step: BlockVisit, part: "Pass") -> None:
@@ -708,7 +727,7 @@ def _observer(job: WeightJob, step: BlockVisit, groups: list, keep: bool, keep_i
     layers = job.layers(step)
     return Observer({n: layers[n][0] for g in groups for n in g}, job.config.needs,
                     {n: k for k, g in enumerate(groups) for n in g}, stop_after=None if keep else groups[-1][0],
-                    keep_inputs=keep_inputs, ranks=job.ranks)
+                    keep_inputs=keep_inputs, ranks=job.ranks, sums=job.config.needs_sums)
 
 
 def _visit_at_once(step: BlockVisit, job: WeightJob) -> tuple:

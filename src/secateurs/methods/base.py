@@ -8,6 +8,8 @@ asks for through ``needs`` and hands them over one weight matrix at a time:
   over all calibration tokens (Wanda);
 * ``needs = "hessian"`` -- ``H = X^T X`` over all calibration tokens, ``(in, in)`` (SparseGPT).
 
+A refinement that needs the channels' means (DSnoT) also gets ``sums[j] = sum_t x_tj``.
+
 Weights are always given as ``W`` of shape ``(out, in)`` in float32, whatever the module stores
 (GPT-2's ``Conv1D`` keeps the transpose; the engine hides that).
 """
@@ -30,11 +32,13 @@ NEEDS = ("none", "norms", "hessian")
 
 @dataclass
 class InputStats:
-    """Calibration statistics of one linear layer's input. Shapes: ``sq_norms (in,)``, ``hessian (in, in)``."""
+    """Calibration statistics of one linear layer's input. Shapes: ``sq_norms (in,)``, ``hessian (in, in)``,
+    ``sums (in,)``."""
 
     tokens: int = 0
     sq_norms: "torch.Tensor | None" = None
     hessian: "torch.Tensor | None" = None
+    sums: "torch.Tensor | None" = None
 
 
 @dataclass(frozen=True)
