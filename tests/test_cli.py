@@ -211,7 +211,7 @@ def test_a_narrow_flag_passes_when_some_config_reads_it(tmp_path, capsys, argv):
     (["--eval-seqlen", "257"], "eval seqlen 257 is longer than the model's context (256 positions)"),
     (["--device", "gpu"], "device 'gpu' is not a torch device"),
     (["--device", "cuda:99"], "device 'cuda:99' is not available here"),  # no machine has a hundredth GPU
-    (["--method", "wanda", "--percdamp", "0.05"], "percdamp is an option of sparsegpt, not of wanda"),
+    (["--method", "wanda", "--percdamp", "0.05"], "percdamp is an option of alps and sparsegpt, not of wanda"),
     (["--method", "magnitude", "--blocksize", "64"], "blocksize is an option of sparsegpt, not of magnitude"),
     (["--method", "sparsegpt", "--refine-iters", "5"], "refine_iters is read only with refine=admm"),
 ])

@@ -42,7 +42,7 @@ def test_a_method_owns_its_options():
     assert PruneConfig(method="magnitude", options={"threshold": 0.1}).build_method().meets_target is False
     with pytest.raises(ConfigError, match=r"method wanda has no option 'percdamp' \(it has none\)"):
         PruneConfig(method="wanda", options={"percdamp": 0.05})
-    with pytest.raises(ConfigError, match="percdamp is an option of sparsegpt, not of wanda"):
+    with pytest.raises(ConfigError, match="percdamp is an option of alps and sparsegpt, not of wanda"):
         PruneConfig.from_dict({"method": "wanda", "percdamp": 0.05})
     with pytest.raises(ConfigError, match="sparsegpt option blocksize must be int, got str 'x'"):
         PruneConfig(method="sparsegpt", options={"blocksize": "x"})
