@@ -200,3 +200,28 @@ def test_cli_refines_with_dsnot_and_refuses_it_for_structured_methods(tiny_dir, 
                                     "--no-eval", "--output", str(tmp_path / "o2"))])
     assert code == 2 and not (tmp_path / "o2").exists()
     assert "refine=dsnot refines the mask and weights a weight method" in capsys.readouterr().err
+
+
+def test_only_the_attention_layers_are_refined_unless_asked(calib_ids):
+    """The paper's code refines attention layers and leaves the MLP with the method's masks (its --skip_layer
+    mlp default); refine_scope=all refines both, refine_scope=mlp the MLP alone.  Every layer is observed on
+    the dense model's inputs (propagate=dense, all of a block at once), so a layer left alone gets Wanda's mask."""
+    config = PruneConfig(method="wanda", sparsity=0.7, batch_size=2, propagate="dense")
+    plain = tiny_model("llama")
+    prune(plain, config, calib_ids, progress=False)
+    dense = dict(plain.named_parameters())
+    for scope, changed in [(None, {"attention"}), ("all", {"attention", "mlp"}), ("mlp", {"mlp"})]:
+        model = tiny_model("llama")
+        prune(model, config.override(refine="dsnot", refine_threshold=0.0, refine_scope=scope), calib_ids,
+              progress=False)
+        moved = {("attention" if "self_attn" in n else "mlp") for n, p in model.named_parameters()
+                 if ".layers." in n and p.ndim == 2 and not torch.equal(p, dense[n])}
+        assert moved == changed, scope
+
+
+def test_refine_scope_is_checked():
+    assert PruneConfig(method="wanda", refine="dsnot").resolved.refine_scope == "attention"
+    with pytest.raises(ConfigError, match="refine_scope is read only with refine=dsnot"):
+        PruneConfig(method="wanda", refine="admm", refine_scope="all")
+    with pytest.raises(ConfigError, match="refine_scope must be one of"):
+        PruneConfig(method="wanda", refine="dsnot", refine_scope="heads")

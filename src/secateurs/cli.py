@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import atomic
 from .errors import ConfigError
-from .config import REFINE, STRUCTURED
+from .config import REFINE, SCOPES, STRUCTURED
 from .engine.distributed import current as current_ranks, launched, lost_a_rank, stop as stop_ranks
 from .methods import METHODS
 from .methods.base import option_table
@@ -102,6 +102,8 @@ def _add_prune(p, single_method=True):
     p.add_argument("--refine-damp", type=float, default=None, help="admm damping per channel (default 0.1)")
     p.add_argument("--refine-threshold", type=float, default=None, help="dsnot: a row stops once its expected "
                    "output error is at most this (default 0.1)")
+    p.add_argument("--refine-scope", choices=list(SCOPES), default=None, help="dsnot: the layers it refines "
+                   "(default attention, as the paper's code)")
     p.add_argument("--propagate", choices=["pruned", "dense"], default=None,
                    help="next block sees pruned (default) or dense outputs")
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None,
@@ -298,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _FLAG_FIELDS = ["method", "sparsity", "pattern", "group", "include", "exclude", "calib_data", "calib_samples",
                 "calib_seqlen", "seed", "batch_size", "refine", "refine_iters", "refine_damp", "refine_threshold",
-                "propagate", "true_sequential", "device", "ratio", "score", "allocation", "round_to", "gqa", "refit",
+                "refine_scope", "propagate", "true_sequential", "device", "ratio", "score", "allocation", "round_to", "gqa", "refit",
                 "bias_compensation", "quant", "group_size", "allow_partial", "owl_m", "owl_lambda"]
 
 

@@ -37,7 +37,8 @@ SCOPES = ("all", "attention", "mlp")
 PROPAGATE = ("pruned", "dense")
 REFINE = ("none", "admm", "dsnot")  # after the method: admm re-fits the kept weights (methods/reconstruct.py),
 # dsnot swaps weights in and out of the mask (methods/dsnot.py)
-REFINE_OPTIONS = {"refine_iters": ("admm", "dsnot"), "refine_damp": ("admm",), "refine_threshold": ("dsnot",)}
+REFINE_OPTIONS = {"refine_iters": ("admm", "dsnot"), "refine_damp": ("admm",), "refine_threshold": ("dsnot",),
+                  "refine_scope": ("dsnot",)}
 STRUCTURED = ("channels", "heads", "blocks", "experts")  # structured methods: remove whole units, not single weights
 WIDTH_SCORES = ("magnitude", "wanda", "fluctuation")
 DEPTH_SCORES = ("bi", "angular")
@@ -199,6 +200,7 @@ class Resolved:
     refine_iters: int
     refine_damp: float
     refine_threshold: float
+    refine_scope: str
 
 
 @dataclass(frozen=True)
@@ -222,6 +224,7 @@ class PruneConfig(_Serialised):
     refine_iters: "int | None" = None  # admm iterations / dsnot's most swaps per row; None = 20 / 50
     refine_damp: "float | None" = None  # admm: each input channel damped by this fraction of its diag(H); None = 0.1
     refine_threshold: "float | None" = None  # dsnot: a row stops once its expected output error is this small; None = 0.1
+    refine_scope: "str | None" = None  # dsnot: the layers it refines, attention | mlp | all; None = attention (the paper's code)
     calib_data: str = "enwiki"
     calib_samples: int = 128  # the papers' setting; the README's quick demo uses fewer
     calib_seqlen: int = 2048
@@ -312,6 +315,8 @@ class PruneConfig(_Serialised):
         _check(self.refine_damp is None or self.refine_damp >= 0, f"refine_damp must be >= 0, got {self.refine_damp}")
         _check(self.refine_threshold is None or self.refine_threshold >= 0,
                f"refine_threshold must be >= 0, got {self.refine_threshold}")
+        _check(self.refine_scope is None or self.refine_scope in SCOPES,
+               f"refine_scope must be one of {SCOPES}, got {self.refine_scope!r}")
         _check(not (self.refine == "dsnot" and pattern.kind == "block"), f"refine=dsnot swaps single weights, which "
                f"would break the tiles of pattern {pattern}: use it with unstructured or N:M patterns")
         _check(not (self.refine != "none" and ranked),
@@ -339,7 +344,8 @@ class PruneConfig(_Serialised):
             cls.true_sequential and not ranked,
             refine_iters=self.refine_iters if self.refine_iters is not None else 50 if self.refine == "dsnot" else 20,
             refine_damp=0.1 if self.refine_damp is None else self.refine_damp,
-            refine_threshold=0.1 if self.refine_threshold is None else self.refine_threshold)
+            refine_threshold=0.1 if self.refine_threshold is None else self.refine_threshold,
+            refine_scope=self.refine_scope or "attention")
 
     @property
     def pattern_value(self) -> Pattern:

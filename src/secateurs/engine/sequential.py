@@ -246,14 +246,18 @@ def record(name: str, block: "int | None", W: torch.Tensor, counts: tuple[int, i
 
 
 def refiner(config):
-    """The refinement a config asks for, as ``f(W, W0, stats, pruned, pattern) -> (W, pruned)``, or None."""
+    """The refinement a config asks for, as ``f(W, W0, stats, pruned, pattern, names) -> (W, pruned)`` (``names``:
+    the layers whose stacked rows ``W`` holds), or None."""
     settings = config.resolved
     if config.refine == "admm":
-        return lambda W, W0, stats, pruned, pattern: (admm_reconstruct(
+        return lambda W, W0, stats, pruned, pattern, names: (admm_reconstruct(
             W, W0, stats.hessian, ~pruned, settings.refine_iters, settings.refine_damp), pruned)
     if config.refine == "dsnot":
-        return lambda W, W0, stats, pruned, pattern: dsnot(W, W0, pruned, stats, pattern, settings.refine_iters,
-                                                           settings.refine_threshold)
+        def refine(W, W0, stats, pruned, pattern, names):
+            if settings.refine_scope != "all" and role_of(names[0]) != settings.refine_scope:
+                return W, pruned  # layers sharing one input share their role
+            return dsnot(W, W0, pruned, stats, pattern, settings.refine_iters, settings.refine_threshold)
+        return refine
     return None
 
 
@@ -283,7 +287,8 @@ def prune_layers(names: list, modules: list, method: Method, stats: InputStats, 
         masks = [m[0] if isinstance(m, tuple) else m for m in masks]
         if refine is not None:
             W0 = torch.cat([originals[i].to(device=device, dtype=torch.float32) for i in part])
-            W, mask = refine(torch.cat(Ws), W0, stats, torch.cat(masks), targets[part[0]].pattern)
+            W, mask = refine(torch.cat(Ws), W0, stats, torch.cat(masks), targets[part[0]].pattern,
+                             [names[i] for i in part])
             sizes = [w.shape[0] for w in Ws]
             Ws, masks = list(W.split(sizes)), list(mask.split(sizes))
         for k, (i, W, mask) in enumerate(zip(part, Ws, masks)):
@@ -541,7 +546,7 @@ class WeightJob:
     plan: Plan
     method: Method
     config: object  # PruneConfig
-    refine: "object | None"  # f(W, W0, H, keep) -> W, see :func:`refiner`
+    refine: "object | None"  # see :func:`refiner`
     scores: "dict | None"  # a ranking allocation: every layer's scores, gathered here, masks chosen after the walk
     layouts: dict  # input groups learnt once per set of hooked layers: blocks are alike
     ranks: Ranks = ONE  # several processes: rank 0 prunes, every rank gets the weights

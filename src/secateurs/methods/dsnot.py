@@ -19,7 +19,8 @@ A row stops when ``|e_i| <= threshold`` (the paper's 0.1), when a list runs out,
 paper's 50); with N:M also when a swap would flip the sign of ``e_i``.  Weights grown are never pruned again
 and weights pruned by a swap are never grown again.  No weight is updated beyond being zeroed or restored, so
 on Wanda's masks (which leave ``W = W0`` on the kept set) this is the paper's algorithm; on SparseGPT's, ``e``
-counts the update too.  Every row is its own problem: all rows run together, one cycle at a time.
+counts the update too.  Every row is its own problem: all rows run together, one cycle at a time.  Which
+layers are refined is the engine's choice (``refine_scope``: attention only by default, as the paper's code).
 """
 
 from __future__ import annotations
