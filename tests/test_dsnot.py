@@ -225,3 +225,16 @@ def test_refine_scope_is_checked():
         PruneConfig(method="wanda", refine="admm", refine_scope="all")
     with pytest.raises(ConfigError, match="refine_scope must be one of"):
         PruneConfig(method="wanda", refine="dsnot", refine_scope="heads")
+
+
+def test_the_threshold_is_on_a_sequences_summed_error_as_in_the_papers_code(monkeypatch):
+    """The paper's code sums each channel's input over a sequence's tokens (averaged over sequences), so its
+    row error is seqlen times the per-token one dsnot() works with: the engine divides the threshold by seqlen."""
+    from secateurs.engine import sequential
+
+    seen = {}
+    monkeypatch.setattr(sequential, "dsnot", lambda *args: seen.update(threshold=args[6]) or (args[0], args[2]))
+    refine = sequential.refiner(PruneConfig(method="wanda", refine="dsnot", refine_threshold=0.1), seqlen=512)
+    W = torch.zeros(2, 4)
+    refine(W, W, InputStats(), W == 0, Pattern.parse("unstructured"), ["model.layers.0.self_attn.q_proj"])
+    assert seen["threshold"] == pytest.approx(0.1 / 512)

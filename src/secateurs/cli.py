@@ -101,7 +101,7 @@ def _add_prune(p, single_method=True):
                    "swaps per row (default 50)")
     p.add_argument("--refine-damp", type=float, default=None, help="admm damping per channel (default 0.1)")
     p.add_argument("--refine-threshold", type=float, default=None, help="dsnot: a row stops once its expected "
-                   "output error is at most this (default 0.1)")
+                   "output error, summed over a calibration sequence, is at most this (default 0.1)")
     p.add_argument("--refine-scope", choices=list(SCOPES), default=None, help="dsnot: the layers it refines "
                    "(default attention, as the paper's code)")
     p.add_argument("--propagate", choices=["pruned", "dense"], default=None,

@@ -223,7 +223,8 @@ class PruneConfig(_Serialised):
     refine: str = "none"  # none | admm (re-fit the kept weights) | dsnot (swap weights in and out of the mask)
     refine_iters: "int | None" = None  # admm iterations / dsnot's most swaps per row; None = 20 / 50
     refine_damp: "float | None" = None  # admm: each input channel damped by this fraction of its diag(H); None = 0.1
-    refine_threshold: "float | None" = None  # dsnot: a row stops once its expected output error is this small; None = 0.1
+    refine_threshold: "float | None" = None  # dsnot: a row stops once its expected output error, summed over a
+    # calibration sequence as in the paper's code, is this small; None = 0.1
     refine_scope: "str | None" = None  # dsnot: the layers it refines, attention | mlp | all; None = attention (the paper's code)
     calib_data: str = "enwiki"
     calib_samples: int = 128  # the papers' setting; the README's quick demo uses fewer

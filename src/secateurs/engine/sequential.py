@@ -245,9 +245,9 @@ def record(name: str, block: "int | None", W: torch.Tensor, counts: tuple[int, i
     return LayerRecord(name, block, role_of(name), tuple(W.shape), target, pruned, zeros, W.numel())
 
 
-def refiner(config):
+def refiner(config, seqlen: int):
     """The refinement a config asks for, as ``f(W, W0, stats, pruned, pattern, names) -> (W, pruned)`` (``names``:
-    the layers whose stacked rows ``W`` holds), or None."""
+    the layers whose stacked rows ``W`` holds), or None.  ``seqlen``: the calibration sequences' length."""
     settings = config.resolved
     if config.refine == "admm":
         return lambda W, W0, stats, pruned, pattern, names: (admm_reconstruct(
@@ -256,7 +256,9 @@ def refiner(config):
         def refine(W, W0, stats, pruned, pattern, names):
             if settings.refine_scope != "all" and role_of(names[0]) != settings.refine_scope:
                 return W, pruned  # layers sharing one input share their role
-            return dsnot(W, W0, pruned, stats, pattern, settings.refine_iters, settings.refine_threshold)
+            # the paper's code measures a row's error on each channel's input summed over a sequence (averaged
+            # over sequences): seqlen times the error per token that dsnot() works with
+            return dsnot(W, W0, pruned, stats, pattern, settings.refine_iters, settings.refine_threshold / seqlen)
         return refine
     return None
 
@@ -639,7 +641,8 @@ def prune_with_data(model: nn.Module, plan: Plan, method: Method, config, input_
     last = max(i for i, per_block in enumerate(plan.layers) if per_block)  # nothing after it needs inputs
     if allocation_of(config).first_walk:
         owl_targets(plan, config, hidden, calls, device, tracker, last, source)
-    job = WeightJob(plan, method, config, refiner(config), {} if ranking else None, {}, ranks)
+    job = WeightJob(plan, method, config, refiner(config, input_ids.shape[1]), {} if ranking else None, {},
+                    ranks)
     records: list[LayerRecord] = []
     first, spent = 0, 0.0
     dtype = next(plan.blocks.parameters()).dtype

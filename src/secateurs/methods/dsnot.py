@@ -15,11 +15,13 @@ weights).  DSnoT swaps weights in and out of each row's kept set, one pair per c
   the sign opposite to ``e_i``, the one with the smallest Wanda score ``|W_ij| ||X_j||_2``.  With an N:M
   pattern it is taken from the grown weight's group of M, so that the group keeps N.
 
-A row stops when ``|e_i| <= threshold`` (the paper's 0.1), when a list runs out, or after ``max_cycles`` (the
-paper's 50); with N:M also when a swap would flip the sign of ``e_i``.  Weights grown are never pruned again
-and weights pruned by a swap are never grown again.  No weight is updated beyond being zeroed or restored, so
-on Wanda's masks (which leave ``W = W0`` on the kept set) this is the paper's algorithm; on SparseGPT's, ``e``
-counts the update too.  Every row is its own problem: all rows run together, one cycle at a time.  Which
+A row stops when ``|e_i| <= threshold`` (per token here; the engine passes the paper's 0.1 divided by the
+calibration sequences' length, as its code sums the inputs over each sequence), when a list runs out, or after
+``max_cycles`` (the paper's 50); with N:M also when a swap would flip the sign of ``e_i``.  ``Var`` is over all
+calibration tokens (the paper's code averages each sequence's own variance: the same up to the spread of the
+sequences' means).  Weights grown are never pruned again and weights pruned by a swap are never grown again.
+No weight is updated beyond being zeroed or restored, so on Wanda's masks (which leave ``W = W0`` on the kept
+set) this is the paper's algorithm; on SparseGPT's, ``e`` counts the update too.  Every row is its own problem: all rows run together, one cycle at a time.  Which
 layers are refined is the engine's choice (``refine_scope``: attention only by default, as the paper's code).
 """
 
