@@ -1,14 +1,17 @@
-"""Beyond the reference methods (issue 24), on the built-in model: OWL layer allocation and RIA so far.
+"""Beyond the reference methods (issue 24), on the built-in model: OWL allocation, RIA, DSnoT and ALPS next to
+dense, magnitude, Wanda and SparseGPT.
 
-    python benchmarks/beyond.py          # 16 runs, ~25 min on 2 CPU cores
+    python benchmarks/beyond.py          # 43 runs, ~1 h 45 min on 2 CPU cores
 
-Quick protocol (shared/DATA.md; see quick_protocol.py): Wanda and SparseGPT at 60, 70 and 80 % unstructured,
-each with the uniform allocation (every layer the same sparsity) and with OWL (``allocation=owl``, its
-defaults M = 5, lambda = 0.08: blocks with more outliers keep more, the mean sparsity kept); RIA (its default
-a = 0.5, no channel permutation) at 60, 70, 80 % and 2:4.  Perplexity on the
-protocol's windows and on the next 24 held-out windows; prune seconds and their ratio to one dense forward
-over the calibration tokens (measured in the same process, after the prune).  The methods issue 24 adds next
-(DSnoT, ALPS, SliceGPT, RIA's permutation) get their rows here as they land.  Results go to
+Quick protocol (shared/DATA.md; see quick_protocol.py). Magnitude, Wanda, SparseGPT and ALPS (its defaults:
+rho 0.1, at most 300 ADMM iterations, 10 conjugate-gradient steps) at 50, 60, 70, 80 % unstructured, 2:4 and 4:8;
+Wanda, SparseGPT and ALPS with OWL's allocation (``allocation=owl``, M = 5, lambda = 0.08: blocks with more
+outliers keep more, the mean sparsity kept) at 60-80 % (ALPS at 70 and 80); SparseGPT with ADMM's re-fit of the
+kept weights (``sparsegpt+admm``) at 70 % and 2:4; RIA (a = 0.5, no channel permutation) and Wanda with DSnoT's
+mask refinement (``wanda+dsnot``: 50 swaps per row at most, threshold 0.1, the attention layers: the defaults
+of the paper's code) at 60-80 % and 2:4.  Perplexity on
+the protocol's windows and on the next 24 held-out windows; prune seconds and their ratio to one dense forward
+over the calibration tokens (measured in the same process, after the prune).  Results go to
 ``benchmarks/results/beyond.{json,md}``.
 """
 
@@ -16,33 +19,71 @@ from __future__ import annotations
 
 import sys
 
-from common import dense_forward_seconds, held_out_main, held_out_markdown, prune_and_score, protocol_config
+from common import dense_forward_seconds, held_out_main, held_out_markdown, prune_and_score, protocol_config, score
 
-RUNS = [f"{m}:{s}/{a}" for m in ("wanda", "sparsegpt") for s in ("0.6", "0.7", "0.8") for a in ("uniform", "owl")] + [
-    f"ria:{s}/uniform" for s in ("0.6", "0.7", "0.8", "2:4")]
+SETTINGS = ("0.5", "0.6", "0.7", "0.8", "2:4", "4:8")
+RUNS = ["dense"] + [f"{m}:{s}/uniform" for m in ("magnitude", "wanda", "sparsegpt") for s in SETTINGS] + [
+    f"{m}:{s}/owl" for m in ("wanda", "sparsegpt") for s in ("0.6", "0.7", "0.8")] + [
+    f"sparsegpt+admm:{s}/uniform" for s in ("0.7", "2:4")] + [
+    f"ria:{s}/uniform" for s in ("0.6", "0.7", "0.8", "2:4")] + [
+    f"wanda+dsnot:{s}/uniform" for s in ("0.6", "0.7", "0.8", "2:4")] + [
+    f"alps:{s}/uniform" for s in SETTINGS] + [f"alps:{s}/owl" for s in ("0.7", "0.8")]
 
 
 def one(run: str) -> dict:
-    from secateurs import calibration_data, load_model
+    import torch
 
+    from secateurs import calibration_data, load_model
+    from secateurs.api import environment, parse_method
+
+    if run == "dense":
+        torch.set_num_threads(2)
+        model, tok = load_model("smollm2-135m")
+        return {"run": run, "method": "dense", "pattern": "-", "allocation": "-", "sparsity": 0.0,
+                "prune_seconds": 0.0, "forwards": 0.0, **score(model, tok), **environment()}
     spec, allocation = run.split("/")
-    method, setting = spec.split(":", 1)
-    row = {"run": run, "allocation": allocation, **prune_and_score(method, setting, allocation=allocation)}
+    name, setting = spec.split(":", 1)
+    method = parse_method(name)  # "wanda+dsnot": method wanda with refine="dsnot"
+    row = {"run": run, "allocation": allocation,
+           **prune_and_score(method.pop("method"), setting, allocation=allocation, **method), "method": name}
     model, tok = load_model("smollm2-135m")
     row["dense_forward_seconds"] = round(dense_forward_seconds(model, calibration_data(tok, protocol_config(
-        method, setting))), 2)
+        "wanda", setting))), 2)  # the calibration tokens do not depend on the method
     row["forwards"] = round(row["prune_seconds"] / row["dense_forward_seconds"], 2)
     return row
 
 
 def markdown(rows: list[dict]) -> str:
-    return held_out_markdown(__file__, rows, "Beyond the reference methods: OWL allocation, RIA",
-                             "`owl`: OWL's block sparsities (M 5, lambda 0.08). `sparsity` is measured over every "
-                             "pruned layer (each row rounds down, so it lands up to 0.002 under the target). The "
-                             "prune time includes OWL's walk of the dense model; `x fwd` is the prune time over one "
-                             "dense forward of the calibration tokens in the same process.",
+    page = held_out_markdown(__file__, rows, "Beyond the reference methods: OWL, RIA, DSnoT, ALPS",
+                             "`owl`: OWL's block sparsities (M 5, lambda 0.08); `wanda+dsnot`: Wanda's masks refined "
+                             "by DSnoT in the attention layers (the default of the paper's code); "
+                             "`sparsegpt+admm`: SparseGPT's weights re-fitted on its mask by ADMM. "
+                             "`sparsity` is measured over every pruned layer (each row rounds down, so it lands up "
+                             "to 0.002 under the target). The prune time includes OWL's walk of the dense model; "
+                             "`x fwd` is the prune time over one dense forward of the calibration tokens in the same "
+                             "process.",
                              "sparsity, allocation (x fwd)",
                              lambda r: f"{r['sparsity']:.4f}, {r['allocation']} ({r['forwards']:.1f})")
+    return page + "\n" + "\n".join(best_per_setting(rows)) + "\n"
+
+
+def best_per_setting(rows: list[dict]) -> list[str]:
+    """For each setting, the row with the lowest protocol perplexity against SparseGPT's (uniform) row."""
+    lines = ["## Best per setting, against SparseGPT", "",
+             "| setting | best | protocol ppl (SparseGPT) | change | held-out ppl (SparseGPT) | change | x fwd |",
+             "|---|---|---|---|---|---|---|"]
+    for setting in SETTINGS:
+        same = [r for r in rows if r["run"].split(":", 1)[-1].split("/")[0] == setting]
+        base = next((r for r in same if r["run"] == f"sparsegpt:{setting}/uniform"), None)
+        if base is None or not same:
+            continue
+        best = min(same, key=lambda r: r["perplexity"])
+        name = best["method"] + (", owl" if best["allocation"] == "owl" else "")
+        ppl, held = (best[k] / base[k] - 1 for k in ("perplexity", "held_out_perplexity"))
+        lines.append(f"| {setting} | {name} | {best['perplexity']:.2f} ({base['perplexity']:.2f}) | {ppl:+.1%} | "
+                     f"{best['held_out_perplexity']:.2f} ({base['held_out_perplexity']:.2f}) | {held:+.1%} | "
+                     f"{best['forwards']:.1f} |")
+    return lines
 
 
 def main() -> int:

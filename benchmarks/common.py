@@ -132,23 +132,29 @@ def prune_and_score(method: str, setting: str, **options) -> dict:
     enwiki test) and on the next 24 windows, held out so that no choice is made on the reported figures."""
     import torch
 
-    from secateurs import EvalConfig, calibration_data, evaluate, load_model, prune
+    from secateurs import calibration_data, load_model, prune
     from secateurs.api import environment
-    from secateurs.data import load_text, tokenize
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m")
-    ids = tokenize(tok, load_text("enwiki", "test"))
     cfg = protocol_config(method, setting, **options)
     result = prune(model, cfg, calibration_data(tok, cfg), progress=False)
     return {"method": method, "pattern": cfg.pattern, "true_sequential": cfg.resolved.true_sequential, "refine": cfg.refine,
             "sparsity": result.sparsity, "prune_seconds": round(result.prune_seconds, 2),
-            "perplexity": evaluate(model, tok, EvalConfig(seqlen=SEQLEN, windows=PROTOCOL_WINDOWS), ids=ids,
+            **score(model, tok), **environment()}
+
+
+def score(model, tok) -> dict:
+    """``perplexity`` on the quick protocol's windows and ``held_out_perplexity`` on the next 24."""
+    from secateurs import EvalConfig, evaluate
+    from secateurs.data import load_text, tokenize
+
+    ids = tokenize(tok, load_text("enwiki", "test"))
+    return {"perplexity": evaluate(model, tok, EvalConfig(seqlen=SEQLEN, windows=PROTOCOL_WINDOWS), ids=ids,
                                    progress=False),
             "held_out_perplexity": evaluate(model, tok, EvalConfig(seqlen=SEQLEN, windows=HELD_OUT_WINDOWS),
-                                            ids=ids[PROTOCOL_WINDOWS * SEQLEN:], progress=False),
-            **environment()}
+                                            ids=ids[PROTOCOL_WINDOWS * SEQLEN:], progress=False)}
 
 
 def held_out_markdown(script: str, rows: list[dict], title: str, intro: str, column: str, cell) -> str:

@@ -72,8 +72,9 @@ def problem(rows=24, width=32, seed=0, pattern="unstructured", sparsity=0.6, tok
     inputs' statistics, with non-zero channel means."""
     g = torch.Generator().manual_seed(seed)
     W0 = torch.randn(rows, width, generator=g, dtype=torch.float64)
-    X = torch.randn(tokens, width, generator=g, dtype=torch.float64) * torch.rand(width, generator=g, dtype=torch.float64) * 3 \
-        + torch.randn(width, generator=g, dtype=torch.float64)
+    noise = torch.randn(tokens, width, generator=g, dtype=torch.float64)
+    X = noise * torch.rand(width, generator=g, dtype=torch.float64) * 3 + torch.randn(width, generator=g,
+                                                                                      dtype=torch.float64)
     stats = InputStats(tokens, sq_norms=(X * X).sum(0), sums=X.sum(0))
     pruned = build_mask(W0.abs() * stats.sq_norms.sqrt(), Pattern.parse(pattern), sparsity, "row")
     W = W0.masked_fill(pruned, 0)

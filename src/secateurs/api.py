@@ -20,8 +20,8 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .config import (REFINE_OPTIONS, ConfigError, EvalConfig, PruneConfig, Recipe, StructuredConfig, check_device, check_seqlen,
-                     check_token_ids)
+from .config import (REFINE_OPTIONS, ConfigError, EvalConfig, PruneConfig, Recipe, StructuredConfig, check_device,
+                     check_seqlen, check_token_ids)
 from .data import calibration_windows, load_text, tokenize
 from .engine import LayerRecord, WalkCheckpoint, make_plan, prune_with_data, prune_without_data
 from .engine.allocation import allocation_of

@@ -225,7 +225,8 @@ class PruneConfig(_Serialised):
     refine_damp: "float | None" = None  # admm: each input channel damped by this fraction of its diag(H); None = 0.1
     refine_threshold: "float | None" = None  # dsnot: a row stops once its expected output error, summed over a
     # calibration sequence as in the paper's code, is this small; None = 0.1
-    refine_scope: "str | None" = None  # dsnot: the layers it refines, attention | mlp | all; None = attention (the paper's code)
+    refine_scope: "str | None" = None  # dsnot: the layers it refines, attention | mlp | all; None = attention,
+    # as the paper's code
     calib_data: str = "enwiki"
     calib_samples: int = 128  # the papers' setting; the README's quick demo uses fewer
     calib_seqlen: int = 2048

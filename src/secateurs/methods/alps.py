@@ -39,9 +39,10 @@ class ALPS(Method):
     needs = "hessian"
     default_group = "layer"
     groups = ("layer", "row")
-    help = {"rho": "ALPS: the ADMM penalty at the start (default 0.1)",
-            "max_iters": "ALPS: most ADMM iterations per layer (default 300)",
-            "pcg_iters": "ALPS: conjugate-gradient steps on the final support (default 10)"}
+    help = {"rho": "the ADMM penalty at the start (default 0.1)",
+            "max_iters": "most ADMM iterations per layer (default 300)",
+            "pcg_iters": "conjugate-gradient steps on the final support (default 10)",
+            "percdamp": "damping of H as a fraction of mean(diag H) (default 0.01)"}
 
     def __init__(self, rho: float = 0.1, max_iters: int = 300, pcg_iters: int = 10, percdamp: float = 0.01):
         if not rho > 0:

@@ -21,8 +21,9 @@ calibration sequences' length, as its code sums the inputs over each sequence), 
 calibration tokens (the paper's code averages each sequence's own variance: the same up to the spread of the
 sequences' means).  Weights grown are never pruned again and weights pruned by a swap are never grown again.
 No weight is updated beyond being zeroed or restored, so on Wanda's masks (which leave ``W = W0`` on the kept
-set) this is the paper's algorithm; on SparseGPT's, ``e`` counts the update too.  Every row is its own problem: all rows run together, one cycle at a time.  Which
-layers are refined is the engine's choice (``refine_scope``: attention only by default, as the paper's code).
+set) this is the paper's algorithm; on SparseGPT's, ``e`` counts the update too.  Every row is its own problem:
+all rows run together, one cycle at a time.  Which layers are refined is the engine's choice (``refine_scope``:
+attention only by default, as the paper's code).
 """
 
 from __future__ import annotations

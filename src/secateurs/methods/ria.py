@@ -23,7 +23,7 @@ from .base import InputStats, Method, register
 class RIA(Method):
     needs = "norms"
     default_group = "row"
-    help = {"norm_power": "RIA: exponent a of the input norms (the paper's 0.5; 1 weighs them as Wanda does)"}
+    help = {"norm_power": "exponent a of the input norms (the paper's 0.5; 1 weighs them as Wanda does)"}
 
     def __init__(self, norm_power: float = 0.5):
         if not 0 <= norm_power <= 2:
