@@ -75,7 +75,7 @@ def best_per_setting(rows: list[dict]) -> list[str]:
     for setting in SETTINGS:
         same = [r for r in rows if r["run"].split(":", 1)[-1].split("/")[0] == setting]
         base = next((r for r in same if r["run"] == f"sparsegpt:{setting}/uniform"), None)
-        if base is None or not same:
+        if base is None:
             continue
         best = min(same, key=lambda r: r["perplexity"])
         name = best["method"] + (", owl" if best["allocation"] == "owl" else "")

@@ -300,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _FLAG_FIELDS = ["method", "sparsity", "pattern", "group", "include", "exclude", "calib_data", "calib_samples",
                 "calib_seqlen", "seed", "batch_size", "refine", "refine_iters", "refine_damp", "refine_threshold",
-                "refine_scope", "propagate", "true_sequential", "device", "ratio", "score", "allocation", "round_to", "gqa", "refit",
-                "bias_compensation", "quant", "group_size", "allow_partial", "owl_m", "owl_lambda"]
+                "refine_scope", "propagate", "true_sequential", "device", "ratio", "score", "allocation", "round_to",
+                "gqa", "refit", "bias_compensation", "quant", "group_size", "allow_partial", "owl_m", "owl_lambda"]
 
 
 def _overrides(args) -> dict:

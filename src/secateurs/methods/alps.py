@@ -78,11 +78,10 @@ class ALPS(Method):
 
         B0 = W * scale
         goal = B0 @ Hn  # (out, in)
-        kept = max(W.numel() - int(project(B0).sum()), 1)
+        start = before = project(B0)
+        kept = max(W.numel() - int(start.sum()), 1)
         rho, raised = self.rho, False
-        B, V = B0.clone(), torch.zeros_like(B0)
-        before = project(B0)
-        D = B0.masked_fill(before, 0)
+        B, D, V = B0.clone(), B0.masked_fill(start, 0), torch.zeros_like(B0)
         inv = inverse(rho)
         for step in range(1, self.max_iters + 1):
             B = (goal - V + rho * D) @ inv
@@ -102,7 +101,7 @@ class ALPS(Method):
                     rho *= 1.1
                 else:  # not yet raised: the support wanders at this rho; start again lower
                     rho /= 5
-                    B, D, V = B0.clone(), B0.masked_fill(project(B0), 0), torch.zeros_like(B0)
+                    B, D, V = B0.clone(), B0.masked_fill(start, 0), torch.zeros_like(B0)
             elif raised:
                 break
             else:
