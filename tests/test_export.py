@@ -258,10 +258,13 @@ def test_the_reference_reader_in_the_docs_reads_a_compressed_checkpoint(calib_id
         save_model(model, None, tmp_path / pattern, compress=compressible(result))
         save_model(model, None, tmp_path / f"{pattern}-dense")
         assert _same(namespace["read_compressed"](tmp_path / pattern), _weights(tmp_path / f"{pattern}-dense"))
-    for pattern, quant, sparsity in [("unstructured", "int4", 0.5), ("2:4", "int8", None), ("unstructured", "int4", 0)]:
+    for pattern, quant, sparsity in [("unstructured", "int4", 0.5), ("2:4", "int8", None), ("unstructured", "int4", 0),
+                                     ("2:4", "none+permute", None), ("2:4", "int4+permute", None)]:
         model = tiny_model("llama").to(torch.bfloat16)
-        config = PruneConfig(method="sparsegpt", pattern=pattern, sparsity=sparsity, quant=quant, group_size=32,
-                             batch_size=3)
+        quant, permuted = quant.split("+")[0], quant.endswith("+permute")  # RIA's channel permutation: "order"
+        config = PruneConfig(method="ria" if permuted else "sparsegpt", pattern=pattern, sparsity=sparsity, quant=quant,
+                             group_size=None if quant == "none" else 32, batch_size=3,
+                             options={"permute": True} if permuted else {})
         result = prune(model, config, calib_ids, progress=False)
         folder = tmp_path / f"{pattern}-{quant}-{sparsity}"
         save_model(model, None, folder, compress=compressible(result))

@@ -264,6 +264,7 @@ class PruneConfig(_Serialised):
             pattern = Pattern.parse(self.pattern)
         except ConfigError as exc:
             raise ConfigError(f"pattern: {exc}") from None
+        method.check_pattern(pattern)
         implied = pattern.implied_sparsity
         _check(self.sparsity is None or 0 <= self.sparsity < 1, f"sparsity must be in [0, 1), got {self.sparsity}")
         if implied is not None and self.sparsity is not None:
@@ -321,6 +322,8 @@ class PruneConfig(_Serialised):
                f"refine_scope must be one of {SCOPES}, got {self.refine_scope!r}")
         _check(not (self.refine == "dsnot" and pattern.kind == "block"), f"refine=dsnot swaps single weights, which "
                f"would break the tiles of pattern {pattern}: use it with unstructured or N:M patterns")
+        _check(not (self.refine == "dsnot" and getattr(method, "permute", False)), "refine=dsnot swaps weights "
+               "within consecutive groups and would break a permuted N:M mask: drop --permute or the refinement")
         _check(not (self.refine != "none" and ranked),
                "allocation=global masks every layer after the walk, when no layer can be refined any more")
         _check(self.group_size is None or self.quant != "none", "group_size is read only with quant int8 or int4")

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..allocator import give_back_freed_memory
 from ..errors import CalibrationError, ConfigError, VerificationError
-from ..methods.base import InputStats, LayerTarget, Method
+from ..methods.base import InputStats, LayerTarget, Method, Pruned
 from ..methods.dsnot import dsnot
 from ..methods.reconstruct import admm_reconstruct
 from ..models.arch import (check_finite, find_blocks, find_linears, is_transposed, non_finite, role_of, set_weight_of,
@@ -63,6 +63,7 @@ class LayerRecord:
     zeros: int  # zeros measured in the final weight (may include weights that were already zero)
     numel: int
     routed_tokens: "int | None" = None  # an expert's matrix: the calibration tokens routed to the expert
+    order: "tuple | None" = None  # the input order under which its N:M pattern holds, where the method chose one
 
     @property
     def sparsity(self) -> float:
@@ -211,9 +212,9 @@ class Observer:
 
 
 def verify_layer(name: str, W: torch.Tensor, mask: torch.Tensor, target: LayerTarget,
-                 exact_fraction: bool) -> tuple[int, int]:
-    """Fail loudly unless ``W`` obeys the target: every weight finite, masked ones zero, pattern respected,
-    fraction right.
+                 exact_fraction: bool, order: "torch.Tensor | None" = None) -> tuple[int, int]:
+    """Fail loudly unless ``W`` obeys the target: every weight finite, masked ones zero, pattern respected
+    (an N:M pattern in the input ``order`` where the method reordered them), fraction right.
 
     Returns what it counted on the way: ``(pruned, zeros)``, the weights the mask removes and the zeros
     in ``W`` (which may include weights that were zero already).
@@ -224,7 +225,10 @@ def verify_layer(name: str, W: torch.Tensor, mask: torch.Tensor, target: LayerTa
     if nonzero.logical_and(mask).any():
         raise VerificationError(f"{name}: weights selected for pruning are not zero")
     pattern = target.pattern
-    if pattern.kind == "nm" and (bad := check_nm(nonzero, pattern.n, pattern.m)):
+    if order is not None and not torch.equal(order.sort().values, torch.arange(W.shape[1], device=order.device)):
+        raise VerificationError(f"{name}: the input order is not a permutation of its {W.shape[1]} inputs")
+    if pattern.kind == "nm" and (bad := check_nm(nonzero if order is None else nonzero[:, order],
+                                                 pattern.n, pattern.m)):
         raise VerificationError(f"{name}: {bad} groups break the {pattern} pattern")
     if pattern.kind == "block" and (bad := check_tiles(mask, pattern.block)):
         raise VerificationError(f"{name}: {bad} tiles are only partly pruned under {pattern}")
@@ -239,10 +243,11 @@ def verify_layer(name: str, W: torch.Tensor, mask: torch.Tensor, target: LayerTa
 
 
 def record(name: str, block: "int | None", W: torch.Tensor, counts: tuple[int, int],
-           target: "float | None") -> LayerRecord:
+           target: "float | None", order: "torch.Tensor | None" = None) -> LayerRecord:
     """The :class:`LayerRecord` of a verified layer; ``counts`` is what :func:`verify_layer` returned."""
     pruned, zeros = counts
-    return LayerRecord(name, block, role_of(name), tuple(W.shape), target, pruned, zeros, W.numel())
+    return LayerRecord(name, block, role_of(name), tuple(W.shape), target, pruned, zeros, W.numel(),
+                       order=None if order is None else tuple(order.tolist()))
 
 
 def refiner(config, seqlen: int):
@@ -283,10 +288,10 @@ def prune_layers(names: list, modules: list, method: Method, stats: InputStats, 
             W = originals[i].to(device=device, dtype=torch.float32)
             # the method edits in place: never let a failure leave a half-pruned weight in the model
             Ws.append(W.clone() if W.data_ptr() == originals[i].data_ptr() else W)
-        masks = method.prune_many(Ws, stats, [targets[i] for i in part])
-        # a method that quantized inside its own sweep returned (mask, scales) for each weight
-        scales = [m[1] if isinstance(m, tuple) else None for m in masks]
-        masks = [m[0] if isinstance(m, tuple) else m for m in masks]
+        results = [Pruned.of(r) for r in method.prune_many(Ws, stats, [targets[i] for i in part])]
+        # a method that quantized inside its own sweep returned the scales; one that reordered inputs, the order
+        scales, orders, masks = [r.scales for r in results], [r.order for r in results], [r.mask for r in results]
+        del results
         if refine is not None:
             W0 = torch.cat([originals[i].to(device=device, dtype=torch.float32) for i in part])
             W, mask = refine(torch.cat(Ws), W0, stats, torch.cat(masks), targets[part[0]].pattern,
@@ -296,16 +301,16 @@ def prune_layers(names: list, modules: list, method: Method, stats: InputStats, 
         for k, (i, W, mask) in enumerate(zip(part, Ws, masks)):
             if (quant := targets[i].quant) is not None and scales[k] is None:  # round to nearest on its own grid
                 W, scales[k] = round_to_nearest(W, quant)
-            counts = verify_layer(names[i], W, mask, targets[i], method.meets_target)
-            finished[i] = W.to(originals[i].device, originals[i].dtype), counts, scales[k]
+            counts = verify_layer(names[i], W, mask, targets[i], method.meets_target, orders[k])
+            finished[i] = W.to(originals[i].device, originals[i].dtype), counts, scales[k], orders[k]
         del Ws, masks
     out = []
     for i, (name, module, target) in enumerate(zip(names, modules, targets)):
-        W, counted, scale = finished.pop(i)
+        W, counted, scale, order = finished.pop(i)
         set_weight_of(module, W)
         if scale is not None:  # saved beside the weight (as NAME.weight_scale) until the saver packs the codes
             module.register_buffer("weight_scale", scale.to(W.device, W.dtype))
-        out.append(record(name, block, W, counted, target.sparsity if method.meets_target else None))
+        out.append(record(name, block, W, counted, target.sparsity if method.meets_target else None, order))
     return out
 
 

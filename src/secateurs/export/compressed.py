@@ -46,7 +46,7 @@ def compressible(result) -> dict:
     weights = [c for c in result.configs if isinstance(c, PruneConfig)]
     nm = [(p.n, p.m) for c in weights for p in [Pattern.parse(c.pattern)] if p.kind == "nm"]
     quant = weights[-1].quant_value if weights and weights[-1] is result.configs[-1] else None
-    return {f"{r.name}.weight": {"patterns": nm, "quant": quant} for r in result.layers}
+    return {f"{r.name}.weight": {"patterns": nm, "quant": quant, "order": r.order} for r in result.layers}
 
 
 def _by_file(checkpoint: Checkpoint) -> dict[Path, list[str]]:
@@ -80,7 +80,8 @@ def compress_folder(folder: "str | os.PathLike", weights: dict) -> None:
         def write(out):
             if last.get("name") != name:
                 last.clear()
-                last.update(name=name, parts=sparse.encode(checkpoint.mapped(name), entry, scales))
+                last.update(name=name, parts=sparse.encode(checkpoint.mapped(name), entry, scales,
+                                                           weights[name].get("order")))
             out.write(_as_buffer(last["parts"][suffix]))
         return write
 
@@ -96,8 +97,8 @@ def compress_folder(folder: "str | os.PathLike", weights: dict) -> None:
             if name.endswith("_scale") and name.removesuffix("_scale") in weights:
                 continue  # stored with its weight's codes
             quant, scales = scales_of(name)
-            entry = sparse.choose(checkpoint.mapped(name), weights[name]["patterns"], quant) \
-                if name in weights else None
+            entry = sparse.choose(checkpoint.mapped(name), weights[name]["patterns"], quant,
+                                  weights[name].get("order")) if name in weights else None
             if entry is None:
                 entries.update(copied(checkpoint, [name]))
                 continue

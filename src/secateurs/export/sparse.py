@@ -12,6 +12,8 @@ is stored under its own name plus a suffix, inside ordinary safetensors files (f
 
       W.values  dtype (rows, cols / m * n)          the N kept values of each group, left to right
       W.index   uint8 (rows, ceil(cols / m * n * b / 8))  each one's place in its group, in b = ceil(log2 m) bits
+      W.order   int32 (cols,)                       only where the pruning reordered the inputs (RIA's permutation):
+                                                    the groups are those of W[:, order]
 
 A value is "kept" when any of its bits is set: a stored ``-0.0`` or NaN comes back as it was, so a round trip is
 bit-exact.  Each weight is stored in the smallest encoding that holds it exactly (an N:M result whose groups
@@ -111,6 +113,8 @@ def encoded_parts(entry: dict, dtype: torch.dtype) -> dict:
         k = cols // m * n
         parts = {"index": (torch.uint8, (rows, -(-k * index_bits(m) // 8)))}
         stored = (rows, k)
+        if entry.get("permuted"):
+            parts["order"] = (torch.int32, (cols,))
     else:  # dense: every value, only with quant
         parts, stored = {}, (rows, cols)
     if quant is None:
@@ -123,17 +127,20 @@ def _bytes(parts: dict) -> int:
     return sum(math.prod(shape) * torch.empty(0, dtype=dtype).element_size() for dtype, shape in parts.values())
 
 
-def choose(w: torch.Tensor, patterns=(), quant: "Quant | None" = None) -> "dict | None":
+def choose(w: torch.Tensor, patterns=(), quant: "Quant | None" = None, order=None) -> "dict | None":
     """The entry that stores weight ``w`` exactly: ``n:m`` where ``w`` was pruned with an N:M pattern of
     ``patterns`` (``(n, m)`` pairs) and still fits it (the layout N:M kernels read; at 2:4 as small as the
-    bitmask), else the bitmask; None where that would not be smaller than the plain tensor (few zeros).
+    bitmask) -- in the input ``order`` (a sequence of ints) where the pruning chose one --, else the bitmask;
+    None where that would not be smaller than the plain tensor (few zeros).
     With ``quant`` (the weight holds grid points) the codes are stored, by ``n:m``, or by the smaller of the
     bitmask and ``dense`` (every code, no mask: a weight with few zeros)."""
     shape = list(w.shape)
     extra = {"quant": {"bits": quant.bits, "group_size": quant.group_size}} if quant is not None else {}
-    fit = next(((n, m) for n, m in patterns if fits_nm(w, n, m)), None)
+    grouped = w if order is None else w[..., torch.as_tensor(order)]
+    fit = next(((n, m) for n, m in patterns if fits_nm(grouped, n, m)), None)
     if fit is not None:
-        entry = {"encoding": "n:m", "shape": shape, "n": fit[0], "m": fit[1], **extra}
+        entry = {"encoding": "n:m", "shape": shape, "n": fit[0], "m": fit[1], **extra,
+                 **({"permuted": True} if order is not None else {})}
     else:
         entry = {"encoding": "bitmask", "shape": shape, "kept": kept_count(w), **extra}
         dense = {"encoding": "dense", "shape": shape, **extra}
@@ -147,9 +154,10 @@ def choose(w: torch.Tensor, patterns=(), quant: "Quant | None" = None) -> "dict 
 # ----------------------------------------------------------------------------------------------- encode, decode
 
 
-def encode(w: torch.Tensor, entry: dict, scales: "torch.Tensor | None" = None) -> dict[str, torch.Tensor]:
-    """``{suffix: tensor}`` storing ``w`` as ``entry`` (from :func:`choose`) says; with ``quant`` in the entry,
-    ``scales`` (rows, groups) are the grid ``w`` lies on (:mod:`secateurs.quant`), checked value by value."""
+def encode(w: torch.Tensor, entry: dict, scales: "torch.Tensor | None" = None, order=None) -> dict[str, torch.Tensor]:
+    """``{suffix: tensor}`` storing ``w`` as ``entry`` (from :func:`choose`, with the same ``order``) says; with
+    ``quant`` in the entry, ``scales`` (rows, groups) are the grid ``w`` lies on (:mod:`secateurs.quant`),
+    checked value by value."""
     w = _as_rows(w.detach().contiguous())
     rows, cols = w.shape
     quant = _quant(entry, w.dtype)
@@ -159,6 +167,10 @@ def encode(w: torch.Tensor, entry: dict, scales: "torch.Tensor | None" = None) -
         if not torch.equal(dequantize(values, scales, quant, w.dtype).view(_INT_OF[w.element_size()]),
                            w.view(_INT_OF[w.element_size()])):
             raise VerificationError("a quantized weight does not lie on the grid of its scales")
+    permuted = entry.get("permuted")
+    if permuted:  # the groups are those of the reordered inputs (the scales stay in the weight's own order)
+        order = torch.as_tensor(order, dtype=torch.int64)
+        w, values = w[:, order], values[:, order]
     if entry["encoding"] == "bitmask":
         masks, kept = [], []
         for r in range(0, rows, ROWS):
@@ -172,11 +184,13 @@ def encode(w: torch.Tensor, entry: dict, scales: "torch.Tensor | None" = None) -
         for r in range(0, rows, ROWS):
             groups = w[r:r + ROWS].reshape(-1, cols // m, m)  # (rows', G, m)
             # the n places of each group: its kept values first, then (where it keeps fewer) its first zeros
-            order = (~_kept(groups)).to(torch.int64) * m + torch.arange(m)
-            place = order.argsort(-1)[..., :n].sort(-1).values  # (rows', G, n)
+            rank = (~_kept(groups)).to(torch.int64) * m + torch.arange(m)
+            place = rank.argsort(-1)[..., :n].sort(-1).values  # (rows', G, n)
             kept.append(values[r:r + ROWS].reshape(-1, cols // m, m).gather(-1, place).reshape(place.shape[0], -1))
             indices.append(pack_bits(place.reshape(place.shape[0], -1), index_bits(m)))
         parts, stored = {"index": torch.cat(indices)}, torch.cat(kept)
+        if permuted:
+            parts["order"] = order.to(torch.int32)
     else:
         parts, stored = {}, values
     if quant is None:
@@ -232,6 +246,12 @@ def decode(name: str, entry: dict, parts: dict[str, torch.Tensor]) -> torch.Tens
                                      "(the checkpoint is damaged)")
             chunk = out[r:r + ROWS].view(-1, cols // m, m)
             chunk.scatter_(-1, place, values[r:r + ROWS].reshape(-1, cols // m, n))
+        if entry.get("permuted"):
+            order = parts["order"].to(torch.int64)
+            if not torch.equal(order.sort().values, torch.arange(cols)):
+                raise ModelLoadError(f"{name}.order is not a permutation of its {cols} inputs (the checkpoint is "
+                                     "damaged)")
+            out[:, order] = out.clone()
     else:
         out = values
     if quant is not None:

@@ -49,7 +49,20 @@ class LayerTarget:
     sparsity: float
     group: str = "row"  # row | layer (SparseGPT: lazy-batch, its lazy-update columns)
     quant: "Quant | None" = None  # the kept weights' integer grid; a method that quantizes inside its own
-    # sweep (SparseGPT's joint_quant) returns (mask, scales); any other is rounded to nearest by the engine
+    # sweep (SparseGPT's joint_quant) returns Pruned(mask, scales); any other is rounded to nearest by the engine
+
+
+@dataclass
+class Pruned:
+    """What pruning one matrix gives when it is more than its mask (a plain mask stands for ``Pruned(mask)``)."""
+
+    mask: torch.Tensor  # (out, in) bool, True = pruned
+    scales: "torch.Tensor | None" = None  # a method that quantized inside its own sweep: the grid, (out, groups)
+    order: "torch.Tensor | None" = None  # (in,) the input order under which an N:M mask holds (RIA's permutation)
+
+    @classmethod
+    def of(cls, result: "torch.Tensor | Pruned") -> "Pruned":
+        return result if isinstance(result, Pruned) else cls(result)
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,10 @@ class Method:
                                   f"{type(value).__name__} {value!r}")
         return cls(**options)
 
+    def check_pattern(self, pattern: Pattern) -> None:
+        """Raise :class:`~secateurs.errors.ConfigError` where an option of this method does not apply to
+        ``pattern`` (checked with the config, before any weight changes)."""
+
     @property
     def needs_calibration(self) -> bool:
         return self.needs != "none"
@@ -116,7 +133,7 @@ class Method:
 
     @torch.no_grad()
     def prune(self, W: torch.Tensor, stats: InputStats, target: LayerTarget) -> torch.Tensor:
-        """Prune ``W`` in place and return the boolean mask of pruned weights."""
+        """Prune ``W`` in place and return the boolean mask of pruned weights (or a :class:`Pruned`)."""
         mask = build_mask(self.scores(W, stats), target.pattern, target.sparsity, target.group)
         zero_where_(W, mask)
         return mask

@@ -24,7 +24,7 @@ import torch
 from ..errors import CalibrationError, ConfigError
 from ..patterns import Pattern, expand_tiles, lowest_in_groups, lowest_k_mask, tile_scores, zero_where_
 from ..quant import Quant, codes_of
-from .base import InputStats, LayerTarget, Method, register
+from .base import InputStats, LayerTarget, Method, Pruned, register
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +223,9 @@ class SparseGPT(Method):
 
     @torch.no_grad()
     def prune(self, W: torch.Tensor, stats: InputStats, target: LayerTarget):
-        return sparsegpt_prune(W, stats.hessian, target.pattern, target.sparsity, self.blocksize, self.percdamp,
-                               target.quant if self.joint_quant else None)
+        out = sparsegpt_prune(W, stats.hessian, target.pattern, target.sparsity, self.blocksize, self.percdamp,
+                              target.quant if self.joint_quant else None)
+        return Pruned(*out) if isinstance(out, tuple) else out
 
     @torch.no_grad()
     def prune_many(self, Ws: list, stats: InputStats, targets: list) -> list:
@@ -239,5 +240,5 @@ class SparseGPT(Method):
         for w, part in zip(Ws, W.split(sizes)):
             w.copy_(part)
         if isinstance(out, tuple):  # joint quantization: each weight's mask and scales
-            return list(zip(out[0].split(sizes), out[1].split(sizes)))
+            return [Pruned(mask, scales) for mask, scales in zip(out[0].split(sizes), out[1].split(sizes))]
         return list(out.split(sizes))
