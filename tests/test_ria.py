@@ -158,6 +158,7 @@ def test_permute_is_refused_where_it_does_not_apply(flags, message, tiny_dir, tm
 
 def test_the_cli_saves_a_permuted_model_sparse(tiny_dir, tmp_path, capsys):
     assert main(["prune", *cli_args(tiny_dir, "--method", "ria", "--pattern", "2:4", "--permute"),
-                 "--save-format", "sparse", "--output", str(tmp_path / "out"), "--report", str(tmp_path / "r.json")]) == 0
+                 "--save-format", "sparse", "--output", str(tmp_path / "out"),
+                 "--report", str(tmp_path / "r.json")]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["storage"]["encoded"]["encodings"] == {"n:m": 14}

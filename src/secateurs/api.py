@@ -741,6 +741,9 @@ def check_streamable(config) -> None:
     if any(c.allocation == "global" if isinstance(c, StructuredConfig) else allocation_of(c).ranks
            for c in configs):
         raise ConfigError("allocation=global ranks every layer at once, which is not streamed: prune in memory")
+    if any(isinstance(c, StructuredConfig) and c.method == "slicegpt" for c in configs):
+        raise ConfigError("slicegpt rotates every weight once the whole stream is measured, which is not streamed: "
+                          "prune in memory")
     if len(configs) > 1 and current_ranks().world > 1:
         raise ConfigError("a streamed recipe of several stages runs in one process: prune it in memory")
 

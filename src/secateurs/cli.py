@@ -63,7 +63,9 @@ def _add_prune(p, single_method=True):
         p.add_argument("--layer-sparsity", action="append", default=None, metavar="REGEX=S",
                        help="per-layer override, repeatable: 'mlp=0.6', 'blocks:0-4=0.3'")
         p.add_argument("--recipe", default=None, help="YAML/JSON recipe (flags override its top level)")
-        s = p.add_argument_group("structured methods (channels, heads, blocks, experts)")
+        s = p.add_argument_group("structured methods (channels, heads, blocks, experts, slicegpt)")
+        s.add_argument("--slice", type=float, default=None, metavar="F",
+                       help="slicegpt: fraction of the hidden width (the residual stream) to delete")
         s.add_argument("--ratio", type=float, default=None, help="fraction of each layer's channels / heads / "
                        "experts (of all of them with --allocation global), or of the blocks, to remove")
         s.add_argument("--remove-per-layer", type=int, default=None, metavar="N",
@@ -73,6 +75,8 @@ def _add_prune(p, single_method=True):
                        "blocks: bi (default) | angular; experts: reap (default) | frequency")
         s.add_argument("--round-to", type=int, default=None, help="kept channels per layer: a multiple of this")
         s.add_argument("--gqa", default=None, help="heads: per-group (default) | kv-groups")
+        s.add_argument("--rotation", default=None, help="slicegpt: shared (default: one rotation, loads in plain "
+                       "transformers) | per-block (the paper's: shortcut matrices, loads with secateurs)")
         s.add_argument("--refit", action="store_true", default=None,
                        help="least-squares refit of the output projection on calibration activations")
         s.add_argument("--bias-compensation", action=argparse.BooleanOptionalAction, default=None,
@@ -301,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 _FLAG_FIELDS = ["method", "sparsity", "pattern", "group", "include", "exclude", "calib_data", "calib_samples",
                 "calib_seqlen", "seed", "batch_size", "refine", "refine_iters", "refine_damp", "refine_threshold",
                 "refine_scope", "propagate", "true_sequential", "device", "ratio", "score", "allocation", "round_to",
-                "gqa", "refit", "bias_compensation", "quant", "group_size", "allow_partial", "owl_m", "owl_lambda"]
+                "gqa", "rotation", "refit", "bias_compensation", "quant", "group_size", "allow_partial", "owl_m", "owl_lambda"]
 
 
 def _overrides(args) -> dict:
@@ -312,6 +316,10 @@ def _overrides(args) -> dict:
     per_layer, blocks = getattr(args, "remove_per_layer", None), getattr(args, "remove_blocks", None)
     if per_layer is not None and blocks is not None:
         raise ConfigError("give --remove-per-layer (channels, heads) or --remove-blocks (blocks), not both")
+    if getattr(args, "slice", None) is not None:
+        if out.get("method", "slicegpt") != "slicegpt" or "ratio" in out:
+            raise ConfigError("--slice is the width fraction of --method slicegpt (without --ratio)")
+        out["method"], out["ratio"] = "slicegpt", args.slice
     if blocks is not None:
         if out.get("method", "blocks") != "blocks":
             raise ConfigError(f"--remove-blocks is for --method blocks, not {out['method']}")

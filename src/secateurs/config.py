@@ -39,7 +39,8 @@ REFINE = ("none", "admm", "dsnot")  # after the method: admm re-fits the kept we
 # dsnot swaps weights in and out of the mask (methods/dsnot.py)
 REFINE_OPTIONS = {"refine_iters": ("admm", "dsnot"), "refine_damp": ("admm",), "refine_threshold": ("dsnot",),
                   "refine_scope": ("dsnot",)}
-STRUCTURED = ("channels", "heads", "blocks", "experts")  # structured methods: remove whole units, not single weights
+STRUCTURED = ("channels", "heads", "blocks", "experts", "slicegpt")
+ROTATIONS = ("shared", "per-block")  # slicegpt: one rotation for the whole stream, or one per point (shortcuts)  # structured methods: remove whole units, not single weights
 WIDTH_SCORES = ("magnitude", "wanda", "fluctuation")
 DEPTH_SCORES = ("bi", "angular")
 EXPERT_SCORES = ("reap", "frequency")
@@ -427,14 +428,16 @@ class StructuredConfig(_Serialised):
     ``allocation="global"``, or of the blocks) or ``count`` (channels / head units per layer, or blocks).
     """
 
-    method: str = "channels"  # channels | heads | blocks | experts
-    ratio: "float | None" = None  # fraction of channels / heads / blocks / experts to remove
+    method: str = "channels"  # channels | heads | blocks | experts | slicegpt
+    ratio: "float | None" = None  # fraction of channels / heads / blocks / experts to remove; slicegpt: of the
+    # hidden width (the CLI's --slice)
     count: "int | None" = None  # or: channels (head units, experts) removed per layer, or blocks removed
     score: "str | None" = None  # width: magnitude | wanda | fluctuation (default); blocks: bi (default) | angular;
     # experts: reap (default) | frequency
     allocation: str = "uniform"  # uniform (same width in every block: a plain HF config) | global
     round_to: int = 1  # kept channels per layer are a multiple of this (hardware-friendly widths)
     gqa: str = "per-group"  # heads: per-group (same query heads removed in every KV group) | kv-groups
+    rotation: "str | None" = None  # slicegpt: shared (one for the whole stream) | per-block (the paper's)
     refit: bool = False  # least-squares refit of the output projection on calibration activations
     bias_compensation: "bool | None" = None  # FLAP's mean-into-bias repair; None = with fluctuation, where possible
     calib_data: str = "enwiki"
@@ -449,6 +452,16 @@ class StructuredConfig(_Serialised):
         _check(self.method in STRUCTURED, f"method: {self.method!r} is not structured ({', '.join(STRUCTURED)})")
         depth = self.method == "blocks"
         experts = self.method == "experts"
+        if self.method == "slicegpt":
+            _check(self.count is None and self.ratio is not None, "slicegpt: give the fraction of the hidden width "
+                   "to slice (--slice 0.25)")
+            _check(0 < self.ratio < 1, f"slice must be in (0, 1): slicing the whole width leaves no model, got "
+                   f"{self.ratio}")
+            _check(self.score is None, "slicegpt keeps the stream's principal directions: --score does not apply")
+            _check(self.allocation == "uniform", "slicegpt slices one width for the whole stream: allocation uniform")
+            _check(not (self.refit or self.bias_compensation), "slicegpt: refit/bias compensation do not apply")
+        _check(self.rotation is None or (self.method == "slicegpt" and self.rotation in ROTATIONS),
+               f"rotation is read only by slicegpt, one of {', '.join(ROTATIONS)}; got {self.rotation!r}")
         scores = DEPTH_SCORES if depth else EXPERT_SCORES if experts else WIDTH_SCORES
         _check(self.score is None or self.score in scores,
                f"score {self.score!r} is not offered for {self.method} ({', '.join(scores)})")
@@ -473,13 +486,18 @@ class StructuredConfig(_Serialised):
         _check_device_name(self.device)
 
     @property
+    def rotation_name(self) -> str:
+        """slicegpt's rotation: the one given, else shared."""
+        return self.rotation or "shared"
+
+    @property
     def score_name(self) -> str:
         """The score in use: the one given, else fluctuation for width and Block Influence (bi) for depth."""
-        return self.score or {"blocks": "bi", "experts": "reap"}.get(self.method, "fluctuation")
+        return self.score or {"blocks": "bi", "experts": "reap", "slicegpt": "pca"}.get(self.method, "fluctuation")
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method in ("blocks", "experts") or self.score_name != "magnitude" or self.refit or \
+        return self.method in ("blocks", "experts", "slicegpt") or self.score_name != "magnitude" or self.refit or \
             bool(self.bias_compensation)
 
 

@@ -34,6 +34,10 @@ def check_format(save_format: str, configs=()) -> None:
                                        for c in configs):
         raise ConfigError("a structured cut with per-block widths (allocation=global) is saved dense: "
                           "drop --save-format sparse or use a uniform allocation")
+    if save_format == "sparse" and any(isinstance(c, StructuredConfig) and c.method == "slicegpt"
+                                       and c.rotation_name == "per-block" for c in configs):
+        raise ConfigError("slicegpt with per-block rotations (shortcut matrices) is saved dense: drop --save-format "
+                          "sparse or use --rotation shared")
 
 
 def compressible(result) -> dict:

@@ -111,6 +111,10 @@ def check_export(folder: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{str(folder)!r} is not a model folder (no config.json)")
     config = json.loads(path.read_text())
+    if (config.get("secateurs_structure") or {}).get("shortcuts"):
+        raise ConfigError("GGUF export: this model was sliced with per-block rotations, whose residual connections "
+                          "go through shortcut matrices that llama.cpp has no place for: slice it with --rotation "
+                          "shared to export it")
     if "secateurs_structure" in config:
         raise ConfigError("GGUF export: this model has per-block widths (a structured cut with allocation=global); "
                           "llama.cpp describes one width for every block of a llama model. Cut it with a uniform "

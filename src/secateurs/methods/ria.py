@@ -7,8 +7,8 @@ it reads), and in proportion to how large that input runs.  For ``W`` of shape `
     RIA_ij = ( |W_ij| / sum_k |W_kj|  +  |W_ij| / sum_k |W_ik| ) * ||X_j||_2 ** a
 
 where ``||X_j||_2`` is the L2 norm of input channel ``j`` over the calibration tokens and ``a`` (the option
-``norm_power``, default 0.5, the paper's) tempers the activations.  Like Wanda, the scores compete within each output row and no weight is
-updated.
+``norm_power``, default 0.5, the paper's) tempers the activations.  Like Wanda, the scores compete within each
+output row and no weight is updated.
 
 **Channel permutation** (``permute``, N:M only).  An N:M pattern keeps N of every M *consecutive* inputs, so
 two important channels that fall in one group compete needlessly.  Reordering the input channels first (a

@@ -1,4 +1,5 @@
-"""Structured pruning: remove MLP channels, attention heads, whole blocks or experts; keep the model loadable."""
+"""Structured pruning: remove MLP channels, attention heads, whole blocks or experts, or slice the hidden width
+(SliceGPT); keep the model loadable."""
 
 from .engine import StructuredRecord, check_structured, prune_depth, prune_width
 from .surgery import STRUCTURE_KEY, check_loadable, load, structure_of
@@ -11,6 +12,10 @@ def prune_structured(model, config, input_ids, tracker, source=None):
 
     if config.method == "blocks":
         return prune_depth(model, config, input_ids, tracker, source or IN_MEMORY)
+    if config.method == "slicegpt":
+        from .slicing import prune_slicegpt
+
+        return prune_slicegpt(model, config, input_ids, tracker, source or IN_MEMORY)
     if config.method == "experts":
         from .experts import prune_experts
 

@@ -178,8 +178,20 @@ def check_structured(model: nn.Module, config) -> None:
 
         check_experts(model, config)
         return
+    if config.method == "slicegpt":
+        from .slicing import check_sliceable, kept_width
+
+        check_sliceable(model)
+        d = model.config.hidden_size
+        if kept_width(d, config.ratio, config.round_to, model.config.num_attention_heads) >= d:
+            raise ConfigError(f"slicing {config.ratio} of the width {d} (kept widths a multiple of --round-to "
+                              f"{config.round_to} and of the {model.config.num_attention_heads} heads) removes nothing")
+        return
     blocks_name, blocks = find_blocks(model)
     if config.method == "blocks":
+        if (getattr(model.config, "secateurs_structure", None) or {}).get("shortcuts"):
+            raise ConfigError("this model was sliced with per-block rotations: removing a block would break the "
+                              "chain of its shortcut matrices")
         L = len(blocks)
         k = config.count if config.count is not None else round(config.ratio * L)
         if not 0 < k < L:

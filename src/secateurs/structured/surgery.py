@@ -143,7 +143,9 @@ def sync_config(model: nn.Module, head_dim: "int | None" = None) -> "dict | None
     under ``config.secateurs_structure`` and return it (else None)."""
     config = model.config
     s = structure_of(model)
-    uniform = True
+    # a SliceGPT model with shortcut matrices keeps its record of them (config.hidden_size says the unsliced width)
+    s.update({k: v for k, v in (getattr(config, STRUCTURE_KEY, None) or {}).items() if k in SLICED})
+    uniform = not any(k in s for k in SLICED)
     if len(set(s["mlp"])) == 1:
         setattr(config, _width_key(config), s["mlp"][0])
     else:
@@ -164,6 +166,21 @@ def sync_config(model: nn.Module, head_dim: "int | None" = None) -> "dict | None
     return s
 
 
+SLICED = ("hidden", "shortcuts")  # secateurs_structure entries of a SliceGPT model with shortcut matrices
+
+
+def built_config(config, structure: "dict | None"):
+    """The config a model with ``structure`` is built from: without the structure entry and, for a SliceGPT model
+    with shortcut matrices, with its real width (the saved ``hidden_size`` is the unsliced one, so that plain
+    transformers refuses the checkpoint instead of loading it without its shortcuts)."""
+    config = copy.deepcopy(config)
+    if hasattr(config, STRUCTURE_KEY):
+        delattr(config, STRUCTURE_KEY)
+    if structure and "hidden" in structure:
+        config.hidden_size = structure["hidden"]
+    return config
+
+
 def _build_empty(config):
     from transformers import AutoModelForCausalLM
 
@@ -172,9 +189,15 @@ def _build_empty(config):
 
 
 def apply_structure(model: nn.Module, structure: dict) -> None:
-    """Shrink a freshly built model's blocks to the recorded per-block widths (values are then loaded)."""
+    """Shrink a freshly built model's blocks to the recorded per-block widths and give them SliceGPT's shortcut
+    matrices where recorded (values are then loaded)."""
     blocks_name, blocks = find_blocks(model)
     for i, block in enumerate(blocks):
+        if structure.get("shortcuts"):
+            from .slicing import add_shortcuts
+
+            width = structure["hidden"]
+            add_shortcuts(block, [torch.eye(width)] * 2, next(block.parameters()).dtype)
         prefix = f"{blocks_name}.{i}."
         mlp = find_mlp(block, prefix)
         if structure["mlp"][i] != mlp.width:
@@ -188,10 +211,9 @@ def apply_structure(model: nn.Module, structure: dict) -> None:
 def check_loadable(model: nn.Module, structure: "dict | None") -> None:
     """Rebuild the model from its config (+ structure) on the meta device; every shape must match."""
     try:
-        config = copy.deepcopy(model.config)
-        if hasattr(config, STRUCTURE_KEY):
-            delattr(config, STRUCTURE_KEY)
-        fresh = _build_empty(config)
+        if hasattr(model.config, "validate"):  # what save_pretrained checks before it writes
+            model.config.validate()
+        fresh = _build_empty(built_config(model.config, structure))
         if structure is not None:
             apply_structure(fresh, structure)
     except Exception as exc:
@@ -222,11 +244,12 @@ def load(path: "str | Path", dtype: "torch.dtype | str" = "auto"):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), tokenizer
     from safetensors.torch import load_file
 
-    delattr(config, STRUCTURE_KEY)
     if dtype == "auto":
         dtype = getattr(config, "dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(built_config(config, structure), dtype=dtype)
+    if "hidden" in structure:
+        model.config.hidden_size = config.hidden_size  # the unsliced width, as saved
     apply_structure(model, structure)
     setattr(model.config, STRUCTURE_KEY, structure)  # saved again if the model is saved again
     state = {}
