@@ -12,8 +12,8 @@ channels default).  Both are scored under the quick protocol (calibration 32 x 5
 0, fp32; perplexity on the first 16 x 1024 windows of enwiki test and on the next 24, held out), and timed in the
 same process against a copy of the dense model, alternating between the three in each of 7 repeats: prefill
 tokens/s on 1 x 512, decode ms/token over 64 tokens with the KV cache (medians).  Whether the sliced folder
-loads in plain ``transformers`` (else with ``secateurs.load``) is checked by saving it and loading it back.  Results go to
-``benchmarks/results/slicing.{json,md}``.
+loads in plain ``transformers`` (else with ``secateurs.load``) is checked by saving it and loading it back.
+Results go to ``benchmarks/results/slicing.{json,md}``.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def one(run: str) -> dict:
     cfg = StructuredConfig(method="channels", count=count, **CALIB)
     result = prune(channels, cfg, calibration_data(tok, cfg), progress=False)
     scored = score(channels, tok)
-    row.update(channels_removed_per_block=count, channels_width=mlp.width, channels_params=params(channels),
+    row.update(channels_removed_per_block=count, channels_width=find_mlp(blocks[0]).width,  # after the cut
+               channels_params=params(channels),
                channels_seconds=round(result.prune_seconds, 2), channels_perplexity=scored["perplexity"],
                channels_held_out_perplexity=scored["held_out_perplexity"])
     with tempfile.TemporaryDirectory() as folder:
@@ -102,11 +103,13 @@ def markdown(rows: list[dict], command: str) -> str:
     lines = ["# SliceGPT against MLP-channel pruning at the same parameter count (SmolLM2-135M)", "",
              measured_on(rows[0]), "",
              "Quick protocol: calibration 32 x 512 tokens of enwiki train (seed 0), fp32; perplexity on the first "
-             "16 x 1024-token windows of enwiki test (held out: the next 24). `slicegpt`: one rotation for the whole "
-             "stream, kept width a multiple of the 9 heads, the head untied (its parameters count). `channels`: MLP "
-             "channels (fluctuation score, bias compensation) removed from every block until the model has the sliced one's "
-             "parameter count. Speed-ups over dense measured in the same process, the three models alternating in "
-             "each of 7 repeats: prefill tokens/s on 1 x 512, decode ms/token over 64 tokens (medians).", "",
+             "16 x 1024-token windows of enwiki test (held out: the next 24). `slicegpt`: `shared`, one rotation for "
+             "the whole stream; `per-block`, the paper's rotation per point with two shortcut matrices per block (they "
+             "count); kept width a multiple of the 9 heads, the head untied (its parameters count). `channels`: MLP "
+             "channels (fluctuation score, bias compensation) removed from every block until the model has the "
+             "sliced one's parameter count. Speed-ups over dense measured in the same process, the three models "
+             "alternating in each of 7 repeats: prefill tokens/s on 1 x 512, decode ms/token over 64 tokens "
+             "(medians).", "",
              f"Reproduce: `{command}`", "",
              "| run | model | hidden | params | disk MiB | perplexity | held out | prefill × | decode × | prune s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -115,8 +118,9 @@ def markdown(rows: list[dict], command: str) -> str:
                      f"{r['dense_hidden']}→{r['sliced_hidden']} | {r['sliced_params']:,} | "
                      f"{r['sliced_disk_bytes'] / 2**20:.0f} | {r['perplexity']:.2f} | {r['held_out_perplexity']:.2f} | "
                      f"{_speeds(r, 'slicegpt')} | {r['slice_seconds']} |")
-        lines.append(f"| {r['run']} | channels | {r['dense_hidden']} (MLP {r['channels_width']}→"
-                     f"{r['channels_width'] - r['channels_removed_per_block']}) | {r['channels_params']:,} | "
+        before = r["channels_width"] + r["channels_removed_per_block"]
+        lines.append(f"| {r['run']} | channels | {r['dense_hidden']} (MLP {before}→{r['channels_width']}) | "
+                     f"{r['channels_params']:,} | "
                      f"{r['channels_disk_bytes'] / 2**20:.0f} | {r['channels_perplexity']:.2f} | "
                      f"{r['channels_held_out_perplexity']:.2f} | {_speeds(r, 'channels')} | {r['channels_seconds']} |")
     dense = next((r for r in rows if r.get("dense_perplexity") is not None), None)
