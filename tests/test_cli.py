@@ -646,3 +646,26 @@ def test_a_bug_is_not_dressed_as_a_usage_error(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(secateurs.api, "prune", broken)
     with pytest.raises(ValueError, match="a bug"):
         main(["prune", *args(tiny_dir, "--no-stream"), "--output", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-stream"]])
+def test_a_task_model_is_refused_rather_than_loaded_without_its_head(tmp_path, capsys, flags):
+
+    from secateurs.errors import ModelLoadError
+    from secateurs.models import load_model
+    from secateurs.models.arch import check_causal_lm
+
+    config = tf.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64, num_labels=3)
+    tf.BertForSequenceClassification(config).save_pretrained(tmp_path / "clf")
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert main(["prune", "--model", str(tmp_path / "clf"), "--method", "magnitude", "--no-eval", "--quiet",
+                 "--output", str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "a BertForSequenceClassification checkpoint" in err and "drop its" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    with pytest.raises(ModelLoadError, match="BertForSequenceClassification"):
+        load_model(str(tmp_path / "clf"))
+    check_causal_lm(tf.BertConfig(architectures=["BertLMHeadModel"]), "lm")  # a causal LM class passes
+    check_causal_lm(tf.BertConfig(), "unnamed")  # so does a config that names no class

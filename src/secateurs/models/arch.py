@@ -57,6 +57,20 @@ def role_of(name: str) -> str:
     return "attention" if _ATTENTION.search(name) else "mlp"
 
 
+def check_causal_lm(config, where: str) -> None:
+    """:class:`ModelLoadError` unless ``config`` describes a causal language model: a checkpoint saved as another
+    class (``BertForSequenceClassification``) would be built as the family's causal LM, its task head dropped
+    without a word, so it is refused before anything is read.  A config that names no class is let through."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    named = list(getattr(config, "architectures", None) or [])
+    causal = {c for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for c in ([v] if isinstance(v, str) else v)}
+    if named and not any(name in causal for name in named):
+        raise ModelLoadError(f"{where}: a {named[0]} checkpoint; secateurs prunes causal language models, and "
+                             f"loading this one as such would drop its {named[0]} head (encoders and task heads "
+                             "are not supported yet)")
+
+
 def is_transposed(module: nn.Module) -> bool:
     return bool(Conv1D) and isinstance(module, Conv1D)
 

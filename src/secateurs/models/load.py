@@ -54,9 +54,13 @@ def _package_dir(package: str, pip_name: str) -> Path:
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, **kwargs):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    from .arch import check_causal_lm
+
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    check_causal_lm(config, source)
+    model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     return model, tokenizer
 

@@ -242,12 +242,17 @@ def skeleton(folder, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
+    from .arch import check_causal_lm
+
     try:
         config = AutoConfig.from_pretrained(folder)
+        check_causal_lm(config, str(folder))
         if hasattr(config, "secateurs_sparsity"):  # how the files store the weights, not the model: saved dense
             del config.secateurs_sparsity
         with init_empty_weights(include_buffers=False), no_init_weights():  # no values to draw: they are read
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ModelLoadError:
+        raise
     except Exception as exc:
         raise ModelLoadError(f"cannot build the model of {str(folder)!r}: {first_line(exc)}") from exc
     return model.eval()

@@ -232,8 +232,11 @@ def load(path: "str | Path", dtype: "torch.dtype | str" = "auto"):
     ``dtype`` ``auto``: the dtype the model was saved in."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from ..models.arch import check_causal_lm
+
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
+    check_causal_lm(config, str(path))
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
     structure = getattr(config, STRUCTURE_KEY, None)
     if getattr(config, "secateurs_sparsity", None) is not None:  # a compressed sparse checkpoint
