@@ -39,8 +39,9 @@ REFINE = ("none", "admm", "dsnot")  # after the method: admm re-fits the kept we
 # dsnot swaps weights in and out of the mask (methods/dsnot.py)
 REFINE_OPTIONS = {"refine_iters": ("admm", "dsnot"), "refine_damp": ("admm",), "refine_threshold": ("dsnot",),
                   "refine_scope": ("dsnot",)}
-STRUCTURED = ("channels", "heads", "blocks", "experts", "slicegpt")
-ROTATIONS = ("shared", "per-block")  # slicegpt: one rotation for the whole stream, or one per point (shortcuts)  # structured methods: remove whole units, not single weights
+STRUCTURED = ("channels", "heads", "blocks", "experts", "slicegpt")  # structured methods: remove whole units, not
+# single weights
+ROTATIONS = ("shared", "per-block")  # slicegpt: one rotation for the whole stream, or one per point (shortcuts)
 WIDTH_SCORES = ("magnitude", "wanda", "fluctuation")
 DEPTH_SCORES = ("bi", "angular")
 EXPERT_SCORES = ("reap", "frequency")

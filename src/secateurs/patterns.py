@@ -24,7 +24,7 @@ import torch
 from .errors import ConfigError
 
 __all__ = ["Pattern", "kth_smallest", "lowest_k_mask", "lowest_in_groups", "unstructured_mask", "nm_mask", "block_mask",
-           "build_mask", "check_nm", "check_tiles", "zero_where_"]
+           "build_mask", "is_permutation", "check_nm", "check_tiles", "zero_where_"]
 
 GROUPS = ("row", "layer", "global")
 
@@ -218,6 +218,11 @@ def build_mask(scores: torch.Tensor, pattern: Pattern, sparsity: float, group: s
     if pattern.kind == "block":
         return block_mask(scores, pattern.block, sparsity, group)
     return unstructured_mask(scores, sparsity, group)
+
+
+def is_permutation(order: torch.Tensor, n: int) -> bool:
+    """Does ``order`` hold each of ``0 .. n-1`` exactly once (an input order, as RIA's permutation records it)?"""
+    return order.numel() == n and torch.equal(order.sort().values, torch.arange(n, device=order.device))
 
 
 def check_nm(weight: torch.Tensor, n: int, m: int) -> int:

@@ -38,7 +38,7 @@ from ..methods.reconstruct import admm_reconstruct
 from ..models.arch import (check_finite, find_blocks, find_linears, is_transposed, non_finite, role_of, set_weight_of,
                            weight_of)
 from ..models.experts import ExpertLinear, expose, routers, stage_of, viewed
-from ..patterns import check_nm, check_tiles, zero_where_
+from ..patterns import check_nm, check_tiles, is_permutation, zero_where_
 from ..quant import round_to_nearest
 from ..progress import Stage, Tracker
 from .allocation import OWL, allocation_of
@@ -225,7 +225,7 @@ def verify_layer(name: str, W: torch.Tensor, mask: torch.Tensor, target: LayerTa
     if nonzero.logical_and(mask).any():
         raise VerificationError(f"{name}: weights selected for pruning are not zero")
     pattern = target.pattern
-    if order is not None and not torch.equal(order.sort().values, torch.arange(W.shape[1], device=order.device)):
+    if order is not None and not is_permutation(order, W.shape[1]):
         raise VerificationError(f"{name}: the input order is not a permutation of its {W.shape[1]} inputs")
     if pattern.kind == "nm" and (bad := check_nm(nonzero if order is None else nonzero[:, order],
                                                  pattern.n, pattern.m)):

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelLoadError, VerificationError
+from ..patterns import is_permutation
 from ..quant import Quant, codes_of, dequantize, expand
 
 FORMAT = "secateurs-sparse"
@@ -248,7 +249,7 @@ def decode(name: str, entry: dict, parts: dict[str, torch.Tensor]) -> torch.Tens
             chunk.scatter_(-1, place, values[r:r + ROWS].reshape(-1, cols // m, n))
         if entry.get("permuted"):
             order = parts["order"].to(torch.int64)
-            if not torch.equal(order.sort().values, torch.arange(cols)):
+            if not is_permutation(order, cols):
                 raise ModelLoadError(f"{name}.order is not a permutation of its {cols} inputs (the checkpoint is "
                                      "damaged)")
             out[:, order] = out.clone()

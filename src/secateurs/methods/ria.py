@@ -119,10 +119,8 @@ def exchange_slot(S: torch.Tensor, order: torch.Tensor, n: int, m: int, c: int) 
 def channel_order(S: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """RIA's channel permutation for scores ``S`` (out, in): the input order (int64, ``(in,)``) whose N:M groups
     keep at least as much score as the given order does."""
-    identity = torch.arange(S.shape[1])
-    dealt = reallocated(S, m)
-    order = dealt if kept_score(S[:, dealt], n, m) > kept_score(S, n, m) else identity
-    kept = kept_score(S[:, order], n, m)
+    starts = [torch.arange(S.shape[1]), reallocated(S, m)]  # the given order wins a tie
+    order, kept = max(((o, kept_score(S[:, o], n, m)) for o in starts), key=lambda start: start[1])
     for c in range(m):
         tried = exchange_slot(S, order, n, m, c)
         if (score := kept_score(S[:, tried], n, m)) > kept:  # float32 distances: keep only a true gain

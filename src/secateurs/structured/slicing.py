@@ -188,12 +188,12 @@ def rotate_and_slice(model: nn.Module, rotations: list, width: int) -> None:
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     head_weight = head.weight.data.clone() if head.weight is embed.weight else head.weight.data
     # the head reads the final norm: its scale folds into the head's columns
-    gamma, offset = _scale_of(final_norm(model))
+    norms = [final_norm(model)]
+    gamma, offset = _scale_of(norms[0])
     _assign(head, "weight", (head_weight.double() * gamma) @ Qs[-1], head.weight)
     head.in_features = width
     _assign(embed, "weight", embed.weight.data.double() @ Qs[0], embed.weight)
     embed.embedding_dim = width
-    norms = [final_norm(model)]
     for i, block in enumerate(blocks):
         prefix = f"{blocks_name}.{i}."
         att, mlp = find_attention(block, prefix), find_mlp(block, prefix)

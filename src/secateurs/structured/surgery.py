@@ -191,13 +191,12 @@ def _build_empty(config):
 def apply_structure(model: nn.Module, structure: dict) -> None:
     """Shrink a freshly built model's blocks to the recorded per-block widths and give them SliceGPT's shortcut
     matrices where recorded (values are then loaded)."""
+    from .slicing import add_shortcuts
+
     blocks_name, blocks = find_blocks(model)
     for i, block in enumerate(blocks):
         if structure.get("shortcuts"):
-            from .slicing import add_shortcuts
-
-            width = structure["hidden"]
-            add_shortcuts(block, [torch.eye(width)] * 2, next(block.parameters()).dtype)
+            add_shortcuts(block, [torch.eye(structure["hidden"])] * 2, next(block.parameters()).dtype)
         prefix = f"{blocks_name}.{i}."
         mlp = find_mlp(block, prefix)
         if structure["mlp"][i] != mlp.width:
