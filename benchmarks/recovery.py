@@ -1,6 +1,5 @@
 """Recovery fine-tuning and gradual pruning on the built-in model, with perplexity curves.
 
-    pip install matplotlib                      # for the plot (pip install -e .[bench])
     python benchmarks/recovery.py               # three runs, ~40 min on 2 CPU cores
     python benchmarks/recovery.py --steps 20 --runs wanda:2:4
 

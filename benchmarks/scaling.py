@@ -224,13 +224,11 @@ def projection(rows: list) -> list[str]:
 
 
 def plot(rows: list, path: Path) -> None:
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pip install -e ".[bench]"
-        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for method, marker in (("wanda", "o"), ("sparsegpt", "s")):
         rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["params"])

@@ -21,7 +21,8 @@ def test_version_and_help_name_the_commands(capsys):
         main(["--help"])
     assert info.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps it to the terminal's width
-    assert "Prune transformers and measure what it cost: prune, eval, compare, finetune, iterate, decompress, export." in help_text
+    assert ("Prune transformers and measure what it cost: prune, eval, compare, sweep, sensitivity, finetune, iterate, "
+            "decompress, export.") in help_text
 
 
 def test_prune_writes_model_and_report(tiny_dir, tmp_path, capsys):

@@ -32,6 +32,7 @@ from .methods import METHODS
 from .methods.base import option_table
 from .eval import library_versions, machine, parameter_counts, peak_rss_bytes, perplexity
 from .eval.report import parameter_counts_in
+from .eval.tasks import ZeroShot, zero_shot as tasks_score
 from .models.load import first_line
 from .models.snapshot import WeightSnapshot, weight_bytes
 from .progress import Stage, Tracker
@@ -416,7 +417,8 @@ def _shared_settings(base) -> dict:
 @torch.no_grad()
 def compare(model, tokenizer, methods: Sequence[str], settings: Sequence[str], base: "PruneConfig | dict | None" = None,
             eval_config: "EvalConfig | None" = None, progress: bool = True, on_row=None, checkpoint=None,
-            previous: "dict | None" = None, dtype: "torch.dtype | None" = None, workdir=None) -> dict:
+            previous: "dict | None" = None, dtype: "torch.dtype | None" = None, workdir=None,
+            zero_shot: "ZeroShot | None" = None) -> dict:
     """Dense plus every method x setting on one model, same calibration windows and evaluation windows.
 
     A method may carry a weight reconstruction, ``"wanda+admm"``; without one it keeps ``base.refine``.
@@ -434,12 +436,19 @@ def compare(model, tokenizer, methods: Sequence[str], settings: Sequence[str], b
     its cells of this grid are kept and only the missing cells are measured.  It must have been made with the
     same base config and evaluation (:class:`ConfigError` otherwise); every cell is measured from the dense
     weights with the same windows, so a resumed table holds what an uninterrupted one would.
+
+    ``zero_shot`` (:class:`~.eval.tasks.ZeroShot`, a model in memory only) adds lm-eval's scores of the dense
+    model (``"dense_zero_shot"``) and of every cell (its row's ``"zero_shot"``).
     """
     eval_config = eval_config or EvalConfig()
     grid = compare_grid(methods, settings, base)
     table = {"methods": list(methods), "settings": list(settings), "dense_perplexity": None, "rows": [],
              "base_config": _as_json(_shared_settings(base)), "eval": _as_json(eval_config.to_dict()),
-             "streamed": isinstance(model, (str, Path)), "complete": False}
+             "streamed": isinstance(model, (str, Path)), "complete": False,
+             **({"tasks": zero_shot.to_dict()} if zero_shot else {})}
+    if zero_shot is not None and table["streamed"]:
+        raise ConfigError("zero-shot tasks score a model in memory: give a loaded model (--no-stream)")
+    manager = zero_shot.task_manager() if zero_shot else None
     done = {}
     if previous is not None:
         _check_resumable(previous, table)
@@ -463,15 +472,20 @@ def compare(model, tokenizer, methods: Sequence[str], settings: Sequence[str], b
     eval_ids = tokenize(tokenizer, load_text(eval_config.data, "test"))
     if table["dense_perplexity"] is None:
         table["dense_perplexity"] = cells.evaluate(None, eval_config, eval_ids)
+        if zero_shot:
+            table["dense_zero_shot"] = tasks_score(model, tokenizer, zero_shot, manager)
         save()
+    elif zero_shot:
+        table["dense_zero_shot"] = previous.get("dense_zero_shot")
+    score = (lambda: tasks_score(model, tokenizer, zero_shot, manager)) if zero_shot else None
     if todo:
         with cells:
             for method, setting, cfg in todo:
-                result, ppl = cells.run(cfg, calib, eval_config, eval_ids)
+                result, ppl, scores = cells.run(cfg, calib, eval_config, eval_ids, score)
                 done[method, setting] = row = {
                     "method": method, "setting": setting, "pattern": cfg.pattern, "perplexity": ppl,
                     "sparsity": result.sparsity, "prune_seconds": round(result.prune_seconds, 3),
-                    "peak_rss_bytes": peak_rss_bytes()}
+                    "peak_rss_bytes": peak_rss_bytes(), **({"zero_shot": scores} if zero_shot else {})}
                 if on_row:
                     on_row(row)
                 save()
@@ -500,10 +514,10 @@ class _InMemoryCells:
     def __exit__(self, *exc):
         return self.dense.__exit__(*exc)
 
-    def run(self, cfg, calib, eval_config, ids):
+    def run(self, cfg, calib, eval_config, ids, score=None):
         try:
             result = prune(self.model, cfg, calib, progress=self.progress)
-            return result, self.evaluate(None, eval_config, ids)
+            return result, self.evaluate(None, eval_config, ids), score() if score else None
         finally:
             self.dense.restore(self.model)  # the next cell, and the caller, get the dense model back
 
@@ -536,12 +550,12 @@ class _StreamedCells:
     def __exit__(self, *exc):
         self.tmp.cleanup()
 
-    def run(self, cfg, calib, eval_config, ids):
+    def run(self, cfg, calib, eval_config, ids, score=None):
         cell = Path(self.tmp.name) / "cell"
         try:
             result = prune_streamed(self.source, cfg, calib, cell, dtype=self.dtype, progress=self.progress,
                                     save_format="sparse" if cfg.quant != "none" else "dense")  # codes need it
-            return result, self.evaluate(cell, eval_config, ids)
+            return result, self.evaluate(cell, eval_config, ids), None
         finally:
             shutil.rmtree(cell, ignore_errors=True)
 
@@ -570,8 +584,8 @@ def _as_json(value):
 
 def _check_resumable(previous: dict, table: dict) -> None:
     """Refuse to mix cells measured under another calibration or evaluation into this table."""
-    for key in ("base_config", "eval"):
-        old, new = previous.get(key) or {}, table[key]
+    for key in ("base_config", "eval", "tasks"):
+        old, new = previous.get(key) or {}, table.get(key) or {}
         differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if differ:
             shown = ", ".join(f"{k}={old.get(k)!r} there, {new.get(k)!r} here" for k in differ)

@@ -1,4 +1,5 @@
-"""Prune transformers and measure what it cost: prune, eval, compare, finetune, iterate, decompress, export.
+"""Prune transformers and measure what it cost: prune, eval, compare, sweep, sensitivity, finetune, iterate,
+decompress, export.
 
 Every error a user can cause (bad sparsity, pattern, path, data...) ends in one line on stderr and exit
 status 2; nothing is written to the output folder unless the whole run succeeded.
@@ -133,6 +134,34 @@ def _add_method_options(p):
         g.add_argument("--" + name.replace("_", "-"), default=None, **kind, help=f"{owners}: {option.help}")
 
 
+def _add_tasks(p, instead: str = ""):
+    t = p.add_argument_group("zero-shot accuracy (lm-eval-harness: pip install 'secateurs[eval]')")
+    t.add_argument("--tasks", default=None, help="comma list of lm-eval task names (hellaswag, arc_easy, piqa, ...)"
+                   + (f"; replaces {instead}" if instead else ""))
+    t.add_argument("--include-path", default=None, metavar="DIR", help="a folder of extra task YAMLs")
+    t.add_argument("--limit", type=int, default=None, metavar="N", help="at most N examples of each task")
+
+
+def _zero_shot(args):
+    """--tasks/--include-path/--limit as a ZeroShot, or None without --tasks."""
+    from .eval.tasks import ZeroShot
+
+    if args.tasks is None:
+        if args.include_path is not None or args.limit is not None:
+            raise ConfigError("--include-path and --limit shape --tasks: name the tasks")
+        return None
+    return ZeroShot([t.strip() for t in args.tasks.split(",") if t.strip()], args.include_path, args.limit)
+
+
+def _say_zero_shot(scores: dict, before: "dict | None" = None) -> None:
+    from .eval.tasks import headline
+
+    old = headline(before or {})
+    for task, (metric, value, stderr) in headline(scores).items():
+        was = f" (dense {old[task][1]:.4f})" if task in old else ""
+        print(f"{task} {metric}: {value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "") + was, flush=True)
+
+
 def _add_output(p, what: str):
     p.add_argument("--output", required=True, help=f"folder for {what} (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -220,7 +249,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = _Parser(prog="secateurs", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="secateurs", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--version", action="version", version=f"secateurs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -229,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune(p)
     _add_eval(p)
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity measurements")
+    _add_tasks(p)
     _add_output(p, "the pruned model")
     p.add_argument("--save-every", type=_positive_int, default=None, metavar="N",
                    help="save the walk's state to OUTPUT.prune-state every N blocks; the same command resumes from it")
@@ -266,9 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder for cycle-NNN checkpoints and history.json")
     p.add_argument("--no-resume", action="store_true", help="start from cycle 1 even if checkpoints exist")
 
-    p = sub.add_parser("eval", help="perplexity of a model")
+    p = sub.add_parser("eval", help="perplexity of a model (and zero-shot accuracy with --tasks)")
     _add_model(p)
     _add_eval(p, "--data")
+    _add_tasks(p)
     _add_no_stream(p, "a safetensors model")
     p.add_argument("--report", default=None, help="write the JSON result here")
 
@@ -283,8 +314,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", default=None, help="write the markdown table here (rewritten after every cell)")
     p.add_argument("--resume", action="store_true",
                    help="keep the cells already in --report (from an interrupted run) and measure only the rest")
+    _add_tasks(p)
     _add_no_stream(p, "weight-pruning cells without --allocation global; each cell's model is written to a "
                       "temporary folder (TMPDIR) and removed once measured")
+
+    p = sub.add_parser("sweep", help="a grid of pruning runs from a YAML file: results.json, results.csv and "
+                       "report.html with plots; resumable")
+    p.add_argument("grid", help="the grid file (YAML or JSON; see docs/sweeps.md, examples/sweep-quick.yaml)")
+    p.add_argument("--output", required=True, help="folder for results.json, results.csv, report.html and plots/; "
+                   "a folder holding part of the same sweep is resumed")
+    _add_model(p)
+    _add_tasks(p, "the grid's zero_shot")
+
+    p = sub.add_parser("sensitivity", help="prune one block (or one block's attention or MLP) at a time and "
+                       "report the perplexity change")
+    _add_model(p)
+    p.add_argument("--method", default=None, help=f"{' | '.join(METHODS)} (default wanda)")
+    p.add_argument("--sparsity", type=float, default=None, help="of the block pruned (default 0.5)")
+    p.add_argument("--pattern", default=None, help="unstructured | N:M | block:B")
+    p.add_argument("--by", choices=["block", "role"], default="block",
+                   help="block: one cell per block; role: its attention and its MLP apart")
+    _add_prune(p, single_method=False)
+    _add_eval(p)
+    _add_tasks(p)
+    p.add_argument("--output", required=True, help="folder for results.json, results.csv and report.html (resumed "
+                   "when it holds part of the same run)")
 
     p = sub.add_parser("decompress", help="write the plain dense checkpoint of a compressed sparse one")
     p.add_argument("input", help="a folder saved with --save-format sparse")
@@ -384,7 +438,10 @@ def cmd_prune(args) -> int:
     eval_config = None if args.no_eval else recipe.eval
     check_format(args.save_format, recipe.stages)
     output = check_output(args.output, args.overwrite)
-    source = None if args.no_stream else api.stream_source(args.model, recipe)
+    tasks = _zero_shot(args)
+    manager = tasks.task_manager() if tasks else None  # unknown task names refused before any work
+    # lm-eval scores the model in memory: with --tasks it is loaded whole
+    source = None if args.no_stream or tasks else api.stream_source(args.model, recipe)
     checkpoint = api.walk_checkpoint(recipe, args.output, {"model": args.model or DEFAULT_MODEL}, args.save_every,
                                      resume=not args.no_resume, streamed=source is not None)
     if source is not None:
@@ -408,6 +465,11 @@ def cmd_prune(args) -> int:
     dense = api.evaluate(model, tokenizer, eval_config, ids=eval_ids, progress=show) if eval_config else None
     if dense is not None:
         print(f"dense perplexity: {dense:.3f}", flush=True)
+    if tasks:
+        from .eval.tasks import zero_shot
+
+        dense_scores = zero_shot(model, tokenizer, tasks, manager)
+        _say_zero_shot(dense_scores)
 
     dense_size_speed = speed.size_and_speed(model) if structured and not args.no_speed else None
 
@@ -421,10 +483,16 @@ def cmd_prune(args) -> int:
         tracker.enter(Stage.EVALUATING)
         ppl = api.evaluate(model, tokenizer, eval_config, ids=eval_ids, progress=show)
         print(f"pruned perplexity: {ppl:.3f}" + (f" (dense {dense:.3f})" if dense is not None else ""), flush=True)
+    scores = None
+    if tasks:
+        tracker.enter(Stage.EVALUATING)
+        scores = {"dense": dense_scores, "pruned": zero_shot(model, tokenizer, tasks, manager),
+                  "tasks": tasks.to_dict()}
+        _say_zero_shot(scores["pruned"], dense_scores)
     tracker.enter(Stage.EXPORTING)
     t = time.perf_counter()
     report = api.build_report(result, model, dense, ppl, eval_config, model_name=args.model or DEFAULT_MODEL,
-                              streamed=False)
+                              streamed=False, **({"zero_shot": scores} if scores else {}))
     import yaml
 
     if dense_size_speed is not None:
@@ -645,8 +713,10 @@ def cmd_eval(args) -> int:
     from .models.load import load_tokenizer, streamable
 
     config = _eval_config(args)
+    tasks = _zero_shot(args)
+    manager = tasks.task_manager() if tasks else None  # unknown task names refused before the model loads
     _threads(args)
-    source = None if args.no_stream else streamable(args.model)
+    source = None if args.no_stream or tasks else streamable(args.model)  # lm-eval scores a model in memory
     if source is not None:
         tokenizer = load_tokenizer(source)
         ppl = api.evaluate_streamed(source, tokenizer, config, dtype=_dtype(args), progress=not args.quiet)
@@ -654,8 +724,15 @@ def cmd_eval(args) -> int:
         model, tokenizer = _load(args)
         ppl = api.evaluate(model, tokenizer, config, progress=not args.quiet)
     print(f"perplexity: {ppl:.3f}")
+    scores = None
+    if tasks:
+        from .eval.tasks import zero_shot
+
+        scores = zero_shot(model, tokenizer, tasks, manager)
+        _say_zero_shot(scores)
     if args.report:
-        report = {"perplexity": ppl, "model": args.model, "eval": config.to_dict(), **api.environment()}
+        report = {"perplexity": ppl, "model": args.model, "eval": config.to_dict(), **api.environment(),
+                  **({"zero_shot": scores, "tasks": tasks.to_dict()} if tasks else {})}
         atomic.write_text(args.report, json.dumps(report, indent=2) + "\n")
     return 0
 
@@ -676,13 +753,18 @@ def cmd_compare(args) -> int:
               flush=True)
     grid = api.compare_grid(methods, settings, base)
     cells = [c for _, _, c in grid]  # streamed only when every cell is: checked as one list of configs
+    tasks = _zero_shot(args)
+    if tasks:
+        tasks.task_manager()  # unknown names refused before the model loads
     _threads(args)
-    source = None if args.no_stream else api.stream_source(args.model, cells)
+    source = None if args.no_stream or tasks else api.stream_source(args.model, cells)  # lm-eval: in memory
     model, tokenizer = (source, load_tokenizer(source)) if source is not None else _load(args)
 
     def on_row(row):
         print(f"{row['method']:>10} {row['setting']:>8}: perplexity {row['perplexity']:.3f}, "
               f"sparsity {row['sparsity']:.4f}, {row['prune_seconds']:.1f} s", flush=True)
+        if "zero_shot" in row:
+            _say_zero_shot(row["zero_shot"])
 
     def checkpoint(table):  # every cell reaches the disk as soon as it is measured
         table["model"] = name
@@ -692,8 +774,55 @@ def cmd_compare(args) -> int:
             atomic.write_text(args.markdown, api.markdown_table(table))
 
     table = api.compare(model, tokenizer, methods, settings, base, eval_config, progress=not args.quiet,
-                        on_row=on_row, checkpoint=checkpoint, previous=previous, dtype=_dtype(args))
+                        on_row=on_row, checkpoint=checkpoint, previous=previous, dtype=_dtype(args),
+                        zero_shot=tasks)
     print(api.markdown_table(table))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import Grid
+
+    grid = Grid.load(args.grid)
+    if (tasks := _zero_shot(args)) is not None:
+        grid.zero_shot = tasks
+    _run_sweep(args, grid, args.model or grid.model or DEFAULT_MODEL)
+    return 0
+
+
+def _run_sweep(args, grid, name: str) -> dict:
+    from .models import load_model
+    from .sweep import sweep
+
+    _threads(args)
+    first = list(load_model(name, args.dtype))
+    tokenizer = first[1]
+
+    def load():  # the model loaded above, then a fresh one after each structured cell
+        return first.pop(0) if len(first) == 2 else load_model(name, args.dtype)[0]
+
+    results = sweep(load, tokenizer, grid, args.output, model_name=name, progress=not args.quiet,
+                    say=lambda line: print(line, flush=True))
+    print(f"{len(results['cells'])} cells in {args.output}: results.json, results.csv, report.html", flush=True)
+    return results
+
+
+def cmd_sensitivity(args) -> int:
+    from .sweep import Grid
+
+    base = _overrides(args)
+    if "include" in base:
+        raise ConfigError("sensitivity prunes one block (or role) per cell: --include does not apply (--exclude "
+                          "keeps layers dense in every cell)")
+    grid = Grid.from_dict({"base": base, "eval": _eval_config(args).to_dict(),
+                           "experiments": {"sensitivity": {"sensitivity": args.by}},
+                           **({"zero_shot": _zero_shot(args).to_dict()} if args.tasks else {})})
+    results = _run_sweep(args, grid, args.model or DEFAULT_MODEL)
+    dense = results["dense"]["perplexity"]
+    print(f"{'block':>5} {'role':>9} {'perplexity':>10} {'change':>8}   (dense {dense:.3f}; most sensitive first)")
+    for row in sorted(results["cells"], key=lambda r: -r["perplexity"]):
+        f = row["fields"]
+        print(f"{f['block']:>5} {f.get('role', 'all'):>9} {row['perplexity']:>10.3f} {row['perplexity'] - dense:>+8.3f}")
     return 0
 
 
@@ -738,7 +867,8 @@ def main(argv=None) -> int:
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
     commands = {"prune": cmd_prune, "eval": cmd_eval, "compare": cmd_compare, "finetune": cmd_finetune,
-                "iterate": cmd_iterate, "decompress": cmd_decompress,
+                "iterate": cmd_iterate, "decompress": cmd_decompress, "sweep": cmd_sweep,
+                "sensitivity": cmd_sensitivity,
                 "export": cmd_export}
     # a kill (SIGTERM: a scheduler's time limit, `kill`) unwinds like Ctrl-C, so temporary folders are removed
     on_main_thread = threading.current_thread() is threading.main_thread()
@@ -776,6 +906,8 @@ def _join_ranks(args) -> None:
 
     if args.command not in ("prune", "eval"):
         raise ConfigError(f"{args.command} runs in one process: torchrun runs prune and eval")
+    if getattr(args, "tasks", None):
+        raise ConfigError("--tasks (lm-eval) runs in one process: run it without torchrun")
     ranks = start(getattr(args, "device", None) or "cpu")
     if not ranks.main:
         sys.stdout = open(os.devnull, "w")
@@ -813,6 +945,8 @@ def _kept_on_interrupt(args) -> str:
     if args.command == "prune" and (block := WalkCheckpoint(api.walk_state_dir(args.output)).saved_block) is not None:
         return (f"the walk's state after block {block} is in {api.walk_state_dir(args.output)}; the same command "
                 "resumes from it")
+    if args.command in ("sweep", "sensitivity") and (Path(args.output) / "results.json").exists():
+        return f"the finished cells are in {Path(args.output) / 'results.json'}; the same command runs the rest"
     if args.command == "iterate":
         return f"finished cycles are kept in {args.output}; the same command resumes after the last one"
     return "nothing was saved"

@@ -164,6 +164,14 @@ def _check_types(config) -> None:
             object.__setattr__(config, f.name, tuple(value))
 
 
+def check_field_types(cls, data: dict) -> None:
+    """Refuse, before ``cls(**data)`` is built, a value of the wrong type for one of the dataclass's fields."""
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        _check(key not in hints or _fits(value, hints[key]), f"{key} must be {_type_name(hints[key])}, got "
+               f"{_shown(value)}")
+
+
 def _shown(value: Any) -> str:
     """A value's type and (shortened) form, for messages about data of the wrong kind."""
     text = repr(value)
