@@ -87,6 +87,7 @@ def test_combinations_no_config_accepts_are_listed_before_any_cell():
     ({}, "experiments: name at least one"),
     ({"experiments": {"a": {}}}, "experiments.a must be a mapping of config fields"),
     ({"experiments": {"a": {"sensitivity": "head"}}}, "sensitivity must be one of block, role"),
+    ({"experiments": {"a": {"sensitivity": "block", "include": "mlp"}}}, "include does not apply"),
     ({"experiments": {"a": {"method": "wanda"}}, "train": {"steps": 5}}, "steps: each cell's finetune_steps"),
     ({"experiments": {"a": {"method": "wanda"}}, "train": {"lr": "1e-4"}}, "lr must be float, got str"),
     ({"experiments": {"a": {"method": "wanda"}}, "zero_shot": {"tasks": ["x"], "limit": 0}}, "limit must be"),

@@ -31,6 +31,7 @@ import csv
 import io
 import itertools
 import json
+import re
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -142,6 +143,9 @@ class Grid:
             if mapping.get("sensitivity", "block") not in SENSITIVITY:
                 problems.append(f"{where}.sensitivity must be one of {', '.join(SENSITIVITY)}, got "
                                 f"{mapping['sensitivity']!r}")
+            if "sensitivity" in mapping and "include" in mapping:
+                problems.append(f"{where}: sensitivity chooses each cell's layers, so include does not apply "
+                                "(exclude keeps layers dense in every cell)")
             if len(problems) > count:
                 broken.add(where.removeprefix("experiments."))
         parsed = {}
@@ -201,7 +205,7 @@ class Grid:
                 for role, members in groups.items():
                     if not members:
                         continue
-                    scope = ["^(" + "|".join(n.replace(".", r"\.") for n in members) + ")$"] if linears else ["all"]
+                    scope = ["^(" + "|".join(map(re.escape, members)) + ")$"] if linears else ["all"]
                     out.append({**cell, "block": block, **({"role": role} if role else {}), "include": scope})
         return out
 
@@ -322,7 +326,7 @@ def measure_model(model, tokenizer, data: _Data, grid: Grid, progress: bool, spe
     out = {"perplexity": evaluate(model, tokenizer, grid.eval, ids=data.eval_ids, progress=progress),
            "params": sum(p.numel() for p in model.parameters()), "weight_bytes": weight_bytes(model)}
     if grid.zero_shot is not None:
-        out["zero_shot"] = zero_shot(model, tokenizer, grid.zero_shot)
+        out["zero_shot"] = zero_shot(model, tokenizer, grid.zero_shot, progress=progress)
     if speed:
         out["speed"] = measure(model, seqlen=256, new_tokens=16, repeats=3)
     out["eval_seconds"] = round(time.perf_counter() - t, 3)

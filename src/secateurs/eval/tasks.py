@@ -8,10 +8,12 @@ cached.  Scores are lm-eval's, with its standard errors.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +71,6 @@ class ZeroShot:
         lm_eval = _lm_eval()
         from lm_eval.tasks import TaskManager
 
-        logging.getLogger("lm_eval").setLevel(logging.WARNING)
         manager = _registry(self.include_path, False) if self.include_path else None
         if manager is None or not set(self.tasks) <= set(manager.all_tasks):
             manager = _registry(self.include_path, True)
@@ -91,25 +92,43 @@ def _registry(include_path: "str | None", defaults: bool):
     return TaskManager(include_path=include_path, include_defaults=defaults)
 
 
-def zero_shot(model, tokenizer, config: ZeroShot, manager=None) -> dict:
+@contextlib.contextmanager
+def _environment(**values):
+    """Environment variables set for the duration, then given back their former values."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def zero_shot(model, tokenizer, config: ZeroShot, manager=None, progress: bool = True) -> dict:
     """Score ``model`` (in memory, as it is now) on ``config.tasks``: ``{task: {metric: value,
-    metric_stderr: value, "samples": n}}`` for every task lm-eval reports (a group's members too)."""
+    metric_stderr: value, "samples": n}}`` for every task lm-eval reports (a group's members too).
+
+    lm-eval's own messages go to stderr (its progress bars only with ``progress``), so that stdout keeps this
+    program's results."""
     lm_eval = _lm_eval()
     from lm_eval.models.huggingface import HFLM
 
     manager = manager or config.task_manager()
-    was_training, was_set = model.training, os.environ.get("DISABLE_MULTIPROC")
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # e.g. that it was handed a model, not a name
+    was_training = model.training
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size)
     # lm-eval bootstraps some standard errors (perplexity, f1, ...) in a forked pool, which can hang a process
     # whose torch threads hold locks at the fork: in this process instead
-    os.environ["DISABLE_MULTIPROC"] = "1"
+    quiet = {} if progress else {"TQDM_DISABLE": "1"}
     try:
-        out = lm_eval.simple_evaluate(model=lm, tasks=list(config.tasks), task_manager=manager, limit=config.limit,
-                                      log_samples=False, verbosity="ERROR")
+        with _environment(DISABLE_MULTIPROC="1", **quiet), contextlib.redirect_stdout(sys.stderr):
+            out = lm_eval.simple_evaluate(model=lm, tasks=list(config.tasks), task_manager=manager,
+                                          limit=config.limit, log_samples=False)
     finally:
         model.train(was_training)
-        if was_set is None:
-            del os.environ["DISABLE_MULTIPROC"]
     scores = {}
     for task, values in out["results"].items():
         row = {}
