@@ -166,7 +166,7 @@ def test_an_unavailable_device_is_one_line_even_when_torch_gives_no_message(monk
     ("method: wanda\nstages:\n  - {sparsity: 1.5}\n", "sparsity must be in [0, 1), got 1.5"),  # one stage: no index
     ("method: wanda\neval: 16\n", "eval must be a mapping of evaluation fields, got int 16"),
     ("method: wanda\neval: {windowz: 4}\n",
-     "unknown eval field(s): windowz (known: data, seqlen, windows, stride, batch_size)"),
+     "unknown eval field(s): windowz (known: data, seqlen, windows, stride, batch_size, metric)"),
 ])
 def test_a_recipe_of_the_wrong_shape_says_which_part(tmp_path, text, message):
     (tmp_path / "r.yaml").write_text(text)

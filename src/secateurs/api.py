@@ -22,11 +22,11 @@ import torch
 
 from .config import (REFINE_OPTIONS, ConfigError, EvalConfig, PruneConfig, Recipe, StructuredConfig, check_device,
                      check_seqlen, check_token_ids)
-from .data import calibration_windows, load_text, tokenize
+from .data import calibration_windows, eval_windows, load_text, tokenize
 from .engine import LayerRecord, WalkCheckpoint, make_plan, prune_with_data, prune_without_data
 from .engine.allocation import allocation_of
 from .engine.distributed import current as current_ranks
-from .models.arch import find_blocks
+from .models.arch import check_streamed_model, find_blocks
 from .models.experts import conceal
 from .methods import METHODS
 from .methods.base import option_table
@@ -315,10 +315,28 @@ def _add_stage(result: PruneResult, records: dict, cfg, done: list, cut=(), scor
 
 def evaluate(model, tokenizer, config: "EvalConfig | None" = None, ids: "torch.Tensor | None" = None,
              progress: bool = True) -> float:
-    """Perplexity of ``model`` on the test split of ``config.data`` (see :class:`EvalConfig`)."""
+    """The measure of ``model`` on the test split of ``config.data`` (see :class:`EvalConfig`): perplexity of a
+    causal LM, accuracy of a sequence classifier (labelled data), pseudo-perplexity of a masked LM."""
+    from .eval.encoders import accuracy, metric_of, pseudo_perplexity
+
+    config = config or EvalConfig()
+    metric = metric_of(model, config.metric)
     tracker = Tracker(show=progress)
     tracker.enter(Stage.EVALUATING)
-    return perplexity(model, tokenizer, config or EvalConfig(), ids=ids, tracker=tracker)
+    if metric == "accuracy":
+        from .data.labelled import load_examples
+
+        return accuracy(model, tokenizer, load_examples(config.data, "test"), config.batch_size)["accuracy"]
+    if metric == "pseudo-perplexity":
+        from .data.labelled import max_positions
+
+        seqlen = min(config.seqlen, max_positions(model, tokenizer) - 2)
+        if ids is None:
+            ids = tokenize(tokenizer, load_text(config.data, "test"))
+        ids = ids[~torch.isin(ids, torch.tensor(tokenizer.all_special_ids, dtype=ids.dtype))]  # text only
+        windows = torch.cat([w for w, _ in eval_windows(ids, seqlen, config.windows)])
+        return pseudo_perplexity(model, tokenizer, windows)
+    return perplexity(model, tokenizer, config, ids=ids, tracker=tracker)
 
 
 def environment() -> dict:
@@ -473,11 +491,11 @@ def compare(model, tokenizer, methods: Sequence[str], settings: Sequence[str], b
     if table["dense_perplexity"] is None:
         table["dense_perplexity"] = cells.evaluate(None, eval_config, eval_ids)
         if zero_shot:
-            table["dense_zero_shot"] = tasks_score(model, tokenizer, zero_shot, manager)
+            table["dense_zero_shot"] = tasks_score(model, tokenizer, zero_shot, manager, progress)
         save()
     elif zero_shot:
         table["dense_zero_shot"] = previous.get("dense_zero_shot")
-    score = (lambda: tasks_score(model, tokenizer, zero_shot, manager)) if zero_shot else None
+    score = (lambda: tasks_score(model, tokenizer, zero_shot, manager, progress)) if zero_shot else None
     if todo:
         with cells:
             for method, setting, cfg in todo:
@@ -532,6 +550,7 @@ class _StreamedCells:
         self.source, self.tokenizer, self.dtype, self.progress = Path(source), tokenizer, dtype, progress
         self.workdir = workdir
         self.skeleton, _ = open_streamed(source, dtype)
+        check_streamed_model(self.skeleton)
 
     def validate(self, cfg, calib):
         check_streamable(cfg)
@@ -652,6 +671,7 @@ def prune_streamed(source, config, calibration, output, *, dtype: "torch.dtype |
             raise ConfigError("a streamed prune's walk checkpoint keeps the output's shards: make it with "
                               "shards=True (walk_checkpoint(..., streamed=True))")
     model, weights = open_streamed(source, dtype)
+    check_streamed_model(model)
     dtype = dtype or weights.stored_dtype
     tracker = tracker or Tracker(show=progress)
     ids, plans = _prepare(model, configs, calibration)
@@ -788,7 +808,11 @@ def evaluate_streamed(source, tokenizer, config: "EvalConfig | None" = None, ids
     from .eval.perplexity import perplexity_streamed
     from .models.stream import BlockStream, open_streamed
 
+    if config is not None and config.metric not in (None, "perplexity"):
+        raise ConfigError(f"{config.metric} does not apply to a causal language model, which is measured by "
+                          "perplexity")
     model, checkpoint = open_streamed(source, dtype)
+    check_streamed_model(model)
     blocks_name, _ = find_blocks(model)
     tracker = Tracker(show=progress)
     tracker.enter(Stage.EVALUATING)

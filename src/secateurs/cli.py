@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from . import atomic
 from .errors import ConfigError
-from .config import REFINE, SCOPES, STRUCTURED
+from .config import REFINE, ROLES, STRUCTURED
 from .engine.distributed import current as current_ranks, launched, lost_a_rank, stop as stop_ranks
 from .methods import METHODS
 from .methods.base import option_table
@@ -47,7 +48,10 @@ def _add_no_stream(p, what):
 
 def _add_eval(p, data_flag="--eval-data"):
     p.add_argument(data_flag, dest="eval_data", default=None, help="evaluation data (test split): enwiki, "
-                   "a .txt/.jsonl file or a datasets name (default: enwiki)")
+                   "a .txt/.jsonl file or a datasets name (default: enwiki); accuracy: labelled .jsonl/.csv")
+    p.add_argument("--metric", choices=["perplexity", "accuracy", "pseudo-perplexity"], default=None,
+                   help="default: the model's own: perplexity (causal LM), accuracy (sequence classifier, labelled "
+                        "data), pseudo-perplexity (masked LM)")
     p.add_argument("--eval-seqlen", type=int, default=None, help="tokens per window (default 1024)")
     p.add_argument("--eval-windows", type=int, default=None, help="number of windows; 0 = the whole split (default 16)")
     p.add_argument("--eval-stride", type=int, default=None, help="window stride (default: seqlen, no overlap)")
@@ -84,7 +88,8 @@ def _add_prune(p, single_method=True):
                        help="fold removed channels' mean output into the bias (default: with fluctuation)")
         s.add_argument("--no-speed", action="store_true",
                        help="structured: skip measuring disk size and CPU speed (dense vs pruned)")
-    p.add_argument("--include", action="append", default=None, help="attention | mlp | all | REGEX (repeatable)")
+    p.add_argument("--include", action="append", default=None, help="attention | mlp | all | encoder (every block "
+                   "linear, everything but a task head: the same as all) | REGEX (repeatable)")
     p.add_argument("--exclude", action="append", default=None, help="REGEX of layers to keep dense (repeatable)")
     p.add_argument("--calib-data", default=None, help="calibration data (train split); default enwiki")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 128)")
@@ -107,7 +112,7 @@ def _add_prune(p, single_method=True):
     p.add_argument("--refine-damp", type=float, default=None, help="admm damping per channel (default 0.1)")
     p.add_argument("--refine-threshold", type=float, default=None, help="dsnot: a row stops once its expected "
                    "output error, summed over a calibration sequence, is at most this (default 0.1)")
-    p.add_argument("--refine-scope", choices=list(SCOPES), default=None, help="dsnot: the layers it refines "
+    p.add_argument("--refine-scope", choices=list(ROLES), default=None, help="dsnot: the layers it refines "
                    "(default attention, as the paper's code)")
     p.add_argument("--propagate", choices=["pruned", "dense"], default=None,
                    help="next block sees pruned (default) or dense outputs")
@@ -168,9 +173,9 @@ def _add_output(p, what: str):
     p.add_argument("--report", default=None, help="write the JSON report here (also saved in the output folder)")
 
 
-def _add_train(p, steps_flag="--steps"):
+def _add_train(p, steps_flag="--steps", required=True):
     t = p.add_argument_group("training")
-    t.add_argument(steps_flag, dest="steps", type=int, required=True, help="optimizer steps")
+    t.add_argument(steps_flag, dest="steps", type=int, required=required, help="optimizer steps")
     t.add_argument("--train-batch-size", type=int, default=None, help="windows per micro-batch (default 4)")
     t.add_argument("--train-seqlen", type=int, default=None, help="tokens per training window (default 256)")
     t.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default 1)")
@@ -270,8 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="recovery fine-tuning with the mask frozen (or gradual pruning on a schedule)")
     _add_model(p)
-    p.add_argument("--data", default=None, help="training text (its train split): enwiki (default), .txt, .jsonl, datasets")
-    _add_train(p)
+    p.add_argument("--data", default=None, help="training text (its train split): enwiki (default), .txt, .jsonl, "
+                   "datasets; --task classification: labelled examples, .jsonl/.csv with text and label")
+    p.add_argument("--task", choices=["lm", "classification"], default="lm",
+                   help="lm (default): causal language modelling; classification: an encoder's sequence "
+                        "classifier (a bare encoder or masked LM gets a new head for the data's classes), measured "
+                        "by accuracy on --eval-data")
+    p.add_argument("--epochs", type=float, default=None, help="classification: passes over the training examples "
+                   "(instead of --steps)")
+    _add_train(p, required=False)
     _add_schedule(p)
     _add_eval(p)
     _add_output(p, "the trained model")
@@ -390,7 +402,7 @@ def _eval_config(args, base=None):
 
     from .config import EvalConfig
 
-    flags = {"data": args.eval_data, "seqlen": args.eval_seqlen, "stride": args.eval_stride}
+    flags = {"data": args.eval_data, "seqlen": args.eval_seqlen, "stride": args.eval_stride, "metric": args.metric}
     changes = {k: v for k, v in flags.items() if v is not None}
     if args.eval_windows is not None:
         changes["windows"] = args.eval_windows or None
@@ -450,7 +462,9 @@ def cmd_prune(args) -> int:
     model, tokenizer = _load(args)
     show = not args.quiet
     eval_ids = calib = None
-    if eval_config:
+    from .eval.encoders import metric_of
+
+    if eval_config and metric_of(model, eval_config.metric) != "accuracy":  # accuracy reads labelled examples
         eval_ids = tokenize(tokenizer, load_text(eval_config.data, "test"))
     first = recipe.stages[0]
     if any(c.needs_calibration for c in recipe.stages):
@@ -462,13 +476,15 @@ def cmd_prune(args) -> int:
         if args.save_format == "sparse":  # the dense files are written first, then re-stored one at a time
             room += weight_bytes(model)
         check_space(output, model, extra=16 * 2**20 + room, what=what)
+    metric = metric_of(model, eval_config.metric) if eval_config else None
     dense = api.evaluate(model, tokenizer, eval_config, ids=eval_ids, progress=show) if eval_config else None
     if dense is not None:
-        print(f"dense perplexity: {dense:.3f}", flush=True)
+        print(f"dense {metric}: {dense:.4f}" if metric != "perplexity" else f"dense perplexity: {dense:.3f}",
+              flush=True)
     if tasks:
         from .eval.tasks import zero_shot
 
-        dense_scores = zero_shot(model, tokenizer, tasks, manager)
+        dense_scores = zero_shot(model, tokenizer, tasks, manager, progress=show)
         _say_zero_shot(dense_scores)
 
     dense_size_speed = speed.size_and_speed(model) if structured and not args.no_speed else None
@@ -482,17 +498,22 @@ def cmd_prune(args) -> int:
     if eval_config:
         tracker.enter(Stage.EVALUATING)
         ppl = api.evaluate(model, tokenizer, eval_config, ids=eval_ids, progress=show)
-        print(f"pruned perplexity: {ppl:.3f}" + (f" (dense {dense:.3f})" if dense is not None else ""), flush=True)
+        digits = 3 if metric == "perplexity" else 4
+        print(f"pruned {metric}: {ppl:.{digits}f}" + (f" (dense {dense:.{digits}f})" if dense is not None else ""),
+              flush=True)
     scores = None
     if tasks:
         tracker.enter(Stage.EVALUATING)
-        scores = {"dense": dense_scores, "pruned": zero_shot(model, tokenizer, tasks, manager),
+        scores = {"dense": dense_scores, "pruned": zero_shot(model, tokenizer, tasks, manager, progress=show),
                   "tasks": tasks.to_dict()}
         _say_zero_shot(scores["pruned"], dense_scores)
     tracker.enter(Stage.EXPORTING)
     t = time.perf_counter()
+    measured = {} if metric in (None, "perplexity") else {"metric": metric, f"dense_{metric}": dense, metric: ppl}
+    if measured:  # an encoder: its own measure, under its own name
+        dense = ppl = None
     report = api.build_report(result, model, dense, ppl, eval_config, model_name=args.model or DEFAULT_MODEL,
-                              streamed=False, **({"zero_shot": scores} if scores else {}))
+                              streamed=False, **measured, **({"zero_shot": scores} if scores else {}))
     import yaml
 
     if dense_size_speed is not None:
@@ -639,14 +660,32 @@ def cmd_finetune(args) -> int:
     output = check_output(args.output, args.overwrite)
     if args.save_every < 0:
         raise ConfigError(f"--save-every must be >= 0, got {args.save_every}")
+    classify = args.task == "classification"
+    if classify:
+        train_set, eval_set, classes, config = _classification_data(args, config, eval_config)
+    elif args.epochs is not None:
+        raise ConfigError("--epochs counts passes over labelled examples: it is for --task classification")
+    elif args.steps is None:
+        raise ConfigError("give the number of optimizer steps: --steps N")
     state_file = training.state_file(args.output)
     run = {"model": args.model or DEFAULT_MODEL, "data": args.data, "eval": eval_config.to_dict()}
     resume = None if args.no_resume else training.load_training_state(state_file, run, config)
     model, tokenizer = _load(args)
+    show = not args.quiet
+    metric, loss_of, train_ids = "perplexity", None, None
+    evaluate = _evaluator(tokenizer, eval_config, show)
+    if classify:
+        from .eval.encoders import accuracy
+        from .training.classify import ClassifierLoss, classifier_for
+
+        model = classifier_for(model, classes)
+        loss_of = ClassifierLoss(model, tokenizer, train_set, config.batch_size, config.seed, config.grad_accum)
+        metric = "accuracy"
+        evaluate = lambda m: accuracy(m, tokenizer, eval_set, eval_config.batch_size)["accuracy"]  # noqa: E731
     room, what = training.training_room(model, config, args.save_every, state_file)
     check_space(output, model, extra=16 * 2**20 + room, what=what)
-    show = not args.quiet
-    train_ids = tokenize(tokenizer, load_text(args.data, "train"))
+    if not classify:
+        train_ids = tokenize(tokenizer, load_text(args.data, "train"))
     names = list(prunable_linears(model))
     before = measured_sparsity(model, names)
     if resume is not None:
@@ -654,14 +693,14 @@ def cmd_finetune(args) -> int:
     print(f"training {config.steps} steps ({'LoRA rank ' + str(config.lora_rank) if config.lora_rank else 'all weights'}"
           f"{', gradual ' + config.schedule_value.name + ' to ' + str(config.schedule_value.final_sparsity) if config.schedule else ', mask frozen'}); "
           f"sparsity of the block linears now {before:.4f}", flush=True)
-    history = train(model, train_ids, config, evaluate=_evaluator(tokenizer, eval_config, show), progress=show,
-                    save_every=args.save_every, save_state=lambda state: training.save_training_state(state_file, {**state, "run": run}),
-                    resume=resume)
+    history = train(model, train_ids, config, evaluate=evaluate, progress=show, save_every=args.save_every,
+                    save_state=lambda state: training.save_training_state(state_file, {**state, "run": run}),
+                    resume=resume, loss_of=loss_of, metric=metric)
     after = measured_sparsity(model, names)
-    ppl0, ppl1 = history.evals[0]["perplexity"], history.evals[-1]["perplexity"]
-    print(f"perplexity {ppl0:.3f} -> {ppl1:.3f}; sparsity {before:.4f} -> {after:.4f}; "
+    ppl0, ppl1 = history.evals[0][metric], history.evals[-1][metric]
+    print(f"{metric} {ppl0:.4f} -> {ppl1:.4f}; sparsity {before:.4f} -> {after:.4f}; "
           f"{history.seconds:.0f} s", flush=True)
-    report = {"perplexity_before": ppl0, "perplexity_after": ppl1, "sparsity_before": before, "sparsity_after": after,
+    report = {f"{metric}_before": ppl0, f"{metric}_after": ppl1, "sparsity_before": before, "sparsity_after": after,
               "history": history.to_dict(), "train": config.to_dict(), "eval": eval_config.to_dict(),
               "peak_rss_bytes": peak_rss_bytes(), "model_name": args.model or DEFAULT_MODEL, **api.environment()}
     save_model(model, tokenizer, output, overwrite=args.overwrite,
@@ -671,6 +710,33 @@ def cmd_finetune(args) -> int:
     state_file.unlink(missing_ok=True)  # the finished model supersedes it
     print(f"saved to {output}", flush=True)
     return 0
+
+
+def _classification_data(args, config, eval_config):
+    """``finetune --task classification``: the labelled training and evaluation examples, their classes, and
+    the training config with ``--epochs`` turned into steps."""
+    from dataclasses import replace
+
+    from .data.labelled import label_set, load_examples
+
+    if args.data is None:
+        raise ConfigError("--task classification needs labelled training examples: --data FILE.jsonl|.csv "
+                          "(text, label) or a datasets name")
+    if config.schedule or config.lora_rank:
+        raise ConfigError("--task classification trains every weight with the masks held: no --schedule, no "
+                          "--lora-rank")
+    train_set, eval_set = load_examples(args.data, "train"), load_examples(eval_config.data, "test")
+    classes = label_set(train_set, eval_set)
+    if args.epochs is not None:
+        if args.steps is not None:
+            raise ConfigError("give --steps or --epochs, not both")
+        if args.epochs <= 0:
+            raise ConfigError(f"--epochs must be > 0, got {args.epochs}")
+        config = replace(config, steps=max(1, math.ceil(args.epochs * len(train_set) /
+                                                         (config.batch_size * config.grad_accum))))
+    elif args.steps is None:
+        raise ConfigError("give --epochs E (passes over the examples) or --steps N")
+    return train_set, eval_set, classes, config
 
 
 def cmd_iterate(args) -> int:
@@ -720,18 +786,34 @@ def cmd_eval(args) -> int:
     if source is not None:
         tokenizer = load_tokenizer(source)
         ppl = api.evaluate_streamed(source, tokenizer, config, dtype=_dtype(args), progress=not args.quiet)
+        metric = "perplexity"
     else:
+        from .eval.encoders import metric_of
+
         model, tokenizer = _load(args)
-        ppl = api.evaluate(model, tokenizer, config, progress=not args.quiet)
-    print(f"perplexity: {ppl:.3f}")
+        metric = metric_of(model, config.metric)
+        if metric == "accuracy":  # with its standard error and the number of examples
+            from .data.labelled import load_examples
+            from .eval.encoders import accuracy
+
+            measured = accuracy(model, tokenizer, load_examples(config.data, "test"), config.batch_size)
+            ppl = measured["accuracy"]
+        else:
+            ppl = api.evaluate(model, tokenizer, config, progress=not args.quiet)
+    if metric == "accuracy":
+        se = measured["accuracy_stderr"]
+        print(f"accuracy: {ppl:.4f}" + (f" ± {se:.4f}" if se is not None else "") + f" ({measured['examples']} "
+              "examples)")
+    else:
+        print(f"perplexity: {ppl:.3f}" if metric == "perplexity" else f"{metric}: {ppl:.4f}")
     scores = None
     if tasks:
         from .eval.tasks import zero_shot
 
-        scores = zero_shot(model, tokenizer, tasks, manager)
+        scores = zero_shot(model, tokenizer, tasks, manager, progress=not args.quiet)
         _say_zero_shot(scores)
     if args.report:
-        report = {"perplexity": ppl, "model": args.model, "eval": config.to_dict(), **api.environment(),
+        report = {metric: ppl, "model": args.model, "eval": config.to_dict(), **api.environment(),
                   **({"zero_shot": scores, "tasks": tasks.to_dict()} if tasks else {})}
         atomic.write_text(args.report, json.dumps(report, indent=2) + "\n")
     return 0

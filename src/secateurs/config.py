@@ -33,7 +33,9 @@ from .models.load import first_line
 from .patterns import Pattern
 from .quant import Quant
 
-SCOPES = ("all", "attention", "mlp")
+ROLES = ("all", "attention", "mlp")  # the layers a refinement reads: every one, or one role
+SCOPES = (*ROLES, "encoder")  # encoder: every linear of the blocks, everything but a task head
+# (the same layers as all; the name of the BERT workflows)
 PROPAGATE = ("pruned", "dense")
 REFINE = ("none", "admm", "dsnot")  # after the method: admm re-fits the kept weights (methods/reconstruct.py),
 # dsnot swaps weights in and out of the mask (methods/dsnot.py)
@@ -45,6 +47,7 @@ ROTATIONS = ("shared", "per-block")  # slicegpt: one rotation for the whole stre
 WIDTH_SCORES = ("magnitude", "wanda", "fluctuation")
 DEPTH_SCORES = ("bi", "angular")
 EXPERT_SCORES = ("reap", "frequency")
+METRICS = ("perplexity", "accuracy", "pseudo-perplexity")  # a causal LM's, a classifier's, a masked LM's
 
 
 @dataclass(frozen=True)
@@ -328,8 +331,8 @@ class PruneConfig(_Serialised):
         _check(self.refine_damp is None or self.refine_damp >= 0, f"refine_damp must be >= 0, got {self.refine_damp}")
         _check(self.refine_threshold is None or self.refine_threshold >= 0,
                f"refine_threshold must be >= 0, got {self.refine_threshold}")
-        _check(self.refine_scope is None or self.refine_scope in SCOPES,
-               f"refine_scope must be one of {SCOPES}, got {self.refine_scope!r}")
+        _check(self.refine_scope is None or self.refine_scope in ROLES,
+               f"refine_scope must be one of {ROLES}, got {self.refine_scope!r}")
         _check(not (self.refine == "dsnot" and pattern.kind == "block"), f"refine=dsnot swaps single weights, which "
                f"would break the tiles of pattern {pattern}: use it with unstructured or N:M patterns")
         _check(not (self.refine == "dsnot" and getattr(method, "permute", False)), "refine=dsnot swaps weights "
@@ -397,7 +400,8 @@ class PruneConfig(_Serialised):
 
     def selects(self, name: str, role: str) -> bool:
         """Is the linear layer ``name`` (with role attention/mlp) in scope?"""
-        included = any(r == "all" or r == role or (r not in SCOPES and re.search(r, name)) for r in self.include)
+        included = any(r in ("all", "encoder") or r == role or (r not in SCOPES and re.search(r, name))
+                       for r in self.include)
         return included and not any(re.search(r, name) for r in self.exclude)
 
     def sparsity_for(self, name: str, block: "int | None") -> float:
@@ -519,16 +523,21 @@ def config_from_dict(data: dict[str, Any]) -> "PruneConfig | StructuredConfig":
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Perplexity evaluation: non-overlapping windows by default (stride = seqlen)."""
+    """Evaluation: perplexity on non-overlapping windows by default (stride = seqlen); an encoder's accuracy
+    (labelled ``data``) or pseudo-perplexity (``seqlen`` at most its positions)."""
 
     data: str = "enwiki"
     seqlen: int = 1024
     windows: "int | None" = 16  # None = every full window of the test text
     stride: "int | None" = None
     batch_size: int = 1
+    metric: "str | None" = None  # perplexity | accuracy | pseudo-perplexity; None = the model's own: perplexity
+    # for a causal LM, accuracy for a sequence classifier (labelled data), pseudo-perplexity for a masked LM
 
     def __post_init__(self):
         _check_types(self)
+        _check(self.metric is None or self.metric in METRICS, f"eval metric must be one of {', '.join(METRICS)}, "
+               f"got {self.metric!r}")
         _check(self.seqlen >= 2, f"eval seqlen must be >= 2, got {self.seqlen}")
         _check(self.windows is None or self.windows >= 1, f"eval windows must be >= 1, got {self.windows}")
         _check(self.stride is None or 0 < self.stride <= self.seqlen, "eval stride must be in 1..seqlen")

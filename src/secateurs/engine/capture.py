@@ -10,6 +10,7 @@ give different layers different masks and rotary tables.
 
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -94,6 +95,8 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
 
     device = next(model.parameters()).device
     use_cache = getattr(model.config, "use_cache", None)  # some models read the config, not the argument
+    # an encoder (DistilBERT, a classifier) has no cache to turn off
+    no_cache = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     for i, block in enumerate(blocks):
         block.forward = recorder(i)
     try:
@@ -101,7 +104,7 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
             model.config.use_cache = False
         for start in range(0, len(input_ids), batch_size):
             try:
-                model(input_ids[start : start + batch_size].to(device), use_cache=False)
+                model(input_ids[start : start + batch_size].to(device), **no_cache)
             except StopForward:
                 pass
     finally:

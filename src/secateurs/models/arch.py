@@ -14,7 +14,7 @@ import re
 import torch
 from torch import nn
 
-from ..errors import ArchitectureError, ModelLoadError
+from ..errors import ArchitectureError, ConfigError, ModelLoadError
 from .experts import ExpertLinear
 from .pages import overwrite_
 
@@ -57,18 +57,70 @@ def role_of(name: str) -> str:
     return "attention" if _ATTENTION.search(name) else "mlp"
 
 
-def check_causal_lm(config, where: str) -> None:
-    """:class:`ModelLoadError` unless ``config`` describes a causal language model: a checkpoint saved as another
-    class (``BertForSequenceClassification``) would be built as the family's causal LM, its task head dropped
-    without a word, so it is refused before anything is read.  A config that names no class is let through."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+ENCODERS = ("bert", "roberta", "distilbert")  # the encoder families secateurs prunes (config.model_type)
+ENCODER_HEADS = ("MODEL_MAPPING_NAMES", "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+                 "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES")  # the bare encoder, masked LM, classifier
+
+
+def _classes(mapping_name: str) -> set:
+    from transformers.models.auto import modeling_auto
+
+    mapping = getattr(modeling_auto, mapping_name)
+    return {c for v in mapping.values() for c in ([v] if isinstance(v, str) else v)}
+
+
+def is_encoder_config(config) -> bool:
+    """Is ``config`` one of the encoder families (:data:`ENCODERS`) saved as one of their kept classes?"""
+    named = list(getattr(config, "architectures", None) or [])
+    return getattr(config, "model_type", None) in ENCODERS and bool(named) and \
+        named[0] not in _classes("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
+
+
+def model_class(config, where: str):
+    """The transformers class ``config``'s checkpoint is built as, so that nothing of it is dropped: its
+    family's causal LM, or, for an encoder (:data:`ENCODERS`), the class it was saved as -- the bare encoder,
+    the masked LM or the sequence classifier.  Any other class (another task head, ALBERT's shared layers) is
+    refused, in one line, before anything is read.  A config that names no class is built as a causal LM."""
+    import transformers
 
     named = list(getattr(config, "architectures", None) or [])
-    causal = {c for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for c in ([v] if isinstance(v, str) else v)}
-    if named and not any(name in causal for name in named):
-        raise ModelLoadError(f"{where}: a {named[0]} checkpoint; secateurs prunes causal language models, and "
-                             f"loading this one as such would drop its {named[0]} head (encoders and task heads "
-                             "are not supported yet)")
+    if not named or named[0] in _classes("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"):
+        return transformers.AutoModelForCausalLM
+    kind = getattr(config, "model_type", None)
+    if kind in ENCODERS:
+        if any(named[0] in _classes(m) for m in ENCODER_HEADS):
+            return getattr(transformers, named[0])
+        raise ModelLoadError(f"{where}: a {named[0]} checkpoint; of {kind} models secateurs keeps the bare encoder, "
+                             "the masked LM and the sequence classifier, and loading this one would drop its head")
+    if kind == "albert":
+        raise ModelLoadError(f"{where}: an ALBERT checkpoint, whose blocks share one set of weights; secateurs "
+                             "prunes models whose blocks have their own (BERT, RoBERTa, DistilBERT)")
+    raise ModelLoadError(f"{where}: a {named[0]} checkpoint; secateurs prunes causal language models and the "
+                         f"encoders {', '.join(ENCODERS)}, and loading this one would drop its {named[0]} head")
+
+
+def head_of(model: nn.Module) -> str:
+    """What a model predicts: ``causal`` (a causal LM), or an encoder's head: ``classifier`` (sequence
+    classification), ``masked-lm`` or ``bare`` (the encoder alone)."""
+    name = type(model).__name__
+    if getattr(model.config, "model_type", None) not in ENCODERS or name in _classes("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"):
+        return "causal"
+    return "classifier" if name.endswith("ForSequenceClassification") else "masked-lm" if name.endswith(
+        "ForMaskedLM") else "bare"
+
+
+def build_from_config(cls, config, dtype=None) -> nn.Module:
+    """A fresh model of class ``cls`` (from :func:`model_class`) for ``config``."""
+    if cls.__name__.startswith("Auto"):
+        return cls.from_config(config, dtype=dtype)
+    return cls._from_config(config, dtype=dtype)
+
+
+def check_streamed_model(model: nn.Module) -> None:
+    """The streamed walk and evaluation read a causal LM's blocks from disk; an encoder is pruned in memory."""
+    if head_of(model) != "causal":
+        raise ConfigError(f"{type(model).__name__} is an encoder: it is loaded whole and pruned in memory, not "
+                          "streamed from disk (secateurs.load_model, or the command line, which does so)")
 
 
 def is_transposed(module: nn.Module) -> bool:

@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 
 from ..atomic import remove_stale, temp_prefix, umask
 from ..errors import ModelLoadError, OutputError
+from .arch import ENCODERS
 from .snapshot import weight_bytes
 
 log = logging.getLogger(__name__)
@@ -54,13 +55,12 @@ def _package_dir(package: str, pip_name: str) -> Path:
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, **kwargs):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    from .arch import check_causal_lm
+    from .arch import model_class
 
     config = AutoConfig.from_pretrained(source, **kwargs)
-    check_causal_lm(config, source)
-    model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **kwargs)
+    model = model_class(config, source).from_pretrained(source, config=config, dtype=dtype, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     return model, tokenizer
 
@@ -128,8 +128,15 @@ def streamable(spec: "str | os.PathLike | None") -> "Path | None":
     if not (folder / "config.json").is_file() or not any((folder / f).exists() for f in (
             "model.safetensors", "model.safetensors.index.json", COMPRESSED_INDEX)):
         return None
-    if "secateurs_structure" in json.loads((folder / "config.json").read_text()):
+    config = json.loads((folder / "config.json").read_text())
+    if "secateurs_structure" in config:
         return None
+    from transformers import AutoConfig
+
+    from .arch import is_encoder_config
+
+    if config.get("model_type") in ENCODERS and is_encoder_config(AutoConfig.from_pretrained(folder)):
+        return None  # an encoder is loaded whole: the streamed walk builds causal LMs
     from .convert import converted_cache
     from .stream import foreign_names
 
@@ -210,7 +217,7 @@ def load_compressed(folder: "str | os.PathLike", dtype: "str | torch.dtype" = "a
     weight: its skeleton is built weightless, then every tensor is read (and decoded) into it.  A checkpoint
     whose tensors are named as ``from_pretrained`` converts them (a mixture of experts saved by transformers 5)
     is decoded whole and handed to ``from_pretrained``, which converts it."""
-    from .stream import Checkpoint, skeleton, foreign_names, load_into, open_streamed, tied_head
+    from .stream import Checkpoint, skeleton, foreign_names, load_into, open_streamed, retie, tied_elsewhere, tied_head
 
     checkpoint = Checkpoint(folder)
     dtype = checkpoint.stored_dtype if dtype == "auto" else dtype
@@ -219,9 +226,11 @@ def load_compressed(folder: "str | os.PathLike", dtype: "str | torch.dtype" = "a
         state = checkpoint.read(checkpoint.shape, dtype)
         return type(empty).from_pretrained(None, config=empty.config, state_dict=state, dtype=dtype).eval()
     model, checkpoint = open_streamed(folder, dtype)
+    tied = tied_elsewhere(model, checkpoint)
     load_into(model, model, checkpoint, dtype)
     if tied_head(model):  # the embeddings' parameter was replaced: the head follows it
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    retie(model, tied)  # likewise every other tied parameter (a masked LM's decoder bias)
     return model.eval()
 
 

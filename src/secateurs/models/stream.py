@@ -225,9 +225,10 @@ def open_streamed(folder: "str | os.PathLike", dtype: "torch.dtype | None" = Non
     if tied_head(model):  # as from_pretrained ties them (a skeleton built on meta is not tied yet)
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     head = _prefix(model, model.get_output_embeddings()) + "weight" if tied_head(model) else None
+    tied = tied_elsewhere(model, checkpoint)
     for name, p in model.named_parameters():
-        if name == head:
-            continue  # stored once, as the embeddings
+        if name == head or name in tied:
+            continue  # stored once, as the embeddings (or the tensor it is tied to)
         if name not in checkpoint.shape:
             raise ModelLoadError(f"{folder}: the checkpoint has no {name} (a shard is missing, or another model's)")
         if checkpoint.shape[name] != tuple(p.shape):
@@ -239,18 +240,18 @@ def open_streamed(folder: "str | os.PathLike", dtype: "torch.dtype | None" = Non
 def skeleton(folder, dtype: torch.dtype) -> nn.Module:
     """The model of ``folder``'s config with every parameter on the ``meta`` device (buffers are real)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     from transformers.initialization import no_init_weights
 
-    from .arch import check_causal_lm
+    from .arch import build_from_config, model_class
 
     try:
         config = AutoConfig.from_pretrained(folder)
-        check_causal_lm(config, str(folder))
+        cls = model_class(config, str(folder))
         if hasattr(config, "secateurs_sparsity"):  # how the files store the weights, not the model: saved dense
             del config.secateurs_sparsity
         with init_empty_weights(include_buffers=False), no_init_weights():  # no values to draw: they are read
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = build_from_config(cls, config, dtype)
     except ModelLoadError:
         raise
     except Exception as exc:
@@ -266,6 +267,22 @@ def foreign_names(folder: "str | os.PathLike", model: "nn.Module | None" = None)
     checkpoint = Checkpoint(folder)
     known = set((model or skeleton(folder, checkpoint.stored_dtype)).state_dict())
     return sorted(set(checkpoint.shape) - known)
+
+
+def tied_elsewhere(model: nn.Module, checkpoint: "Checkpoint") -> dict:
+    """``{name: source}``: parameters the model ties to another (transformers' ``all_tied_weights_keys``; a
+    masked LM's decoder bias, say) that the checkpoint stores only under the source's name."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return {t: s for t, s in tied.items() if t not in checkpoint.shape and s in checkpoint.shape}
+
+
+def retie(model: nn.Module, tied: dict) -> None:
+    """Make every pair of tied parameters (``{name: source}``) one tensor again once read: whichever of the two
+    was read in (the shared parameter is listed under one name only) replaces the other."""
+    for target, source in tied.items():
+        read, other = (target, source) if model.get_parameter(source).is_meta else (source, target)
+        owner, _, leaf = other.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, model.get_parameter(read))
 
 
 def tied_head(model: nn.Module) -> bool:
@@ -286,11 +303,13 @@ def load_into(model: nn.Module, module: nn.Module, checkpoint: Checkpoint, dtype
     # a parameter the checkpoint lacks that is already in memory was added by the engine (zero biases for a
     # structured cut's repair): it stays as it is
     names = [n for n, p in module.named_parameters(recurse=recurse) if p.is_meta or prefix + n in checkpoint.shape]
-    keep = [prefix + n for n in names if mapped and checkpoint.dtype[prefix + n] == dtype]
-    values = {**checkpoint.read([prefix + n for n in names if prefix + n not in keep], dtype),
+    tied = tied_elsewhere(model, checkpoint)  # stored under the name of the tensor they are tied to
+    key = {n: tied.get(prefix + n, prefix + n) for n in names}
+    keep = [key[n] for n in names if mapped and checkpoint.dtype[key[n]] == dtype]
+    values = {**checkpoint.read([key[n] for n in names if key[n] not in keep], dtype),
               **{k: checkpoint.mapped(k) for k in keep}}
     for n in names:
-        set_module_tensor_to_device(module, n, "cpu", value=values[prefix + n])
+        set_module_tensor_to_device(module, n, "cpu", value=values[key[n]])
 
 
 def release(module: nn.Module, recurse: bool = True) -> None:

@@ -173,6 +173,11 @@ def check_structured(model: nn.Module, config) -> None:
     """Every check that needs only the model's shapes, before any calibration or change (and, from the CLI,
     before the dense evaluation): the count against the layer or the depth, head pruning against the config
     family, and an explicit bias compensation against the output projection."""
+    from ..models.arch import head_of
+
+    if head_of(model) != "causal":
+        raise ConfigError(f"{type(model).__name__} is an encoder: structured pruning (channels, heads, blocks) of "
+                          "encoders is not supported yet; weight pruning is (every method and pattern)")
     if config.method == "experts":
         from .experts import check_experts
 

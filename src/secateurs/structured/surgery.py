@@ -231,11 +231,11 @@ def load(path: "str | Path", dtype: "torch.dtype | str" = "auto"):
     ``dtype`` ``auto``: the dtype the model was saved in."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from ..models.arch import check_causal_lm
+    from ..models.arch import model_class
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
-    check_causal_lm(config, str(path))
+    cls = model_class(config, str(path))
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
     structure = getattr(config, STRUCTURE_KEY, None)
     if getattr(config, "secateurs_sparsity", None) is not None:  # a compressed sparse checkpoint
@@ -243,7 +243,7 @@ def load(path: "str | Path", dtype: "torch.dtype | str" = "auto"):
 
         return load_compressed(path, dtype), tokenizer
     if structure is None:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), tokenizer
+        return cls.from_pretrained(path, dtype=dtype).eval(), tokenizer
     from safetensors.torch import load_file
 
     if dtype == "auto":

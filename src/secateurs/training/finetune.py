@@ -123,11 +123,15 @@ def training_state_bytes(model, config: TrainConfig) -> int:
     return weights + 2 * trained + sum(W.numel() for W in linears)
 
 
-def train(model, train_ids: torch.Tensor, config: TrainConfig, evaluate=None, tracker: "Tracker | None" = None,
-          progress: bool = True, *, save_every: int = 0, save_state=None, resume: "dict | None" = None) -> TrainHistory:
+def train(model, train_ids: "torch.Tensor | None", config: TrainConfig, evaluate=None, tracker: "Tracker | None" = None,
+          progress: bool = True, *, save_every: int = 0, save_state=None, resume: "dict | None" = None,
+          loss_of=None, metric: str = "perplexity") -> TrainHistory:
     """Train ``model`` in place on windows of ``train_ids``; masks held (or grown) throughout.
 
-    ``evaluate(model) -> perplexity`` is called before training, every ``eval_every`` steps and at the end.
+    ``loss_of(model, step, micro)``, if given, is the loss of each micro-batch instead of the causal-LM loss on
+    windows of ``train_ids`` (a classifier's cross-entropy: :class:`~.classify.ClassifierLoss`).
+    ``evaluate(model) -> value`` (perplexity, or the ``metric`` it measures) is called before training, every
+    ``eval_every`` steps and at the end; the history records it under ``metric``.
     With LoRA the adapters are merged back at the end (zeros untouched) and the model is plain again.
 
     Checkpoints: ``save_state(state)`` is called every ``save_every`` optimizer steps with a dict holding all
@@ -139,7 +143,8 @@ def train(model, train_ids: torch.Tensor, config: TrainConfig, evaluate=None, tr
     """
     from ..config import check_seqlen
 
-    check_seqlen(model, config.seqlen, "training seqlen")
+    if loss_of is None:
+        check_seqlen(model, config.seqlen, "training seqlen")
     tracker = tracker or Tracker(show=progress)
     tracker.enter(Stage.FINE_TUNING)
     names = list(prunable_linears(model))
@@ -162,10 +167,10 @@ def train(model, train_ids: torch.Tensor, config: TrainConfig, evaluate=None, tr
             return
         was_training = model.training
         model.eval()
-        ppl = evaluate(model)
+        value = evaluate(model)
         model.train(was_training)
-        history.evals.append({"step": step, "perplexity": ppl, "sparsity": measured_sparsity(model, names)})
-        log.info("step %d: perplexity %.3f, sparsity %.4f", step, ppl, history.evals[-1]["sparsity"])
+        history.evals.append({"step": step, metric: value, "sparsity": measured_sparsity(model, names)})
+        log.info("step %d: %s %.4f, sparsity %.4f", step, metric, value, history.evals[-1]["sparsity"])
 
     if config.lora_rank:
         add_lora(model, config.lora_rank, 16.0 if config.lora_alpha is None else config.lora_alpha, seed=config.seed)
@@ -194,9 +199,13 @@ def train(model, train_ids: torch.Tensor, config: TrainConfig, evaluate=None, tr
                                                  "measured": measured_sparsity(model, names)})
             total = 0.0
             for micro in range(config.grad_accum):
-                batch = training_batch(train_ids, config.batch_size, config.seqlen, config.seed, step, micro).to(device)
                 with autocast:
-                    loss = model(input_ids=batch, labels=batch, use_cache=False).loss / config.grad_accum
+                    if loss_of is not None:
+                        loss = loss_of(model, step, micro) / config.grad_accum
+                    else:
+                        batch = training_batch(train_ids, config.batch_size, config.seqlen, config.seed, step,
+                                               micro).to(device)
+                        loss = model(input_ids=batch, labels=batch, use_cache=False).loss / config.grad_accum
                 loss.backward()
                 total += loss.detach().item()
             if not math.isfinite(total):

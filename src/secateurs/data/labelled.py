@@ -1,0 +1,166 @@
+"""Labelled text for sequence classification: examples, label sets and padded batches.
+
+A source is a local ``.jsonl`` file (one ``{"text": ..., "label": ...}`` per line), a local ``.csv`` file with
+``text`` and ``label`` columns, or a Hugging Face dataset (a name or a folder on disk, its ``text`` or
+``sentence`` column and its ``label`` column; the split asked for).  Labels are integers (class ids) or strings
+(class names); anything else is refused, naming the row.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import DataError
+from ..models.load import first_line
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Texts and their labels, as read (ints or strings), from ``source``."""
+
+    texts: list
+    labels: list
+    source: str
+
+    def __len__(self):
+        return len(self.texts)
+
+
+def _check_label(label, where: str):
+    if isinstance(label, bool) or not isinstance(label, (int, str)):
+        raise DataError(f"{where}: label {json.dumps(label)[:40]} is {type(label).__name__}; labels must be "
+                        "integers (class ids) or strings (class names)")
+    return label
+
+
+def _rows_jsonl(path: Path) -> list:
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append((number, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{str(path)!r} line {number} is not JSON ({exc.msg})") from None
+    return rows
+
+
+def _rows_csv(path: Path) -> list:
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(enumerate(csv.DictReader(fh), 2))
+    out = []
+    for number, row in rows:  # a CSV holds strings: a whole number is a class id
+        label = row.get("label")
+        out.append((number, {**row, "label": int(label) if label is not None and label.lstrip("-").isdigit()
+                             else label}))
+    return out
+
+
+def _rows_dataset(spec: str, split: str) -> list:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"data {spec!r} is a Hugging Face dataset and needs: pip install datasets") from None
+    try:
+        path = Path(spec)
+        ds = datasets.load_from_disk(spec) if (path / "dataset_dict.json").is_file() else None
+        ds = ds[split] if ds is not None else datasets.load_dataset(spec, split=split)
+    except Exception as exc:
+        raise DataError(f"cannot load dataset {spec!r} split {split!r}: {first_line(exc)}") from exc
+    column = "text" if "text" in ds.column_names else "sentence"
+    return [(k, {"text": r.get(column), "label": r.get("label")}) for k, r in enumerate(ds, 1)]
+
+
+def load_examples(spec: "str | os.PathLike", split: str = "train") -> Examples:
+    """The labelled examples of ``spec`` (see the module docstring); local files have no splits."""
+    from .text import BUILTIN_DATA
+
+    spec = str(spec)
+    if spec in BUILTIN_DATA:
+        raise DataError(f"{spec!r} is unlabelled text: accuracy and classification need labelled examples, a "
+                        ".jsonl or .csv file with text and label (--eval-data, --data)")
+    path = Path(spec).expanduser()
+    if path.suffix in (".jsonl", ".csv") and not path.is_file():
+        raise DataError(f"data file {spec!r} does not exist")
+    if path.is_file() and path.suffix not in (".jsonl", ".csv"):
+        raise DataError(f"{spec!r} is not labelled: labelled examples come from a .jsonl or .csv file with text "
+                        "and label, or a datasets name or folder")
+    rows = _rows_jsonl(path) if path.suffix == ".jsonl" else _rows_csv(path) if path.suffix == ".csv" else \
+        _rows_dataset(spec, split)
+    if not rows:
+        raise DataError(f"{spec!r} holds no example")
+    texts, labels = [], []
+    for number, row in rows:
+        where = f"{spec!r} row {number}"
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise DataError(f"{where}: every example needs a 'text' string and a 'label'")
+        if "label" not in row or row["label"] is None:
+            raise DataError(f"{where}: no 'label'")
+        texts.append(row["text"])
+        labels.append(_check_label(row["label"], where))
+    return Examples(texts, labels, spec)
+
+
+def label_ids(examples: Examples, label2id: "dict | None", num_labels: int, what: str) -> torch.Tensor:
+    """The examples' labels as class ids of a model with ``num_labels`` classes named by ``label2id``: names
+    are looked up there, ids checked against the number of classes."""
+    out = []
+    for label in examples.labels:
+        if isinstance(label, str):
+            if not label2id or label not in label2id:
+                known = ", ".join(map(str, label2id)) if label2id else "none"
+                raise DataError(f"{examples.source!r}: label {label!r} is not a class of {what} (its classes: "
+                                f"{known})")
+            out.append(label2id[label])
+        else:
+            if not 0 <= label < num_labels:
+                raise DataError(f"{examples.source!r}: label {label} is not a class id of {what}, which has "
+                                f"{num_labels} classes (0-{num_labels - 1})")
+            out.append(label)
+    return torch.tensor(out)
+
+
+def label_set(train: Examples, evaluation: "Examples | None" = None) -> list:
+    """The classes of a training set, sorted (ids, or names); an evaluation set must use the same."""
+    kinds = {type(x) for x in train.labels}
+    if len(kinds) > 1:
+        raise DataError(f"{train.source!r} mixes integer and string labels")
+    classes = sorted(set(train.labels))
+    if evaluation is not None:
+        if extra := sorted(set(evaluation.labels) - set(classes), key=str):
+            raise DataError(f"{evaluation.source!r} has labels the training set {train.source!r} lacks: "
+                            f"{', '.join(map(str, extra[:5]))} (training classes: {', '.join(map(str, classes))})")
+    return classes
+
+
+def batches(tokenizer, texts: list, batch_size: int, max_length: int, warned: "list | None" = None):
+    """Padded, truncated batches ``(input_ids, attention_mask)`` of ``texts`` in order; a text longer than
+    ``max_length`` tokens is cut there, with one warning for the whole set."""
+    long = 0
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start:start + batch_size]
+        full = tokenizer(chunk, add_special_tokens=True)["input_ids"]
+        long += sum(len(ids) > max_length for ids in full)
+        enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        yield enc["input_ids"], enc["attention_mask"]
+    if long:
+        log.warning("%d of %d texts are longer than the model's %d positions and were truncated", long, len(texts),
+                    max_length)
+
+
+def max_positions(model, tokenizer) -> int:
+    """The longest input the model takes: its position table, or the tokenizer's limit if smaller."""
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None) or 512
+    if getattr(config, "model_type", None) == "roberta":  # RoBERTa's positions start after the padding index
+        limit -= getattr(config, "pad_token_id", 1) + 1
+    own = getattr(tokenizer, "model_max_length", None)
+    return min(limit, own) if isinstance(own, int) and 0 < own < 10**6 else limit
