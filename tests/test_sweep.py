@@ -130,7 +130,8 @@ def swept(tiny_dir, tmp_path_factory):
 def test_sweep_writes_every_cell_its_table_and_report(swept):
     root, results = swept
     out = root / "out"
-    assert results["complete"] and len(results["cells"]) == 4 + 2 + 1 + 2 + 4  # 2 blocks x 2 roles; include=all is wanda 0.6
+    # include=all is the plain Wanda 0.6 cell; the roles experiment is 2 blocks x 2 roles
+    assert results["complete"] and len(results["cells"]) == 4 + 2 + 1 + 2 + 4
     with open(out / "results.csv") as fh:
         table = list(csv.DictReader(fh))
     assert len(table) == 1 + len(results["cells"]) and table[0]["method"] == "dense"

@@ -904,7 +904,8 @@ def cmd_sensitivity(args) -> int:
     print(f"{'block':>5} {'role':>9} {'perplexity':>10} {'change':>8}   (dense {dense:.3f}; most sensitive first)")
     for row in sorted(results["cells"], key=lambda r: -r["perplexity"]):
         f = row["fields"]
-        print(f"{f['block']:>5} {f.get('role', 'all'):>9} {row['perplexity']:>10.3f} {row['perplexity'] - dense:>+8.3f}")
+        change = row["perplexity"] - dense
+        print(f"{f['block']:>5} {f.get('role', 'all'):>9} {row['perplexity']:>10.3f} {change:>+8.3f}")
     return 0
 
 

@@ -270,7 +270,8 @@ def block_linears(model) -> dict:
     from .models.arch import find_blocks, find_linears, role_of
 
     prefix, blocks = find_blocks(model)
-    return {i: {name: role_of(name) for name in find_linears(block, f"{prefix}.{i}.")} for i, block in enumerate(blocks)}
+    return {i: {name: role_of(name) for name in find_linears(block, f"{prefix}.{i}.")}
+            for i, block in enumerate(blocks)}
 
 
 def read_results(path) -> "dict | None":
@@ -450,8 +451,8 @@ def rows(results: dict) -> list[dict]:
 
     dense = results.get("dense") or {}
     out = []
-    for row in ([{"experiments": ["dense"], "config": {"method": "dense"}, "sparsity": 0.0, **dense}] if dense else []) \
-            + results["cells"]:
+    first = [{"experiments": ["dense"], "config": {"method": "dense"}, "sparsity": 0.0, **dense}] if dense else []
+    for row in first + results["cells"]:
         flat = {"experiment": _flat(row["experiments"]), **{k: _flat(v) for k, v in row["config"].items()},
                 "block": row.get("fields", {}).get("block", ""), "role": row.get("fields", {}).get("role", ""),
                 "finetune_steps": row.get("fields", {}).get("finetune_steps", 0) if "fields" in row else 0}

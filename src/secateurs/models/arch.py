@@ -103,7 +103,8 @@ def head_of(model: nn.Module) -> str:
     """What a model predicts: ``causal`` (a causal LM), or an encoder's head: ``classifier`` (sequence
     classification), ``masked-lm`` or ``bare`` (the encoder alone)."""
     name = type(model).__name__
-    if getattr(model.config, "model_type", None) not in ENCODERS or name in _classes("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"):
+    causal = _classes("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
+    if getattr(model.config, "model_type", None) not in ENCODERS or name in causal:
         return "causal"
     return "classifier" if name.endswith("ForSequenceClassification") else "masked-lm" if name.endswith(
         "ForMaskedLM") else "bare"
