@@ -276,3 +276,13 @@ def test_the_streamed_walk_refuses_an_encoder(wordpiece, tmp_path):
     with pytest.raises(ConfigError, match="is an encoder: it is loaded whole and pruned in memory"):
         api.prune_streamed(folder, cfg, None, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_sweep_of_an_encoder_is_refused_in_one_line(wordpiece, tmp_path, capsys):
+    root, tok = wordpiece
+    folder = encoder_dir(tmp_path, tok, "bert", "ForSequenceClassification")
+    grid = tmp_path / "g.json"
+    grid.write_text(json.dumps({"experiments": {"a": {"method": "magnitude"}}}))
+    assert main(["sweep", str(grid), "--model", str(folder), "--output", str(tmp_path / "sw"), "--quiet"]) == 2
+    assert "is an encoder: a sweep measures causal language models" in capsys.readouterr().err
+    assert not (tmp_path / "sw").exists()

@@ -245,7 +245,7 @@ def test_cells_that_cannot_run_on_the_model_are_listed_before_the_first(tiny_dir
     assert run_sweep(tiny_dir, write_grid(tmp_path / "g.json", grid), tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert "2 cell(s) cannot run on this model" in err and "nosuchlayer" in err and "block:48" in err
-    assert not (tmp_path / "out" / "results.json").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_report_folder_that_cannot_be_written_is_refused(tiny_dir, tmp_path, unwritable, capsys):

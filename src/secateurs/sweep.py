@@ -362,12 +362,12 @@ def sweep(load, tokenizer, grid: Grid, output, *, model_name: str, progress: boo
     structured cell, whose model has new shapes).  Returns the results."""
     from .api import environment, validate
     from .eval.sweep_report import write_report
+    from .models.arch import head_of
     from .models.load import check_writable
     from .models.snapshot import WeightSnapshot
 
     output = Path(output)
-    check_writable(output, f"the sweep's folder {str(output)!r}")
-    output.mkdir(parents=True, exist_ok=True)
+    check_writable(output, f"the sweep's folder {str(output)!r}")  # made by the first write, after every check
     previous = read_results(output / "results.json")
     setup = {**grid.setup(), "model": model_name}
     if previous is not None and previous["setup"] != setup:
@@ -377,6 +377,9 @@ def sweep(load, tokenizer, grid: Grid, output, *, model_name: str, progress: boo
     if grid.zero_shot is not None:
         grid.zero_shot.task_manager()  # unknown task names are refused before any work
     model = load()
+    if head_of(model) != "causal":
+        raise ConfigError(f"{type(model).__name__} is an encoder: a sweep measures causal language models by "
+                          "perplexity; prune and evaluate an encoder run by run (docs/encoders.md)")
     data = _Data(tokenizer, grid)
     cells = grid.cells(block_linears(model))
     problems = []
