@@ -241,7 +241,8 @@ def test_heads_and_encoders_secateurs_cannot_keep_are_refused(wordpiece, tmp_pat
     clf = encoder_dir(tmp_path, tok, "bert", "ForSequenceClassification")
     assert main(["prune", "--model", str(clf), "--method", "channels", "--ratio", "0.25", "--score", "magnitude",
                  "--no-eval", "--quiet", "--output", str(tmp_path / "o")]) == 2
-    assert "structured pruning (channels, heads, blocks) of encoders is not supported yet" in capsys.readouterr().err
+    assert "of the structured methods, encoders take blocks (whole layers removed), not channels yet" in \
+        capsys.readouterr().err
     assert main(["prune", "--model", str(clf), "--method", "magnitude", "--include", "nosuchlayer", "--no-eval",
                  "--quiet", "--output", str(tmp_path / "o")]) == 2
     assert "'nosuchlayer' matches no linear layer" in capsys.readouterr().err
@@ -286,3 +287,40 @@ def test_a_sweep_of_an_encoder_is_refused_in_one_line(wordpiece, tmp_path, capsy
     assert main(["sweep", str(grid), "--model", str(folder), "--output", str(tmp_path / "sw"), "--quiet"]) == 2
     assert "is an encoder: a sweep measures causal language models" in capsys.readouterr().err
     assert not (tmp_path / "sw").exists()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_whole_layers_removed_from_an_encoder_load_in_plain_transformers(wordpiece, tmp_path, family):
+    root, tok = wordpiece
+    folder = encoder_dir(tmp_path, tok, family, "ForSequenceClassification", num_labels=2)
+    model, tokenizer = load_model(str(folder))
+    result = api.prune(model, secateurs_blocks(), calib(tok), progress=False)
+    assert len(result.structured) == 1 and model.config.num_hidden_layers == 1
+    out = tmp_path / "out"
+    save_model(model, tokenizer, out)
+    plain = getattr(tf, FAMILIES[family] + "ForSequenceClassification").from_pretrained(out).eval()
+    ids = calib(tok, 2, 16)
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, model(input_ids=ids).logits)
+    key = "n_layers" if family == "distilbert" else "num_hidden_layers"
+    assert json.loads((out / "config.json").read_text())[key] == 1
+
+
+def secateurs_blocks():
+    from secateurs import StructuredConfig
+
+    return StructuredConfig(method="blocks", count=1, calib_samples=4, calib_seqlen=24)
+
+
+def test_prune_command_removes_an_encoder_layer_and_reports_accuracy(wordpiece, tmp_path, capsys):
+    root, tok = wordpiece
+    folder = encoder_dir(tmp_path, tok, "distilbert", "ForSequenceClassification", num_labels=3,
+                         id2label={0: "animal", 1: "water", 2: "weather"},
+                         label2id={"animal": 0, "water": 1, "weather": 2})
+    out = tmp_path / "out"
+    assert main(["prune", "--model", str(folder), "--method", "blocks", "--remove-blocks", "1",
+                 "--calib-data", str(root / "train.txt"), "--calib-samples", "4", "--calib-seqlen", "24",
+                 "--eval-data", str(root / "test.jsonl"), "--quiet", "--output", str(out)]) == 0
+    assert "pruned accuracy: " in capsys.readouterr().out
+    model, _ = load_model(str(out))
+    assert type(model).__name__ == "DistilBertForSequenceClassification" and model.config.n_layers == 1

@@ -487,7 +487,11 @@ def cmd_prune(args) -> int:
         dense_scores = zero_shot(model, tokenizer, tasks, manager, progress=show)
         _say_zero_shot(dense_scores)
 
-    dense_size_speed = speed.size_and_speed(model) if structured and not args.no_speed else None
+    from .models.arch import head_of
+
+    # speed is a causal LM's prefill and decoding: an encoder decodes nothing
+    dense_size_speed = speed.size_and_speed(model) if structured and not args.no_speed and \
+        head_of(model) == "causal" else None
 
     tracker = Tracker(show=show)
     result = api.prune(model, recipe, calib, tracker=tracker, checkpoint=checkpoint)

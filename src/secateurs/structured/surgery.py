@@ -181,11 +181,15 @@ def built_config(config, structure: "dict | None"):
     return config
 
 
-def _build_empty(config):
+def _build_empty(config, like: "nn.Module | None" = None):
+    """A weightless model of ``config``: its family's causal LM, or an encoder of ``like``'s class."""
     from transformers import AutoModelForCausalLM
 
+    from ..models.arch import build_from_config, head_of
+
+    cls = type(like) if like is not None and head_of(like) != "causal" else AutoModelForCausalLM
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return build_from_config(cls, config)
 
 
 def apply_structure(model: nn.Module, structure: dict) -> None:
@@ -212,7 +216,7 @@ def check_loadable(model: nn.Module, structure: "dict | None") -> None:
     try:
         if hasattr(model.config, "validate"):  # what save_pretrained checks before it writes
             model.config.validate()
-        fresh = _build_empty(built_config(model.config, structure))
+        fresh = _build_empty(built_config(model.config, structure), model)
         if structure is not None:
             apply_structure(fresh, structure)
     except Exception as exc:
