@@ -239,10 +239,9 @@ def test_heads_and_encoders_secateurs_cannot_keep_are_refused(wordpiece, tmp_pat
                  "--output", str(tmp_path / "o")]) == 2
     assert "ALBERT checkpoint, whose blocks share one set of weights" in capsys.readouterr().err
     clf = encoder_dir(tmp_path, tok, "bert", "ForSequenceClassification")
-    assert main(["prune", "--model", str(clf), "--method", "channels", "--ratio", "0.25", "--score", "magnitude",
+    assert main(["prune", "--model", str(clf), "--method", "heads", "--ratio", "0.25", "--score", "magnitude",
                  "--no-eval", "--quiet", "--output", str(tmp_path / "o")]) == 2
-    assert "of the structured methods, encoders take blocks (whole layers removed), not channels yet" in \
-        capsys.readouterr().err
+    assert "encoders take channels (MLP) and blocks (whole layers), not heads yet" in capsys.readouterr().err
     assert main(["prune", "--model", str(clf), "--method", "magnitude", "--include", "nosuchlayer", "--no-eval",
                  "--quiet", "--output", str(tmp_path / "o")]) == 2
     assert "'nosuchlayer' matches no linear layer" in capsys.readouterr().err
@@ -324,3 +323,39 @@ def test_prune_command_removes_an_encoder_layer_and_reports_accuracy(wordpiece, 
     assert "pruned accuracy: " in capsys.readouterr().out
     model, _ = load_model(str(out))
     assert type(model).__name__ == "DistilBertForSequenceClassification" and model.config.n_layers == 1
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_mlp_channels_cut_from_an_encoder_reload_the_same(wordpiece, tmp_path, family, allocation):
+    """Uniform widths: a plain config (intermediate_size, DistilBERT's hidden_dim) that transformers loads;
+    per-block widths (global): the recorded structure, loaded by secateurs.load."""
+    import secateurs
+    from secateurs import StructuredConfig
+
+    root, tok = wordpiece
+    model, tokenizer = load_model(str(encoder_dir(tmp_path, tok, family, "ForSequenceClassification", num_labels=2)))
+    if allocation == "global":  # 8 dead channels in block 1: the blocks keep different widths
+        from secateurs.models.arch import find_blocks
+        from secateurs.structured.units import find_mlp
+
+        name, blocks = find_blocks(model)
+        mlp = find_mlp(blocks[1], f"{name}.1.")
+        for _, m in mlp.inputs:
+            m.weight.data[:8] = 0
+        mlp.output[1].weight.data[:, :8] = 0
+    cfg = StructuredConfig(method="channels", ratio=0.25, allocation=allocation, score="magnitude")
+    api.prune(model, cfg, None, progress=False)
+    out = tmp_path / "out"
+    save_model(model, tokenizer, out)
+    cls = getattr(tf, FAMILIES[family] + "ForSequenceClassification")
+    again = cls.from_pretrained(out).eval() if allocation == "uniform" else secateurs.load(out)[0]
+    assert type(again) is cls
+    ids = calib(tok, 2, 16)
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+    saved = json.loads((out / "config.json").read_text())
+    widths = saved["secateurs_structure"]["mlp"] if "secateurs_structure" in saved else \
+        [saved["hidden_dim" if family == "distilbert" else "intermediate_size"]] * 2
+    assert sum(widths) == 96  # a quarter of 2 x 64 channels gone
+    assert widths == [48, 48] if allocation == "uniform" else widths[0] != widths[1], widths  # per-block widths

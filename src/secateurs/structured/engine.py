@@ -175,10 +175,10 @@ def check_structured(model: nn.Module, config) -> None:
     family, and an explicit bias compensation against the output projection."""
     from ..models.arch import head_of
 
-    if head_of(model) != "causal" and config.method != "blocks":
-        raise ConfigError(f"{type(model).__name__} is an encoder: of the structured methods, encoders take blocks "
-                          f"(whole layers removed), not {config.method} yet; weight pruning takes every method and "
-                          "pattern")
+    if head_of(model) != "causal" and config.method not in ("blocks", "channels"):
+        raise ConfigError(f"{type(model).__name__} is an encoder: of the structured methods, encoders take channels "
+                          f"(MLP) and blocks (whole layers), not {config.method} yet; weight pruning takes every "
+                          "method and pattern")
     if config.method == "experts":
         from .experts import check_experts
 

@@ -28,7 +28,8 @@ from .units import AttentionUnit, MlpUnit, find_attention, find_mlp
 log = logging.getLogger(__name__)
 
 STRUCTURE_KEY = "secateurs_structure"  # config.json entry holding per-block widths, when they differ
-MLP_WIDTH_KEYS = ("intermediate_size", "ffn_dim", "n_inner")  # whichever the config family uses
+MLP_WIDTH_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "hidden_dim")  # whichever the family uses
+# (hidden_dim: DistilBERT's MLP width)
 
 
 # ----------------------------------------------------------------------------- slicing
@@ -233,9 +234,9 @@ def load(path: "str | Path", dtype: "torch.dtype | str" = "auto"):
     """Load a saved model -- uniform (plain ``from_pretrained``) or with per-block widths -- and its tokenizer.
 
     ``dtype`` ``auto``: the dtype the model was saved in."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    from ..models.arch import model_class
+    from ..models.arch import build_from_config, model_class
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
@@ -253,7 +254,7 @@ def load(path: "str | Path", dtype: "torch.dtype | str" = "auto"):
     if dtype == "auto":
         dtype = getattr(config, "dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = AutoModelForCausalLM.from_config(built_config(config, structure), dtype=dtype)
+    model = build_from_config(cls, built_config(config, structure), dtype)
     if "hidden" in structure:
         model.config.hidden_size = config.hidden_size  # the unsliced width, as saved
     apply_structure(model, structure)
