@@ -359,3 +359,19 @@ def test_mlp_channels_cut_from_an_encoder_reload_the_same(wordpiece, tmp_path, f
         [saved["hidden_dim" if family == "distilbert" else "intermediate_size"]] * 2
     assert sum(widths) == 96  # a quarter of 2 x 64 channels gone
     assert widths == [48, 48] if allocation == "uniform" else widths[0] != widths[1], widths  # per-block widths
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_new_head_sits_on_the_encoder_weights_as_they_were(wordpiece, tmp_path, family):
+    from secateurs.training.classify import classifier_for
+
+    root, tok = wordpiece
+    mlm, _ = load_model(str(encoder_dir(tmp_path, tok, family, "ForMaskedLM")))
+    clf = classifier_for(mlm, ["animal", "water"])
+    assert type(clf).__name__ == FAMILIES[family] + "ForSequenceClassification"
+    assert clf.config.label2id == {"animal": 0, "water": 1}
+    mine = getattr(mlm, mlm.base_model_prefix).state_dict()
+    theirs = getattr(clf, clf.base_model_prefix).state_dict()
+    assert all(torch.equal(theirs[k], v) for k, v in mine.items())
+    with pytest.raises(ConfigError, match="differ from the model's"):
+        classifier_for(clf, ["animal", "plant"])

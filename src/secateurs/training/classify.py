@@ -14,7 +14,7 @@ import logging
 import torch
 
 from ..data.labelled import Examples, label_ids, max_positions
-from ..errors import ConfigError
+from ..errors import ArchitectureError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,7 @@ def classifier_for(model, classes: list):
     itself when it is one with those classes, else its encoder weights under a new head."""
     import transformers
 
-    from ..eval.encoders import head_of
-    from ..models.arch import ENCODERS
+    from ..models.arch import ENCODERS, head_of
 
     config = model.config
     if getattr(config, "model_type", None) not in ENCODERS:
@@ -54,10 +53,13 @@ def classifier_for(model, classes: list):
     head = cls(new_config).to(next(model.parameters()).dtype)
     encoder = getattr(head, head.base_model_prefix)
     source = getattr(model, model.base_model_prefix, model)
-    encoder.load_state_dict(source.state_dict(), strict=False)  # a bare model has no pooler when saved without
-    missing = set(encoder.state_dict()) - set(source.state_dict())
+    found = encoder.load_state_dict(source.state_dict(), strict=False)  # a model saved without a pooler has none
+    missing = [k for k in found.missing_keys if not k.startswith("pooler.")]
+    if missing or found.unexpected_keys:
+        raise ArchitectureError(f"{type(model).__name__}'s encoder does not fit {cls.__name__}'s (missing "
+                                f"{missing[:2]}, unexpected {found.unexpected_keys[:2]})")
     log.info("%s: a new classification head over %d classes on %s's encoder%s", cls.__name__, len(classes),
-             type(model).__name__, f" ({', '.join(sorted(missing))} new)" if missing else "")
+             type(model).__name__, f" ({', '.join(found.missing_keys)} new)" if found.missing_keys else "")
     return head.eval()
 
 
