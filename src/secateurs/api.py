@@ -718,6 +718,7 @@ def prune_streamed(source, config, calibration, output, *, dtype: "torch.dtype |
         result.stage_seconds, result.stage = dict(tracker.seconds), tracker.stage.value
         result.resumed_at_block = checkpoint.resumed_at if checkpoint is not None else None
         more = finishing(ranks.from_main(folder), result) if finishing is not None else {}
+        ranks.wait_for_all()  # every rank is done reading the written folder before rank 0 moves it into place
         if ranks.main:
             for name, text in {**(extra_files or {}), **more}.items():
                 (folder / name).write_text(text)

@@ -78,6 +78,9 @@ class Ranks:
         """Rank 0's ``value`` on every rank (picklable)."""
         return value
 
+    def wait_for_all(self) -> None:
+        """Return once every rank has come here (before rank 0 moves what the others still read)."""
+
 
 ONE = Ranks()
 
@@ -147,6 +150,9 @@ class Distributed(Ranks):
         box = [value]
         self.dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def wait_for_all(self) -> None:
+        self.dist.barrier()
 
 
 def lost_a_rank(exc: BaseException) -> bool:
