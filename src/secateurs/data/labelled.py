@@ -19,6 +19,7 @@ import torch
 
 from ..errors import DataError
 from ..models.load import first_line
+from .text import BUILTIN_DATA, datasets_module, jsonl_rows
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +43,6 @@ def _check_label(label, where: str):
     return label
 
 
-def _rows_jsonl(path: Path) -> list:
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append((number, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{str(path)!r} line {number} is not JSON ({exc.msg})") from None
-    return rows
-
-
 def _rows_csv(path: Path) -> list:
     with open(path, newline="", encoding="utf-8") as fh:
         rows = list(enumerate(csv.DictReader(fh), 2))
@@ -65,10 +55,7 @@ def _rows_csv(path: Path) -> list:
 
 
 def _rows_dataset(spec: str, split: str) -> list:
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"data {spec!r} is a Hugging Face dataset and needs: pip install datasets") from None
+    datasets = datasets_module(spec)
     try:
         path = Path(spec)
         ds = datasets.load_from_disk(spec) if (path / "dataset_dict.json").is_file() else None
@@ -81,8 +68,6 @@ def _rows_dataset(spec: str, split: str) -> list:
 
 def load_examples(spec: "str | os.PathLike", split: str = "train") -> Examples:
     """The labelled examples of ``spec`` (see the module docstring); local files have no splits."""
-    from .text import BUILTIN_DATA
-
     spec = str(spec)
     if spec in BUILTIN_DATA:
         raise DataError(f"{spec!r} is unlabelled text: accuracy and classification need labelled examples, a "
@@ -93,8 +78,8 @@ def load_examples(spec: "str | os.PathLike", split: str = "train") -> Examples:
     if path.is_file() and path.suffix not in (".jsonl", ".csv"):
         raise DataError(f"{spec!r} is not labelled: labelled examples come from a .jsonl or .csv file with text "
                         "and label, or a datasets name or folder")
-    rows = _rows_jsonl(path) if path.suffix == ".jsonl" else _rows_csv(path) if path.suffix == ".csv" else \
-        _rows_dataset(spec, split)
+    rows = jsonl_rows(spec, path.read_text(encoding="utf-8")) if path.suffix == ".jsonl" else \
+        _rows_csv(path) if path.suffix == ".csv" else _rows_dataset(spec, split)
     if not rows:
         raise DataError(f"{spec!r} holds no example")
     texts, labels = [], []
@@ -141,19 +126,26 @@ def label_set(train: Examples, evaluation: "Examples | None" = None) -> list:
     return classes
 
 
-def batches(tokenizer, texts: list, batch_size: int, max_length: int, warned: "list | None" = None):
-    """Padded, truncated batches ``(input_ids, attention_mask)`` of ``texts`` in order; a text longer than
-    ``max_length`` tokens is cut there, with one warning for the whole set."""
-    long = 0
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start:start + batch_size]
-        full = tokenizer(chunk, add_special_tokens=True)["input_ids"]
-        long += sum(len(ids) > max_length for ids in full)
-        enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        yield enc["input_ids"], enc["attention_mask"]
-    if long:
+def encode(tokenizer, texts: list, max_length: int) -> list:
+    """The token ids of every text, cut at ``max_length`` (with the tokenizer's own end tokens kept); one
+    warning says how many were cut."""
+    if long := sum(len(ids) > max_length for ids in tokenizer(texts)["input_ids"]):
         log.warning("%d of %d texts are longer than the model's %d positions and were truncated", long, len(texts),
                     max_length)
+    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+
+def pad(tokenizer, ids: list) -> tuple:
+    """``(input_ids, attention_mask)`` of a batch of token-id lists, padded to the longest."""
+    batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+    return batch["input_ids"], batch["attention_mask"]
+
+
+def batches(tokenizer, texts: list, batch_size: int, max_length: int):
+    """Padded batches ``(input_ids, attention_mask)`` of ``texts`` in order, each cut as :func:`encode` cuts."""
+    ids = encode(tokenizer, texts, max_length)
+    for start in range(0, len(ids), batch_size):
+        yield pad(tokenizer, ids[start:start + batch_size])
 
 
 def max_positions(model, tokenizer) -> int:

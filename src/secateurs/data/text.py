@@ -114,7 +114,7 @@ def _enwiki(split: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def _datasets_module(name: str):
+def datasets_module(name: str):
     try:
         import datasets
     except ImportError as exc:
@@ -145,7 +145,7 @@ def _pick_split(splits, name: str, split: str) -> str:
 
 def _hf_dataset(name: str, split: str) -> str:
     """A dataset by hub name (or an alias of one) through ``datasets.load_dataset``."""
-    datasets = _datasets_module(name)
+    datasets = datasets_module(name)
     alias = HF_ALIASES.get(name, dict(path=name, column="text", splits={}))
     kwargs = {k: alias[k] for k in ("name", "data_files") if k in alias}
     try:
@@ -171,7 +171,7 @@ def _hf_dataset(name: str, split: str) -> str:
 def _dataset_folder(folder: Path, split: str) -> str:
     """A dataset on disk: a ``save_to_disk`` folder, or a dataset repository's files (``load_dataset``)."""
     name = str(folder)
-    datasets = _datasets_module(name)
+    datasets = datasets_module(name)
     try:
         if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
             ds = datasets.load_from_disk(name)  # a single saved Dataset has no splits: it is used whole
@@ -206,16 +206,22 @@ def load_text(spec: "str | os.PathLike | None", split: str) -> str:
     return _hf_dataset(spec, split)
 
 
-def _jsonl_text(spec: str, text: str) -> str:
-    """The ``"text"`` fields of a JSONL file's lines, joined by blank lines."""
+def jsonl_rows(spec: str, text: str) -> list:
+    """``[(line number, value)]`` of a JSONL file's non-blank lines; a line that is not JSON is named."""
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append((number, json.loads(line)))
         except json.JSONDecodeError as exc:
             raise DataError(f"{spec!r} line {number} is not JSON ({exc.msg})") from None
+    return rows
+
+
+def _jsonl_text(spec: str, text: str) -> str:
+    """The ``"text"`` fields of a JSONL file's lines, joined by blank lines."""
+    rows = [row for _, row in jsonl_rows(spec, text)]
     if not rows:
         raise DataError(f"{spec!r}: every JSONL line needs a 'text' field, and the file has no line")
     for number, row in enumerate(rows, 1):  # checked as read: a number or null is no text to tokenize

@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from ..data.labelled import Examples, label_ids, max_positions
+from ..data.labelled import Examples, encode, label_ids, max_positions, pad
 from ..errors import ArchitectureError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -69,11 +69,7 @@ class ClassifierLoss:
     def __init__(self, model, tokenizer, examples: Examples, batch_size: int, seed: int, grad_accum: int = 1):
         self.labels = label_ids(examples, dict(model.config.label2id or {}), model.config.num_labels,
                                 type(model).__name__)
-        limit = max_positions(model, tokenizer)
-        self.ids = tokenizer(examples.texts, truncation=True, max_length=limit)["input_ids"]
-        if long := sum(len(x) >= limit for x in tokenizer(examples.texts)["input_ids"]):
-            log.warning("%d of %d training texts are longer than the model's %d positions and were truncated",
-                        long, len(examples), limit)
+        self.ids = encode(tokenizer, examples.texts, max_positions(model, tokenizer))
         self.tokenizer, self.batch_size, self.seed, self.grad_accum = tokenizer, batch_size, seed, grad_accum
         self._orders: dict = {}
 
@@ -91,9 +87,9 @@ class ClassifierLoss:
 
     def __call__(self, model, step: int, micro: int) -> torch.Tensor:
         chosen = self.indices(step, micro)
-        batch = self.tokenizer.pad({"input_ids": [self.ids[i] for i in chosen]}, return_tensors="pt")
+        input_ids, mask = pad(self.tokenizer, [self.ids[i] for i in chosen])
         device = next(model.parameters()).device
-        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+        out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                     labels=self.labels[chosen].to(device))
         return out.loss
 
