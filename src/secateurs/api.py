@@ -118,8 +118,17 @@ def _as_configs(config) -> list:
     return configs
 
 
-def calibration_data(tokenizer, config: PruneConfig, ids: "torch.Tensor | None" = None) -> torch.Tensor:
-    """Calibration windows ``(calib_samples, calib_seqlen)`` from the train split of ``config.calib_data``."""
+def calibration_data(tokenizer, config: PruneConfig, ids: "torch.Tensor | None" = None, model=None) -> torch.Tensor:
+    """Calibration windows ``(calib_samples, calib_seqlen)`` from the train split of ``config.calib_data``.
+
+    For an encoder ``model`` whose ``calib_data`` is a ``.jsonl`` or ``.csv`` file of examples: the examples
+    themselves, one per row, padded (:func:`~secateurs.data.labelled.calibration_examples`)."""
+    from .data.labelled import calibration_examples, example_texts, is_labelled_file
+    from .models.arch import head_of
+
+    if ids is None and model is not None and head_of(model) != "causal" and is_labelled_file(config.calib_data):
+        return calibration_examples(model, tokenizer, example_texts(config.calib_data), config.calib_samples,
+                                    config.calib_seqlen, config.seed)
     if ids is None:
         ids = tokenize(tokenizer, load_text(config.calib_data, "train"))
     return calibration_windows(ids, config.calib_samples, config.calib_seqlen, config.seed)

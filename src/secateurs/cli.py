@@ -468,7 +468,7 @@ def cmd_prune(args) -> int:
         eval_ids = tokenize(tokenizer, load_text(eval_config.data, "test"))
     first = recipe.stages[0]
     if any(c.needs_calibration for c in recipe.stages):
-        calib = api.calibration_data(tokenizer, first)
+        calib = api.calibration_data(tokenizer, first, model=model)
     api.validate(model, recipe, calib)  # a bad rule or length fails now, not after the dense evaluation
     structured = any(isinstance(c, StructuredConfig) for c in recipe.stages)
     if not structured:  # zeros take the room of the weights they replace (a structured cut saves less)
@@ -543,7 +543,7 @@ def cmd_prune(args) -> int:
         atomic.write_text(args.report, json.dumps(report, indent=2) + "\n")
     if (state_dir := api.walk_state_dir(args.output)).exists():  # the finished model supersedes it
         shutil.rmtree(state_dir)
-    print(f"saved to {output}", flush=True)
+    _say_saved(output, model)
     return 0
 
 
@@ -561,6 +561,14 @@ def _say_pruned(result, params: int) -> None:
         print(f"structured: {len(result.structured)} cuts in {result.prune_seconds:.1f} s "
               f"({', '.join(f'{k} {b}->{a}' for k, b, a in cut[:4])}{' ...' if len(cut) > 4 else ''}); "
               f"{params:,} parameters", flush=True)
+
+
+def _say_saved(output, model) -> None:
+    print(f"saved to {output}", flush=True)
+    if getattr(model.config, "secateurs_structure", None):
+        print("its widths are recorded in config.json (secateurs_structure), which plain transformers cannot say "
+              "(per-block widths, an encoder's fewer heads): load it with secateurs.load or the secateurs "
+              "commands; from_pretrained refuses it on the sizes", flush=True)
 
 
 def _say_storage(storage: dict) -> None:
@@ -712,7 +720,7 @@ def cmd_finetune(args) -> int:
     if args.report:
         atomic.write_text(args.report, json.dumps(report, indent=2) + "\n")
     state_file.unlink(missing_ok=True)  # the finished model supersedes it
-    print(f"saved to {output}", flush=True)
+    _say_saved(output, model)
     return 0
 
 
@@ -765,7 +773,7 @@ def cmd_iterate(args) -> int:
     model, tokenizer = _load(args)
     check_room(model, args.output, len(targets), resume=not args.no_resume)
     show = not args.quiet
-    calib = api.calibration_data(tokenizer, prune_config) if prune_config.needs_calibration else None
+    calib = api.calibration_data(tokenizer, prune_config, model=model) if prune_config.needs_calibration else None
     train_ids = tokenize(tokenizer, load_text(args.train_data, "train"))
     print(f"{len(targets)} cycles to sparsities {', '.join(f'{t:.4f}' for t in targets)}; "
           f"{train_config.steps} retraining steps each", flush=True)

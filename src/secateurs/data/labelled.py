@@ -12,6 +12,7 @@ import csv
 import json
 import logging
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,9 +67,13 @@ def _rows_dataset(spec: str, split: str) -> list:
     return [(k, {"text": r.get(column), "label": r.get("label")}) for k, r in enumerate(ds, 1)]
 
 
-def load_examples(spec: "str | os.PathLike", split: str = "train") -> Examples:
-    """The labelled examples of ``spec`` (see the module docstring); local files have no splits."""
-    spec = str(spec)
+def is_labelled_file(spec) -> bool:
+    """Does ``spec`` name a local ``.jsonl`` or ``.csv`` file (one example per row)?"""
+    return Path(str(spec)).expanduser().suffix in (".jsonl", ".csv")
+
+
+def _rows(spec: str, split: str) -> list:
+    """``[(row number, row)]`` of a source of examples, each checked to hold a ``text`` string."""
     if spec in BUILTIN_DATA:
         raise DataError(f"{spec!r} is unlabelled text: accuracy and classification need labelled examples, a "
                         ".jsonl or .csv file with text and label (--eval-data, --data)")
@@ -82,11 +87,23 @@ def load_examples(spec: "str | os.PathLike", split: str = "train") -> Examples:
         _rows_csv(path) if path.suffix == ".csv" else _rows_dataset(spec, split)
     if not rows:
         raise DataError(f"{spec!r} holds no example")
-    texts, labels = [], []
     for number, row in rows:
-        where = f"{spec!r} row {number}"
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise DataError(f"{where}: every example needs a 'text' string and a 'label'")
+            raise DataError(f"{spec!r} row {number}: every example needs a 'text' string and a 'label'")
+    return rows
+
+
+def example_texts(spec: "str | os.PathLike", split: str = "train") -> list:
+    """The texts of ``spec``'s examples, labelled or not (calibration needs no labels)."""
+    return [row["text"] for _, row in _rows(str(spec), split)]
+
+
+def load_examples(spec: "str | os.PathLike", split: str = "train") -> Examples:
+    """The labelled examples of ``spec`` (see the module docstring); local files have no splits."""
+    spec = str(spec)
+    texts, labels = [], []
+    for number, row in _rows(spec, split):
+        where = f"{spec!r} row {number}"
         if "label" not in row or row["label"] is None:
             raise DataError(f"{where}: no 'label'")
         texts.append(row["text"])
@@ -146,6 +163,24 @@ def batches(tokenizer, texts: list, batch_size: int, max_length: int):
     ids = encode(tokenizer, texts, max_length)
     for start in range(0, len(ids), batch_size):
         yield pad(tokenizer, ids[start:start + batch_size])
+
+
+def calibration_examples(model, tokenizer, texts: list, samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """An encoder's calibration: ``samples`` of ``texts`` drawn at random (seeded; all of them if fewer), each
+    encoded as the model reads an example (with its special tokens, cut at ``seqlen`` or the model's positions),
+    one per row, padded to the longest with the model's pad token: ``(samples, longest)`` token ids.  The
+    calibration engine masks the padding in attention and leaves it out of every statistic
+    (:func:`~secateurs.engine.capture.padding_of`)."""
+    pad_id = getattr(model.config, "pad_token_id", None)
+    if pad_id is None:
+        raise DataError(f"{type(model).__name__}'s config has no pad_token_id: examples of different lengths cannot "
+                        "be batched for calibration (set it, or calibrate on plain text windows)")
+    chosen = random.Random(seed).sample(range(len(texts)), min(samples, len(texts)))
+    ids = encode(tokenizer, [texts[k] for k in chosen], min(seqlen, max_positions(model, tokenizer)))
+    out = torch.full((len(ids), max(map(len, ids))), pad_id, dtype=torch.long)
+    for row, x in zip(out, ids):
+        row[: len(x)] = torch.tensor(x)
+    return out
 
 
 def max_positions(model, tokenizer) -> int:

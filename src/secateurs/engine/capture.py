@@ -35,6 +35,7 @@ class BlockCall:
     kwargs: dict
     hidden_pos: "int | None"
     returns_tuple: bool = False  # learnt from the first real call: does the block return (hidden, ...)?
+    tokens: "torch.Tensor | None" = None  # (batch, seq) bool: the real tokens of a padded batch; None: all are
 
     def call(self, block: nn.Module, hidden: torch.Tensor, device: torch.device):
         args = tuple(to_device(a, device) for a in self.args)
@@ -61,6 +62,26 @@ def to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
+def real_tokens(x: torch.Tensor, tokens: "torch.Tensor | None") -> torch.Tensor:
+    """The entries of ``x`` (batch, seq, ...) at a padded batch's real ``tokens`` (batch, seq), as (tokens, ...);
+    ``x`` itself where nothing is padded.  (Per-token values flattened to (batch * seq,) take flattened tokens.)"""
+    if tokens is None or x.shape[: tokens.dim()] != tokens.shape:
+        return x
+    return x[tokens.to(x.device)]
+
+
+def padding_of(model: nn.Module, input_ids: torch.Tensor) -> "torch.Tensor | None":
+    """The attention mask of an encoder's padded calibration rows (``input_ids != pad_token_id``): one example
+    per row, padded to the longest with the pad token (see :func:`~secateurs.data.labelled.calibration_examples`).
+    None for rows without padding and for a causal LM, whose calibration is windows of running text."""
+    from ..models.arch import head_of
+
+    pad = getattr(model.config, "pad_token_id", None)
+    if pad is None or head_of(model) == "causal" or not bool((input_ids == pad).any()):
+        return None
+    return (input_ids != pad).long()
+
+
 def _split_hidden(args: tuple, kwargs: dict):
     if args:
         return args[0], BlockCall((None,) + tuple(args[1:]), dict(kwargs), 0)
@@ -75,15 +96,20 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
     """Run the embeddings over ``input_ids`` (N, L) in batches.
 
     Returns ``hidden`` -- a list of (B, L, H) CPU tensors, the first block's inputs per batch -- and
-    ``calls[i][b]``, the :class:`BlockCall` of block ``i`` for batch ``b``.
+    ``calls[i][b]``, the :class:`BlockCall` of block ``i`` for batch ``b``.  An encoder's padded rows
+    (:func:`padding_of`) are run with their attention mask, and each call records the batch's real tokens.
     """
     hidden: list[torch.Tensor] = []
     calls: list[list[BlockCall]] = [[] for _ in blocks]
     last = len(blocks) - 1
+    mask = padding_of(model, input_ids)
+    batch: dict = {}  # the batch being run: its attention mask, if padded
 
     def recorder(index: int):
         def forward(*args, **kwargs):
             h, call = _split_hidden(args, kwargs)
+            if "attention_mask" in batch:
+                call.tokens = batch["attention_mask"].bool().cpu()
             calls[index].append(call)
             if index == 0:
                 hidden.append(h.detach().to("cpu"))
@@ -103,8 +129,10 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
         if use_cache is not None:
             model.config.use_cache = False
         for start in range(0, len(input_ids), batch_size):
+            if mask is not None:
+                batch["attention_mask"] = mask[start : start + batch_size].to(device)
             try:
-                model(input_ids[start : start + batch_size].to(device), **no_cache)
+                model(input_ids[start : start + batch_size].to(device), **no_cache, **batch)
             except StopForward:
                 pass
     finally:

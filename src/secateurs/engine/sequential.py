@@ -42,7 +42,7 @@ from ..patterns import check_nm, check_tiles, is_permutation, zero_where_
 from ..quant import round_to_nearest
 from ..progress import Stage, Tracker
 from .allocation import OWL, allocation_of
-from .capture import StopForward, capture_inputs
+from .capture import StopForward, capture_inputs, real_tokens
 from .distributed import ONE, Ranks, current
 from .layout import BlockLayout, Replay, learn_layout
 from .walk import IN_MEMORY, BlockVisit, InMemory, walk_blocks
@@ -124,10 +124,14 @@ class Observer:
         self.order: list[str] = []  # the hooked layers seen, in execution order
         self.stop_after = stop_after
         self._done: set[int] = set()
+        self._tokens: "torch.Tensor | None" = None  # the current batch's real tokens, if it is padded
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in layers.items()]
 
-    def start_batch(self) -> None:
+    def start_batch(self, tokens: "torch.Tensor | None" = None) -> None:
+        """A new batch begins; ``tokens`` (batch, seq) marks its real tokens where it is padded (an encoder's
+        examples): statistics count only those."""
         self._done.clear()
+        self._tokens = tokens
 
     def _hook(self, name: str):
         def hook(module, args):
@@ -149,6 +153,7 @@ class Observer:
             self.inputs.setdefault(gid, []).append(x.detach().to("cpu"))
         if self.needs == "none":
             return
+        x = real_tokens(x, self._tokens)
         st = self.stats.setdefault(gid, InputStats())
         st.tokens += x.reshape(-1, x.shape[-1]).shape[0]
         if self.sums:

@@ -36,7 +36,7 @@ def run_block(block: nn.Module, hidden: list, calls: list, device, keep: bool, o
         for r in replays:
             r.batch = b
         if observer is not None:
-            observer.start_batch()
+            observer.start_batch(call.tokens)
         try:
             out = call.call(block, h.to(device), device)
         except StopForward:

@@ -15,20 +15,19 @@ dense, measuring how much each changes the hidden states, then removes whole blo
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..engine.capture import capture_inputs
+from ..engine.capture import capture_inputs, real_tokens
 from ..engine.walk import IN_MEMORY, BlockVisit, InMemory, walk_blocks
 from ..errors import ArchitectureError, ConfigError
 from ..models.arch import find_blocks, set_weight_of, weight_of
 from ..progress import Stage, Tracker
 from . import scores as S
-from .surgery import check_loadable, drop_blocks, keep_channels, keep_heads, sync_config
+from .surgery import check_loadable, config_says_heads, drop_blocks, keep_channels, keep_heads, sync_config
 from .units import find_attention, find_mlp
 
 log = logging.getLogger(__name__)
@@ -115,11 +114,15 @@ class ChannelObserver:
     def __init__(self, modules: dict, gram: bool):
         self.stats = {name: S.ChannelStats() for name in modules}
         self.gram = gram
+        self._tokens = None  # the current batch's real tokens, if it is padded
         self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
+
+    def start_batch(self, tokens: "torch.Tensor | None" = None) -> None:
+        self._tokens = tokens
 
     def _hook(self, name):
         def hook(module, args):
-            self.stats[name].add(args[0].detach(), self.gram)
+            self.stats[name].add(real_tokens(args[0].detach(), self._tokens), self.gram)
 
         return hook
 
@@ -145,23 +148,14 @@ def _output_of(kind: str, unit):
 
 
 def _probe_heads(model: nn.Module, att) -> None:
-    """Fail before any weight changes if this family's config cannot describe fewer heads."""
-    from .surgery import _build_empty
+    """Fail before any weight changes if a decoder's config cannot describe fewer heads.  (An encoder's cannot
+    either -- BERT derives the head size from ``hidden_size / heads`` -- and its heads are recorded in the
+    config's ``secateurs_structure`` instead, for :func:`~.surgery.load`: encoders are not streamed, exported
+    to GGUF or sped up, where a plain config matters.)"""
+    from ..models.arch import head_of
 
-    cfg = copy.deepcopy(model.config)
     heads, kv = (att.kv_heads, att.kv_heads) if att.heads > att.kv_heads else (att.heads - 1, att.kv_heads - 1)
-    cfg.num_attention_heads = heads
-    if hasattr(cfg, "num_key_value_heads"):
-        cfg.num_key_value_heads = kv
-    cfg.head_dim = att.head_dim
-    try:
-        fresh = _build_empty(cfg)
-        name, blocks = find_blocks(fresh)
-        got = find_attention(blocks[0], f"{name}.0.")
-        ok = (got.heads, got.kv_heads, got.head_dim) == (heads, kv, att.head_dim)
-    except Exception:
-        ok = False
-    if not ok:
+    if head_of(model) == "causal" and not config_says_heads(model, heads, kv, att.head_dim):
         raise ArchitectureError(f"{type(model).__name__}'s config ties the head size to the hidden size: a model with "
                                 "fewer heads could not be saved as a loadable checkpoint, so head pruning is refused")
 
@@ -175,9 +169,9 @@ def check_structured(model: nn.Module, config) -> None:
     family, and an explicit bias compensation against the output projection."""
     from ..models.arch import head_of
 
-    if head_of(model) != "causal" and config.method not in ("blocks", "channels"):
+    if head_of(model) != "causal" and config.method not in ("blocks", "channels", "heads"):
         raise ConfigError(f"{type(model).__name__} is an encoder: of the structured methods, encoders take channels "
-                          f"(MLP) and blocks (whole layers), not {config.method} yet; weight pruning takes every "
+                          f"(MLP), heads and blocks (whole layers), not {config.method}; weight pruning takes every "
                           "method and pattern")
     if config.method == "experts":
         from .experts import check_experts
@@ -250,7 +244,7 @@ def prune_width(model: nn.Module, config, input_ids: "torch.Tensor | None", trac
         out_name, out_module = _output_of(kind, units[step.index])
         obs = ChannelObserver({out_name: out_module}, gram=config.refit)
         try:
-            outs = step.run(keep=keep)
+            outs = step.run(keep=keep, observer=obs)
         finally:
             obs.remove()
         return obs.stats[out_name], outs
@@ -384,21 +378,22 @@ def block_scores(model: nn.Module, input_ids: torch.Tensor, score: str, n: int, 
     tracker.enter(Stage.CALIBRATING)
     with source.outside_blocks():
         hidden, calls = capture_inputs(model, blocks, input_ids, batch_size)
-    tokens = sum(h.shape[0] * h.shape[1] for h in hidden)
+    real = [c.tokens if c.tokens is None else c.tokens.reshape(-1) for c in calls[0]]  # a padded batch's tokens
+    tokens = sum(h.shape[0] * h.shape[1] if t is None else int(t.sum()) for h, t in zip(hidden, real))
     sums = torch.zeros(L if score == "bi" else L - n + 1, dtype=torch.float64)
     history = [hidden]  # angular: the inputs of the last n+1 blocks
 
     def visit(step: BlockVisit):
         i, outs = step.index, step.run()
         if score == "bi":
-            sums[i] = sum(S.cosine_per_token(a, b).sum() for a, b in zip(step.hidden, outs))
+            sums[i] = sum(real_tokens(S.cosine_per_token(a, b), t).sum() for a, b, t in zip(step.hidden, outs, real))
             return outs
         history.append(outs)
         if len(history) > n + 1:
             history.pop(0)
         if i + 1 >= n:  # history[0] is block (i+1-n)'s input, history[-1] block (i+1)'s input
-            sums[i + 1 - n] = sum(S.angular_distance(S.cosine_per_token(a, b)).sum()
-                                  for a, b in zip(history[0], history[-1]))
+            sums[i + 1 - n] = sum(real_tokens(S.angular_distance(S.cosine_per_token(a, b)), t).sum()
+                                  for a, b, t in zip(history[0], history[-1], real))
         return outs
 
     walk_blocks(blocks, blocks_name, hidden, calls, device, visit, tracker, source=source)

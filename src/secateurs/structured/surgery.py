@@ -86,7 +86,9 @@ def keep_heads(unit: AttentionUnit, q_heads: list, kv_heads: list) -> None:
     module = unit.module
     if hasattr(module, "num_key_value_groups"):
         module.num_key_value_groups = len(q_heads) // len(kv_heads)
-    for attr, value in (("num_heads", len(q_heads)), ("num_key_value_heads", len(kv_heads))):
+    counts = {"num_heads": len(q_heads), "num_key_value_heads": len(kv_heads), "num_attention_heads": len(q_heads),
+              "n_heads": len(q_heads), "all_head_size": len(q_heads) * d}  # decoders', BERT's, DistilBERT's names
+    for attr, value in counts.items():
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, value)
 
@@ -139,9 +141,32 @@ def _width_key(config) -> str:
     raise ArchitectureError(f"{type(config).__name__} has no MLP width field ({', '.join(MLP_WIDTH_KEYS)})")
 
 
+def config_says_heads(model: nn.Module, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Can ``model``'s config family describe ``heads`` query and ``kv_heads`` KV heads of size ``head_dim``?
+    Decoders with a ``head_dim`` field can; a config that derives the head size from ``hidden_size / heads``
+    (BERT's, OPT's) cannot.  Tried by building a weightless model of such a config."""
+    cfg = copy.deepcopy(model.config)
+    cfg.num_attention_heads = heads
+    if hasattr(cfg, "num_key_value_heads"):
+        cfg.num_key_value_heads = kv_heads
+    cfg.head_dim = head_dim
+    try:
+        name, blocks = find_blocks(_build_empty(cfg, model))
+        got = find_attention(blocks[0], f"{name}.0.")
+        return (got.heads, got.kv_heads, got.head_dim) == (heads, kv_heads, head_dim)
+    except Exception:
+        return False
+
+
+def _config_heads(config) -> tuple:
+    heads = getattr(config, "num_attention_heads", None)
+    return heads, getattr(config, "num_key_value_heads", None) or heads
+
+
 def sync_config(model: nn.Module, head_dim: "int | None" = None) -> "dict | None":
-    """Write uniform widths into ``model.config``; if they differ per block, record the per-block structure
-    under ``config.secateurs_structure`` and return it (else None)."""
+    """Write uniform widths into ``model.config``; if they differ per block, or if the config cannot describe
+    them (fewer heads in a BERT-family encoder), record the per-block structure under
+    ``config.secateurs_structure`` and return it (else None).  ``head_dim``: heads were cut, of that size."""
     config = model.config
     s = structure_of(model)
     # a SliceGPT model with shortcut matrices keeps its record of them (config.hidden_size says the unsliced width)
@@ -151,14 +176,14 @@ def sync_config(model: nn.Module, head_dim: "int | None" = None) -> "dict | None
         setattr(config, _width_key(config), s["mlp"][0])
     else:
         uniform = False
-    if head_dim is not None:
-        if len(set(s["heads"])) == 1 and len(set(s["kv_heads"])) == 1:
-            config.num_attention_heads = s["heads"][0]
-            if hasattr(config, "num_key_value_heads"):
-                config.num_key_value_heads = s["kv_heads"][0]
-            config.head_dim = head_dim  # no longer hidden_size / heads
-        else:
-            uniform = False
+    if head_dim is not None and len(set(s["heads"])) == 1 and len(set(s["kv_heads"])) == 1 and \
+            config_says_heads(model, s["heads"][0], s["kv_heads"][0], head_dim):
+        config.num_attention_heads = s["heads"][0]
+        if hasattr(config, "num_key_value_heads"):
+            config.num_key_value_heads = s["kv_heads"][0]
+        config.head_dim = head_dim  # no longer hidden_size / heads
+    if any(h is not None and (h, kv) != _config_heads(config) for h, kv in zip(s["heads"], s["kv_heads"])):
+        uniform = False  # per-block heads, or heads the config cannot say
     if uniform:
         if hasattr(config, STRUCTURE_KEY):
             delattr(config, STRUCTURE_KEY)
@@ -263,7 +288,8 @@ def load(path: "str | Path", dtype: "torch.dtype | str" = "auto"):
     for f in sorted(path.glob("*.safetensors")):
         state.update(load_file(f))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {n for n in missing if n.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
+    # parameters stored once, under the name of the one they are tied to (an LM head, a masked LM's decoder bias)
+    tied = set(missing) & set(getattr(model, "all_tied_weights_keys", None) or {})
     if set(missing) - tied or unexpected:
         raise ArchitectureError(f"{path}: weights do not match the recorded structure "
                                 f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")

@@ -8,7 +8,8 @@ reads their ``width`` and writes ``hidden``.
 
 An **attention unit** is ``q``, ``k``, ``v`` (in registration order) and the output projection ``o``.
 Head ``h`` owns rows ``h*d .. (h+1)*d`` of ``q`` and columns of ``o``; KV head ``g`` owns rows of ``k``
-and ``v``; with grouped-query attention query head ``h`` reads KV head ``h // (heads / kv_heads)``.
+and ``v``; with grouped-query attention query head ``h`` reads KV head ``h // (heads / kv_heads)``.  The
+head size ``d`` is the attention module's ``head_dim`` (decoders) or ``attention_head_size`` (BERT family).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class MlpUnit:
 
 @dataclass
 class AttentionUnit:
-    module: nn.Module  # the attention module (owner of head_dim, num_key_value_groups ...)
+    module: nn.Module  # the attention module (owner of head_dim or attention_head_size, num_key_value_groups ...)
     q: tuple
     k: tuple
     v: tuple
@@ -95,7 +96,7 @@ def find_attention(block: nn.Module, prefix: str = "") -> AttentionUnit:
         raise ArchitectureError(f"{where}: attention linears do not have q/k/v/o shapes")
     owner_name = q[0].rsplit(".", 1)[0][len(prefix):]
     owner = block.get_submodule(owner_name) if owner_name else block
-    head_dim = getattr(owner, "head_dim", None)
+    head_dim = getattr(owner, "head_dim", None) or getattr(owner, "attention_head_size", None)
     if not isinstance(head_dim, int) or weight_of(q[1]).shape[0] % head_dim or weight_of(k[1]).shape[0] % head_dim:
         raise ArchitectureError(f"{where}: the attention module has no head_dim that divides q and k")
     return AttentionUnit(owner, q, k, v, o, head_dim)
