@@ -377,6 +377,26 @@ def test_a_new_head_sits_on_the_encoder_weights_as_they_were(wordpiece, tmp_path
         classifier_for(clf, ["animal", "plant"])
 
 
+
+def test_a_head_pruned_masked_lm_is_fine_tuned_as_a_classifier(wordpiece, tmp_path, capsys):
+    """A new classifier is built with the cut encoder's recorded structure (fewer heads, per-layer widths)."""
+    from secateurs import StructuredConfig
+
+    root, tok = wordpiece
+    mlm, tokenizer = load_model(str(encoder_dir(tmp_path, tok, "roberta", "ForMaskedLM")))
+    api.prune(mlm, [StructuredConfig(method="heads", ratio=0.5, score="magnitude"),
+                    StructuredConfig(method="channels", ratio=0.25, score="magnitude", allocation="global")],
+              None, progress=False)
+    cut = tmp_path / "cut"
+    save_model(mlm, tokenizer, cut)
+    out = tmp_path / "clf"
+    assert main(["finetune", "--model", str(cut), "--task", "classification", "--data", str(root / "train.jsonl"),
+                 "--eval-data", str(root / "test.jsonl"), "--epochs", "1", "--quiet", "--output", str(out)]) == 0
+    clf, _ = load_model(str(out))
+    assert type(clf).__name__ == "RobertaForSequenceClassification"
+    assert clf.config.secateurs_structure["heads"] == [2, 2] == mlm.config.secateurs_structure["heads"]
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_heads_cut_from_an_encoder_are_heads_zeroed_and_reload_through_secateurs(wordpiece, tmp_path, family, capsys):
     """Oracle: a removed head is the dense model with that head's columns of the output projection zeroed.  BERT's

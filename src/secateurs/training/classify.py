@@ -25,6 +25,7 @@ def classifier_for(model, classes: list):
     import transformers
 
     from ..models.arch import ENCODERS, head_of
+    from ..structured.surgery import STRUCTURE_KEY, apply_structure, built_config
 
     config = model.config
     if getattr(config, "model_type", None) not in ENCODERS:
@@ -50,7 +51,11 @@ def classifier_for(model, classes: list):
                                          **({"label2id": label2id, "id2label": {i: n for n, i in label2id.items()}}
                                             if label2id else {})})
     torch.manual_seed(0)  # the new head's initial weights, reproducibly
-    head = cls(new_config).to(next(model.parameters()).dtype)
+    structure = getattr(config, STRUCTURE_KEY, None)  # a structured cut: fewer heads, per-layer widths
+    head = cls(built_config(new_config, structure)).to(next(model.parameters()).dtype)
+    if structure:
+        apply_structure(head, structure)
+        setattr(head.config, STRUCTURE_KEY, structure)
     encoder = getattr(head, head.base_model_prefix)
     source = getattr(model, model.base_model_prefix, model)
     found = encoder.load_state_dict(source.state_dict(), strict=False)  # a model saved without a pooler has none
