@@ -539,3 +539,28 @@ def test_a_walk_checkpoint_of_another_run_or_setting_is_refused(calib_ids, tmp_p
         with pytest.raises(ConfigError, match=message):
             prune(_four_blocks(), cfg, calib_ids, progress=False, checkpoint=WalkCheckpoint(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pattern, sparsity", [("unstructured", 0.5), ("2:4", None)])
+def test_pruning_a_few_rows_at_a_time_is_bit_identical(calib_ids, monkeypatch, dtype, pattern, sparsity):
+    """Wanda's rows are independent: the engine prunes each matrix a chunk of rows at a time in the model's dtype
+    (5 rows here), with the same weights, masks and records as the whole matrix in float32."""
+    from secateurs.methods.wanda import Wanda
+
+    def run(row_local):
+        monkeypatch.setattr(Wanda, "row_local", row_local)
+        model = tiny_model("llama").to(dtype)
+        result = prune(model, PruneConfig(method="wanda", pattern=pattern, sparsity=sparsity, batch_size=4),
+                       calib_ids, progress=False)
+        return model.state_dict(), [(r.name, r.pruned, r.zeros) for r in result.layers]
+
+    monkeypatch.setattr(sequential, "ROWS_AT_ONCE", 5 * 64)  # the tiny model's inputs are 64 or 128 wide
+    chunks, original = [], sequential.prune_rows
+    monkeypatch.setattr(sequential, "prune_rows", lambda *a: chunks.append(a[1].shape) or original(*a))
+    chunked = run(True)
+    assert len(chunks) == len(chunked[1])  # every matrix took the chunked path
+    whole = run(False)
+    assert len(chunks) == len(chunked[1])  # and none did here
+    assert chunked[1] == whole[1]
+    assert all(torch.equal(chunked[0][k].view(torch.uint8), whole[0][k].view(torch.uint8)) for k in whole[0])

@@ -38,7 +38,7 @@ from ..methods.reconstruct import admm_reconstruct
 from ..models.arch import (check_finite, find_blocks, find_linears, is_transposed, non_finite, role_of, set_weight_of,
                            weight_of)
 from ..models.experts import ExpertLinear, expose, routers, stage_of, viewed
-from ..patterns import check_nm, check_tiles, is_permutation, zero_where_
+from ..patterns import build_mask, check_nm, check_tiles, is_permutation, zero_where_
 from ..quant import round_to_nearest
 from ..progress import Stage, Tracker
 from .allocation import OWL, allocation_of
@@ -273,6 +273,36 @@ def refiner(config, seqlen: int):
     return None
 
 
+ROWS_AT_ONCE = 2**22  # weights a row-local method scores at once: 16 MiB of float32
+
+
+def by_rows(method: Method, target: LayerTarget, refine) -> bool:
+    """Can one matrix be pruned a few rows at a time (:func:`prune_rows`)?  When the method says its rows are
+    independent and prunes by the base rule (scores, then the pattern's mask), the target compares scores within
+    rows (unstructured or N:M: a tile's summed score might round differently in a smaller tensor), and nothing
+    needs the float32 matrix whole (a refinement, quantization)."""
+    return (method.row_local and type(method).prune is Method.prune and refine is None and target.quant is None
+            and target.group == "row" and target.pattern.kind in ("unstructured", "nm"))
+
+
+@torch.no_grad()
+def prune_rows(method: Method, W: torch.Tensor, stats: InputStats, target: LayerTarget, device) -> tuple:
+    """``(pruned copy of W, mask)``, the copy in W's own dtype, each chunk of rows scored in float32 and its
+    masked weights zeroed: bit for bit what pruning the whole matrix in float32 gives (a row's scores and
+    selection do not depend on other rows, and a kept weight goes float32 and back unchanged), with a float32
+    copy of one chunk alive instead of two of the matrix (the weights and their scores)."""
+    out = W.to(device=device, copy=True, memory_format=torch.contiguous_format)
+    mask = torch.empty(out.shape, dtype=torch.bool, device=out.device)
+    tile = target.pattern.block or 1  # a tile spans this many rows
+    step = max(tile, ROWS_AT_ONCE // max(1, out.shape[1]) // tile * tile)
+    for a in range(0, out.shape[0], step):
+        rows = out[a : a + step]
+        scores = method.scores(rows.to(torch.float32), stats)
+        mask[a : a + step] = build_mask(scores, target.pattern, target.sparsity, target.group)
+        zero_where_(rows, mask[a : a + step])
+    return out, mask
+
+
 @torch.no_grad()
 def prune_layers(names: list, modules: list, method: Method, stats: InputStats, targets: list,
                  block: "int | None", device, refine=None) -> list[LayerRecord]:
@@ -288,6 +318,12 @@ def prune_layers(names: list, modules: list, method: Method, stats: InputStats, 
     together = [[i] for i in range(len(modules))] if independent else [list(range(len(modules)))]
     finished = {}
     for part in together:
+        if independent and by_rows(method, targets[part[0]], refine):  # one matrix, a few rows at a time
+            i = part[0]
+            W, mask = prune_rows(method, originals[i], stats, targets[i], device)
+            counts = verify_layer(names[i], W, mask, targets[i], method.meets_target)
+            finished[i] = W.to(originals[i].device), counts, None, None
+            continue
         Ws = []
         for i in part:
             W = originals[i].to(device=device, dtype=torch.float32)

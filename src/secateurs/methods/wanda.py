@@ -16,6 +16,7 @@ from .base import InputStats, Method, register
 class Wanda(Method):
     needs = "norms"
     default_group = "row"
+    row_local = True
 
     def scores(self, W: torch.Tensor, stats: InputStats) -> torch.Tensor:
         # (out, in) * (1, in): the norm broadcasts along the output rows
