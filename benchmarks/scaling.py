@@ -129,9 +129,10 @@ def markdown(rows: list, command: str) -> str:
                      f"{r['checkpoint_bytes'] / 1e9:.2f} | {r['output_bytes'] / 1e9:.2f} | {r['output_dtype']} | "
                      f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['prune_seconds']:.0f} | {r['seconds_per_block']:.1f} | "
                      f"{r['sparsity']:.4f} |")
-    lines += ["", "Repeated runs of one shape differ by up to ~0.35 GiB in peak RSS (this script on 2026-12-06, this code, "
-              "checkpoints already built: d22:wanda 0.90 to 1.00 GiB, d22:sparsegpt 1.33 to 1.69, llama3b:wanda 1.42 "
-              "to 1.58, llama3b:sparsegpt 1.94 to 2.14). Earlier pages showed more "
+    lines += ["", "Repeated runs of one shape differed by up to ~0.35 GiB in peak RSS (this script on 2026-12-06 on an "
+              "Intel Xeon, the code of that day, checkpoints already built: d22:wanda 0.90 to 1.00 GiB, "
+              "d22:sparsegpt 1.33 to 1.69, llama3b:wanda 1.42 to 1.58, llama3b:sparsegpt 1.94 to 2.14). Earlier "
+              "pages showed more "
               "for a shape whose checkpoint had just been built: the builder's memory was counted as the prune's "
               "peak (a forked child's `ru_maxrss` keeps its parent's high-water mark); checkpoints are now built in "
               "a process of their own.", "",
@@ -160,16 +161,17 @@ def block_params(shape) -> int:
 
 def block_bytes(shape, method: str, tokens: int) -> int:
     """What one block adds to the resident set at its peak, by arithmetic: the block in bf16, the calibration
-    activations (its inputs and outputs, bf16), and the method's float32 work.  Wanda: one matrix at a time (a
-    copy, its scores and its mask, 9 bytes a weight).  SparseGPT, true-sequential: one input group at a time
-    (q/k/v, o, gate/up, down), holding its ``X^T X`` and the two matrices of its damped inverse (three
-    ``(in, in)`` in all) and the group's rows stacked (a copy and a mask, 5 bytes a weight); the largest group
-    sets the peak."""
+    activations (its inputs and outputs, bf16), and the method's work.  Wanda: one matrix at a time, a few rows
+    at a time in bf16 (the pruned copy, 2 bytes a weight; its mask and verification's, 3; the verified copy of
+    the matrix sharing its input, waiting, 2: 7 bytes a weight; one float32 chunk of 16 MiB aside).
+    SparseGPT, true-sequential: one input group at a time (q/k/v, o, gate/up, down), holding its ``X^T X``
+    and the two matrices of its damped inverse (three ``(in, in)`` in all) and the group's rows stacked (a copy
+    and a mask, 5 bytes a weight); the largest group sets the peak."""
     hidden = shape[0]
     m = matrices(shape)
     base = 2 * block_params(shape) + 2 * 2 * tokens * hidden
     if method == "wanda":
-        return base + 9 * max(r * c for r, c in m)
+        return base + 7 * max(r * c for r, c in m)
     groups = [m[0:3], m[3:4], m[4:6], m[6:7]]  # the layers that read one input
     return base + max(3 * 4 * g[0][1] ** 2 + 5 * sum(r * c for r, c in g) for g in groups)
 

@@ -464,15 +464,19 @@ def test_padded_examples_calibrate_without_their_padding(wordpiece, tmp_path):
     name, blocks = find_blocks(model)
     linears = find_linears(blocks[0], f"{name}.0.")
     norms, padded = {n: 0 for n in linears}, {n: 0 for n in linears}
-    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: norms.__setitem__(n, norms[n] + (a[0] ** 2).sum((0, 1))))
-             for n, m in linears.items()]
+
+    def summing(into):  # hooks adding every linear's squared input norms into ``into``
+        def add(n):
+            return lambda module, args: into.__setitem__(n, into[n] + (args[0] ** 2).sum((0, 1)))
+        return [m.register_forward_pre_hook(add(n)) for n, m in linears.items()]
+
     with torch.no_grad():
+        hooks = summing(norms)
         for row, keep in zip(rows, mask.bool()):
             model(input_ids=row[keep][None])  # the example alone, no padding
         for h in hooks:
             h.remove()
-        hooks = [m.register_forward_pre_hook(lambda m, a, n=n: padded.__setitem__(n, padded[n] + (a[0] ** 2).sum((0, 1))))
-                 for n, m in linears.items()]
+        hooks = summing(padded)
         model(input_ids=rows)  # padding attended to and counted: what the masks must not be made from
     for h in hooks:
         h.remove()
