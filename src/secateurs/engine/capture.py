@@ -103,13 +103,12 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
     calls: list[list[BlockCall]] = [[] for _ in blocks]
     last = len(blocks) - 1
     mask = padding_of(model, input_ids)
-    batch: dict = {}  # the batch being run: its attention mask, if padded
+    batch: dict = {}  # the batch being run, if padded: its real tokens
 
     def recorder(index: int):
         def forward(*args, **kwargs):
             h, call = _split_hidden(args, kwargs)
-            if "attention_mask" in batch:
-                call.tokens = batch["attention_mask"].bool().cpu()
+            call.tokens = batch.get("tokens")
             calls[index].append(call)
             if index == 0:
                 hidden.append(h.detach().to("cpu"))
@@ -129,10 +128,12 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
         if use_cache is not None:
             model.config.use_cache = False
         for start in range(0, len(input_ids), batch_size):
-            if mask is not None:
-                batch["attention_mask"] = mask[start : start + batch_size].to(device)
+            extra = {}
+            if mask is not None:  # padded rows: masked in attention, and every call records their real tokens
+                batch["tokens"] = mask[start : start + batch_size].bool()
+                extra = {"attention_mask": mask[start : start + batch_size].to(device)}
             try:
-                model(input_ids[start : start + batch_size].to(device), **no_cache, **batch)
+                model(input_ids[start : start + batch_size].to(device), **no_cache, **extra)
             except StopForward:
                 pass
     finally:

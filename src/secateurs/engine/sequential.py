@@ -293,8 +293,7 @@ def prune_rows(method: Method, W: torch.Tensor, stats: InputStats, target: Layer
     copy of one chunk alive instead of two of the matrix (the weights and their scores)."""
     out = W.to(device=device, copy=True, memory_format=torch.contiguous_format)
     mask = torch.empty(out.shape, dtype=torch.bool, device=out.device)
-    tile = target.pattern.block or 1  # a tile spans this many rows
-    step = max(tile, ROWS_AT_ONCE // max(1, out.shape[1]) // tile * tile)
+    step = max(1, ROWS_AT_ONCE // max(1, out.shape[1]))
     for a in range(0, out.shape[0], step):
         rows = out[a : a + step]
         scores = method.scores(rows.to(torch.float32), stats)

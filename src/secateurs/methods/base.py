@@ -92,9 +92,9 @@ class Method:
     true_sequential: ClassVar[bool] = False  # default for PruneConfig.true_sequential
     help: ClassVar[dict[str, str]] = {}  # option name -> one line for --help and the docs
     meets_target: bool = True  # removes exactly the target fraction (checked); False: a threshold decides
-    # True: a row's scores depend on that row only (and the statistics), and pruning is scores + build_mask, so
-    # the engine may prune a matrix a few rows at a time, in the model's dtype (a float32 copy of one chunk)
-    row_local: bool = False
+    # True: a row's scores depend on that row only (and the statistics): where the method keeps the base prune
+    # (scores, then the pattern's mask), the engine may prune a matrix a few rows at a time, in the model's dtype
+    row_local: ClassVar[bool] = False
 
     @classmethod
     def options(cls) -> dict[str, Option]:

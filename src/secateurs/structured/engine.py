@@ -154,8 +154,10 @@ def _probe_heads(model: nn.Module, att) -> None:
     to GGUF or sped up, where a plain config matters.)"""
     from ..models.arch import head_of
 
+    if head_of(model) != "causal":
+        return
     heads, kv = (att.kv_heads, att.kv_heads) if att.heads > att.kv_heads else (att.heads - 1, att.kv_heads - 1)
-    if head_of(model) == "causal" and not config_says_heads(model, heads, kv, att.head_dim):
+    if not config_says_heads(model, heads, kv, att.head_dim):
         raise ArchitectureError(f"{type(model).__name__}'s config ties the head size to the hidden size: a model with "
                                 "fewer heads could not be saved as a loadable checkpoint, so head pruning is refused")
 
