@@ -306,7 +306,8 @@ def test_multi_stage_recipe(calib_ids):
 
 
 def test_gram_lower_matches_full_product():
-    from secateurs.engine.sequential import gram_lower_, mirror_lower_
+    from secateurs.engine.sequential import gram_lower_
+    from secateurs.linalg import mirror_lower_
 
     for n in (7, 64, 576, 1000):
         x = torch.randn(50, n, dtype=torch.float64)

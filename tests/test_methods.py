@@ -3,7 +3,7 @@ import torch
 
 from secateurs.methods import InputStats, LayerTarget, get_method
 from secateurs.methods.reconstruct import admm_reconstruct
-from secateurs.methods.sparsegpt import damped_inverse_cholesky, sparsegpt_prune
+from secateurs.methods.sparsegpt import inverse_factor, sparsegpt_prune
 from secateurs.patterns import Pattern, check_nm
 
 UNSTRUCTURED = Pattern.parse("unstructured")
@@ -139,28 +139,40 @@ def test_sparsegpt_dead_inputs_and_damping_retry(caplog):
     # an indefinite matrix needs more damping: the retry is logged
     bad = torch.eye(4, dtype=torch.float64)
     bad[0, 0] = -0.5
-    with caplog.at_level("WARNING"):
-        U = damped_inverse_cholesky(bad, 0.01)
-    assert "retrying" in caplog.text and torch.isfinite(U).all()
+    bad[1, 0] = bad[0, 1] = 0.25
+    before = bad.clone()
+    with caplog.at_level("WARNING"), inverse_factor(bad, 0.01) as F:
+        U = torch.triu(F)
+    assert "retrying" in caplog.text and "succeeded after raising damping to 1" in caplog.text
+    damped = before + 1.0 * torch.diag(before).mean() * torch.eye(4, dtype=torch.float64)  # 0.01 x 10 x 10
+    assert torch.allclose(U.t() @ U, torch.linalg.inv(damped), rtol=1e-10)
+    assert torch.equal(bad, before)  # the failed factorisations were undone
 
 
 def test_inverse_cholesky_factor():
+    """Inside the ``with``, H's storage holds U (upper, U^T U = damped H^-1) above the diagonal and H's own
+    strictly lower triangle below it; afterwards H is back bit for bit -- after an error in the body, too."""
     _, H = _hessian(n_in=24)
-    U = damped_inverse_cholesky(H, 0.01)
+    before = H.clone()
     Hd = H + 0.01 * torch.diag(H).mean() * torch.eye(24, dtype=H.dtype)
-    assert torch.equal(U, torch.triu(U))
+    with inverse_factor(H, 0.01) as F:
+        assert F.data_ptr() == before.data_ptr() or F is H
+        U = torch.triu(F)
+        assert torch.equal(torch.tril(F, -1), torch.tril(before, -1))
     assert torch.allclose(U.t() @ U, torch.linalg.inv(Hd), rtol=1e-8, atol=1e-12)
+    assert torch.equal(H, before)
+    with pytest.raises(ZeroDivisionError), inverse_factor(H, 0.01):
+        1 / 0
+    assert torch.equal(H, before)
 
 
 def test_the_in_place_inverse_factor_equals_the_plain_one():
-    """Factorised and solved in place, with dead channels, it is flip -> cholesky -> solve -> flip to float32
-    rounding (bit for bit on Intel CPUs; elsewhere the triangular solve's kernel for a row-major factor may round
-    differently), with the plain one's strides, and the caller's H is untouched."""
-    from secateurs.methods.sparsegpt import _reverse_
-
-    for n in (7, 130, 513):
+    """Built in place, a block of columns at a time, with dead channels: flip -> cholesky -> triangular inverse
+    -> flip of torch.linalg to float32 rounding, for widths below, at and across the block size."""
+    for n in (7, 130, 256, 513):
         _, H = _hessian(n_in=n)
         H = H.float()
+        H = torch.tril(H) + torch.tril(H, -1).t()  # exactly symmetric, as the engine's are
         H[2, :] = H[:, 2] = 0
         before = H.clone()
         dead = torch.diag(H) == 0
@@ -170,13 +182,48 @@ def test_the_in_place_inverse_factor_equals_the_plain_one():
         A.diagonal().add_(0.01 * torch.mean(torch.diag(plain)))
         L = torch.linalg.cholesky(A)
         expected = torch.linalg.solve_triangular(L, torch.eye(n), upper=False).flip(0, 1)
-        got = damped_inverse_cholesky(H, 0.01, dead)
-        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
-        assert got.stride() == expected.stride() and torch.equal(H, before)
+        with inverse_factor(H, 0.01, dead) as F:
+            got = torch.triu(F)
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+        assert torch.equal(H, before)
+
+
+def test_in_place_factorisations_touch_only_the_lower_triangle():
+    from secateurs.linalg import cholesky_lower_, invert_lower_, reverse_
+
+    for n, block in ((9, 4), (40, 16), (64, 64), (100, 256)):
+        _, H = _hessian(n_in=n)
+        A = torch.tril(H) + torch.triu(torch.full_like(H, 7.0), 1)  # above the diagonal: never read nor written
+        upper = torch.triu(A, 1)
+        assert cholesky_lower_(A, block) == 0
+        L = torch.tril(A)
+        assert torch.allclose(L, torch.linalg.cholesky(H), rtol=1e-10, atol=1e-10)
+        assert torch.equal(torch.triu(A, 1), upper)
+        invert_lower_(A, block)
+        assert torch.allclose(torch.tril(A), torch.linalg.inv(L), rtol=1e-9, atol=1e-9)
+        assert torch.equal(torch.triu(A, 1), upper)
+    bad = torch.eye(6, dtype=torch.float64)
+    bad[4, 4] = -1.0
+    assert cholesky_lower_(bad.clone(), 2) == 5  # the 1-based column where it stopped, as LAPACK says it
     for shape, chunk in (((5, 7), 3), ((6, 6), 1), ((9, 4), 100)):
         M = torch.randn(shape)
         for m in (M.clone(), M.t().contiguous().t()):  # row- and column-major
-            assert torch.equal(_reverse_(m, chunk), M.flip(0, 1))
+            assert torch.equal(reverse_(m, chunk), M.flip(0, 1))
+
+
+def test_sparsegpt_prunes_layers_that_share_an_input_as_if_one_by_one():
+    """q/k/v (or gate/up) share one inverse factor; each keeps its own target (here its own pattern too)."""
+    _, H = _hessian(n_in=32, tokens=512)
+    g = torch.Generator().manual_seed(8)
+    Ws = [torch.randn(r, 32, generator=g, dtype=torch.float64) for r in (6, 3)]
+    targets = [LayerTarget(UNSTRUCTURED, 0.5, "lazy-batch"), LayerTarget(Pattern.parse("2:4"), 0.5, "lazy-batch")]
+    method = get_method("sparsegpt", blocksize=16)
+    together = [W.clone() for W in Ws]
+    masks = method.prune_many(together, InputStats(hessian=H), targets)
+    for W, got, mask, t in zip(Ws, together, masks, targets):
+        alone = W.clone()
+        assert torch.equal(mask, sparsegpt_prune(alone, H, t.pattern, t.sparsity, blocksize=16))
+        assert torch.allclose(got, alone, rtol=0, atol=1e-12)
 
 
 def masked_least_squares(W0, H, keep, damp):

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..allocator import give_back_freed_memory
 from ..errors import CalibrationError, ConfigError, VerificationError
+from ..linalg import mirror_lower_
 from ..methods.base import InputStats, LayerTarget, Method, Pruned
 from ..methods.dsnot import dsnot
 from ..methods.reconstruct import admm_reconstruct
@@ -77,25 +78,13 @@ def gram_lower_(H: torch.Tensor, x: torch.Tensor, target_chunk: int = 300) -> No
     """``H += x^T x`` for ``x`` (tokens, in), computing only the chunk pairs on or below the diagonal.
 
     ``x^T x`` is symmetric, so the strictly upper chunk pairs are skipped (up to ~40% of the work for
-    wide inputs) and filled in once by :func:`mirror_lower_`.  The width is cut into equal chunks of about
-    ``target_chunk`` columns: smaller ones make the matrix products less efficient on a CPU.
+    wide inputs) and filled in once by :func:`~secateurs.linalg.mirror_lower_`.  The width is cut into equal
+    chunks of about ``target_chunk`` columns: smaller ones make the matrix products less efficient on a CPU.
     """
     n = x.shape[1]
     chunk = -(-n // max(1, round(n / target_chunk)))  # ceil(n / number of chunks)
     for i in range(0, n, chunk):
         H[i : i + chunk, : i + chunk].addmm_(x[:, i : i + chunk].t(), x[:, : i + chunk])
-
-
-def mirror_lower_(H: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """Complete, in place, a matrix whose lower triangle holds ``x^T x``: every entry above the diagonal
-    becomes its mirror image below it, ``chunk`` rows at a time (no ``(in, in)`` temporary)."""
-    n = H.shape[0]
-    for a in range(0, n, chunk):
-        b = min(a + chunk, n)
-        H[a:b, b:] = H[b:, a:b].t()  # right of the diagonal square: from the (unchanged) rows below
-        square = H[a:b, a:b]
-        square.copy_(torch.tril(square) + torch.tril(square, -1).t())
-    return H
 
 
 class Observer:
@@ -338,12 +327,14 @@ def prune_layers(names: list, modules: list, method: Method, stats: InputStats, 
                              [names[i] for i in part])
             sizes = [w.shape[0] for w in Ws]
             Ws, masks = list(W.split(sizes)), list(mask.split(sizes))
-        for k, (i, W, mask) in enumerate(zip(part, Ws, masks)):
+        for k, i in enumerate(part):
+            W, mask = Ws[k], masks[k]
+            Ws[k] = masks[k] = None  # each float32 copy goes once its result waits in the model's dtype
             if (quant := targets[i].quant) is not None and scales[k] is None:  # round to nearest on its own grid
                 W, scales[k] = round_to_nearest(W, quant)
             counts = verify_layer(names[i], W, mask, targets[i], method.meets_target, orders[k])
             finished[i] = W.to(originals[i].device, originals[i].dtype), counts, scales[k], orders[k]
-        del Ws, masks
+            del W, mask
     out = []
     for i, (name, module, target) in enumerate(zip(names, modules, targets)):
         W, counted, scale, order = finished.pop(i)

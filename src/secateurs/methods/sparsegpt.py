@@ -18,10 +18,12 @@ chosen the same way as unstructured weights, with the scores summed over each ti
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 
 from ..errors import CalibrationError, ConfigError
+from ..linalg import cholesky_lower_, invert_lower_, mirror_lower_, reverse_
 from ..patterns import Pattern, expand_tiles, lowest_in_groups, lowest_k_mask, tile_scores, zero_where_
 from ..quant import Quant, codes_of
 from .base import InputStats, LayerTarget, Method, Pruned, register
@@ -29,77 +31,68 @@ from .base import InputStats, LayerTarget, Method, Pruned, register
 log = logging.getLogger(__name__)
 
 
-def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, dead: "torch.Tensor | None" = None,
-                            max_tries: int = 6) -> torch.Tensor:
-    """Upper triangular ``U`` with ``U^T U = (H + damp I)^-1``, ``damp = percdamp * mean(diag H)``.
+@contextmanager
+def inverse_factor(H: torch.Tensor, percdamp: float, dead: "torch.Tensor | None" = None, max_tries: int = 6):
+    """Upper triangular ``U`` with ``U^T U = (H + damp I)^-1``, ``damp = percdamp * mean(diag H)``, built in
+    the symmetric ``H``'s own storage: inside the ``with``, the upper triangle (with the diagonal) of the matrix it gives --
+    ``H`` itself -- is ``U``, and its strictly lower triangle still holds ``H``'s; on leaving, ``H`` is as it was,
+    bit for bit.  No other ``(in, in)`` matrix is made (three were: 9.9 GB for a 28,672-wide input).
 
     ``dead`` (boolean, ``(in,)``) marks input channels that were never active: their diagonal entries count
-    as 1 (their rows and columns of ``H`` are zero).  ``H`` itself is not changed.
+    as 1 (their rows and columns of ``H`` are zero).
 
-    With ``J`` the reversal permutation and ``J H J = L L^T``, ``U = J L^-1 J``: one Cholesky factorisation
-    and one triangular inverse, instead of factorise -> invert -> factorise again (half the work, same
-    ``U``).  If the factorisation fails (``H`` numerically singular), the damping is multiplied by 10 and
-    retried, with a warning in the log.  Memory: two ``(in, in)`` matrices besides ``H`` -- ``J H J`` is
-    factorised in place, the identity is solved in place, and ``J U' J`` is a reversal of the flat buffer done
-    in place (for a 28,672-wide input each matrix is 3.3 GB).
+    With ``J`` the reversal permutation and ``J H J = L L^T``, ``U = J L^-1 J`` (``H = (JLJ)(JLJ)^T`` with
+    ``JLJ`` upper triangular): one Cholesky factorisation and one triangular inverse.  ``H`` is reversed in
+    place (``J H J`` is symmetric too), its diagonal damped, its lower triangle factorised and inverted in place
+    (:mod:`secateurs.linalg`, which never touches the strictly upper triangle), and reversed again: ``L^-1``'s
+    lower triangle becomes ``U``'s upper one, and the untouched mirror of ``H`` its strictly lower one.  If the
+    factorisation fails (``H`` numerically singular), the lower triangle is copied back from the upper one and
+    the damping multiplied by 10, with a warning in the log.
     """
-    diag = torch.diag(H)
+    diag = torch.diag(H)  # a copy: the diagonal is the one part of H that is written over and put back
+    damped = diag.clone()
     if dead is not None:
-        diag[dead] = 1
-    mean_diag = torch.mean(diag)
-    damp_frac = percdamp
-    for attempt in range(max_tries):
-        A = H.flip(0, 1)  # J H J, a copy; J maps the diagonal onto itself, so J (H + damp I) J = J H J + damp I
-        if dead is not None:
-            A.diagonal()[dead.flip(0)] = 1
-        A.diagonal().add_(damp_frac * mean_diag)
-        info = torch.empty((), dtype=torch.int32, device=H.device)
-        L, info = torch.linalg.cholesky_ex(A, out=(A, info))  # L overwrites A
-        if info == 0:
-            if attempt:
-                log.warning("SparseGPT: Cholesky succeeded after raising damping to %.3g of mean(diag H)", damp_frac)
-            # the identity in column-major order, as LAPACK solves in place (the result LAPACK would return)
-            U = torch.eye(H.shape[0], dtype=H.dtype, device=H.device).t()
-            torch.linalg.solve_triangular(L, U, upper=False, out=U)
-            del L, A
-            return _reverse_(U)  # J L^-1 J
-        del L, A
-        log.warning("SparseGPT: Cholesky failed with damping %.3g of mean(diag H); retrying with %.3g",
-                    damp_frac, damp_frac * 10)
-        damp_frac *= 10
-    raise CalibrationError(f"SparseGPT: Hessian is not positive definite even with damping {damp_frac:.3g}")
-
-
-def _reverse_(M: torch.Tensor, chunk: int = 2**20) -> torch.Tensor:
-    """``M.flip(0, 1)`` in place, for a dense (row- or column-major) matrix: element ``(i, j)`` goes to
-    ``(n-1-i, m-1-j)``, which in either order is the reversal of the flat buffer; swapped ``chunk`` values at a
-    time from both ends."""
-    flat = (M if M.is_contiguous() else M.t()).view(-1)
-    n, k = flat.numel(), 0
-    while k < n // 2:
-        c = min(chunk, n // 2 - k)
-        head, tail = flat[k:k + c], flat[n - k - c:n - k]
-        kept = head.flip(0)  # a copy of c values
-        head.copy_(tail.flip(0))
-        tail.copy_(kept)
-        k += c
-    return M
+        damped[dead] = 1
+    mean_diag = torch.mean(damped)
+    damp_frac, flipped = percdamp, True
+    reverse_(H)  # J H J
+    try:
+        for attempt in range(max_tries):
+            H.diagonal().copy_((damped + damp_frac * mean_diag).flip(0))  # J maps the diagonal onto itself
+            if not cholesky_lower_(H):
+                break
+            log.warning("SparseGPT: Cholesky failed with damping %.3g of mean(diag H); retrying with %.3g",
+                        damp_frac, damp_frac * 10)
+            mirror_lower_(H.t())  # J H J again, from the triangle the factorisation did not touch
+            damp_frac *= 10
+        else:
+            raise CalibrationError(f"SparseGPT: Hessian is not positive definite even with damping {damp_frac:.3g}")
+        if attempt:
+            log.warning("SparseGPT: Cholesky succeeded after raising damping to %.3g of mean(diag H)", damp_frac)
+        invert_lower_(H)
+        reverse_(H)  # U above the diagonal, H's own strictly lower triangle below it
+        flipped = False
+        yield H
+    finally:  # H again, from the triangle that holds it
+        if flipped:
+            mirror_lower_(H.t())
+            H.diagonal().copy_(diag.flip(0))
+            reverse_(H)
+        else:
+            H.diagonal().copy_(diag)
+            mirror_lower_(H)
 
 
 def sparsegpt_prune(
     W: torch.Tensor,
     H: torch.Tensor,
     pattern: Pattern,
-    sparsity: "float | list[tuple[int, float]]",
+    sparsity: float,
     blocksize: int = 128,
     percdamp: float = 0.01,
     quant: "Quant | None" = None,
 ) -> "torch.Tensor | tuple[torch.Tensor, torch.Tensor]":
     """Prune ``W`` (out, in) in place given ``H = X^T X`` (in, in); return the boolean prune mask.
-
-    ``sparsity`` may be a list of ``(rows, sparsity)`` segments: layers that read the same input (q/k/v)
-    are then pruned in one pass over their stacked rows -- the OBS update is row-independent -- while
-    each keeps its own unstructured / block selection, exactly as if pruned one by one.
 
     ``quant`` quantizes the kept weights in the same sweep, as the paper's joint sparsification and
     quantization does (GPTQ's column-by-column rounding): a kept ``w_q`` becomes its grid point ``q`` and the
@@ -107,14 +100,26 @@ def sparsegpt_prune(
     scales are fixed when the sweep reaches its first column, from the current (already updated) weights it
     keeps.  Returns ``(mask, scales)`` then, the scales ``(out, groups)`` in float32 (:mod:`secateurs.quant`).
     """
-    rows, cols = W.shape
-    segments = sparsity if isinstance(sparsity, list) else [(rows, sparsity)]
-    if sum(r for r, _ in segments) != rows:
-        raise ValueError(f"segments cover {sum(r for r, _ in segments)} rows, the weight has {rows}")
     dead = torch.diag(H) == 0  # input channels never active: their weights cannot matter
-    W[:, dead] = 0
-    Hinv = damped_inverse_cholesky(H, percdamp, dead)  # upper factor, (in, in); H is left as it is
+    with inverse_factor(H, percdamp, dead) as U:
+        return obs_sweep(W, U, dead, pattern, sparsity, blocksize, quant)
 
+
+def obs_sweep(
+    W: torch.Tensor,
+    U: torch.Tensor,
+    dead: torch.Tensor,
+    pattern: Pattern,
+    sparsity: float,
+    blocksize: int = 128,
+    quant: "Quant | None" = None,
+) -> "torch.Tensor | tuple[torch.Tensor, torch.Tensor]":
+    """:func:`sparsegpt_prune`'s column sweep over ``W``, given the inverse factor ``U`` of :func:`inverse_factor`
+    (only its upper triangle is read).  Each row is its own problem, so matrices that read the same input
+    (q/k/v, gate/up) are swept one after the other with one ``U``: what one sweep over their stacked rows
+    gives, without a stacked copy."""
+    rows, cols = W.shape
+    W[:, dead] = 0
     if pattern.kind == "nm":
         blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
     elif pattern.kind == "block":
@@ -130,7 +135,7 @@ def sparsegpt_prune(
         W1 = W[:, i1:i2].t().contiguous()
         Err1 = torch.zeros_like(W1)
         Q1 = torch.zeros_like(W1) if quant is not None else None  # the grid points of the kept weights
-        U1 = Hinv[i1:i2, i1:i2]
+        U1 = U[i1:i2, i1:i2]
         d = torch.diag(U1)
         d2 = (d * d).unsqueeze(1)  # [H_F^-1]_qq as a column, (count, 1)
 
@@ -138,8 +143,7 @@ def sparsegpt_prune(
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         else:
             score = W1**2 / d2  # OBS saliency w_q^2 / [H_F^-1]_qq, with [H_F^-1]_qq = U_qq^2
-            mask1 = torch.cat([_select(part, pattern, frac) for part, frac in
-                               zip(score.split([r for r, _ in segments], dim=1), (f for _, f in segments))], dim=1)
+            mask1 = _select(score, pattern, sparsity)
         # err_q = w_q / [H^-1]_qq for pruned weights, 0 for kept ones: scale = mask / d
         scale = mask1 / d.unsqueeze(1)
 
@@ -174,7 +178,7 @@ def sparsegpt_prune(
             W1 = Q1  # exact grid points and zeros
         W[:, i1:i2] = W1.t()
         mask[:, i1:i2] = mask1.t()
-        W[:, i2:] -= Err1.t() @ Hinv[i1:i2, i2:]  # lazy batched update of all later columns
+        W[:, i2:].addmm_(Err1.t(), U[i1:i2, i2:], alpha=-1)  # lazy batched update of all later columns
     return mask if quant is None else (mask, scales)
 
 
@@ -223,22 +227,17 @@ class SparseGPT(Method):
 
     @torch.no_grad()
     def prune(self, W: torch.Tensor, stats: InputStats, target: LayerTarget):
-        out = sparsegpt_prune(W, stats.hessian, target.pattern, target.sparsity, self.blocksize, self.percdamp,
-                              target.quant if self.joint_quant else None)
-        return Pruned(*out) if isinstance(out, tuple) else out
+        return self.prune_many([W], stats, [target])[0]
 
     @torch.no_grad()
     def prune_many(self, Ws: list, stats: InputStats, targets: list) -> list:
-        """Layers sharing one input (and so one Hessian) are pruned in a single pass over stacked rows."""
-        if len({(t.pattern, t.quant) for t in targets}) != 1:
-            return super().prune_many(Ws, stats, targets)
-        W = torch.cat(Ws, dim=0)
-        segments = [(w.shape[0], t.sparsity) for w, t in zip(Ws, targets)]
-        out = sparsegpt_prune(W, stats.hessian, targets[0].pattern, segments, self.blocksize, self.percdamp,
-                              targets[0].quant if self.joint_quant else None)
-        sizes = [w.shape[0] for w in Ws]
-        for w, part in zip(Ws, W.split(sizes)):
-            w.copy_(part)
-        if isinstance(out, tuple):  # joint quantization: each weight's mask and scales
-            return [Pruned(mask, scales) for mask, scales in zip(out[0].split(sizes), out[1].split(sizes))]
-        return list(out.split(sizes))
+        """Layers that read one input (and so share its Hessian) share its inverse factor: built once, each
+        matrix swept with it in turn, each under its own target."""
+        dead = torch.diag(stats.hessian) == 0
+        out = []
+        with inverse_factor(stats.hessian, self.percdamp, dead) as U:
+            for W, t in zip(Ws, targets):
+                quant = t.quant if self.joint_quant else None
+                got = obs_sweep(W, U, dead, t.pattern, t.sparsity, self.blocksize, quant)
+                out.append(Pruned(*got) if isinstance(got, tuple) else got)
+        return out
