@@ -111,10 +111,23 @@ def one(run: str) -> dict:
            "output_bytes": folder_bytes(out), "output_dtype": out_config.get("dtype") or out_config.get("torch_dtype"),
            "sparsity": r["sparsity"], "peak_rss_bytes": peak, "prune_seconds": r["prune_seconds"],
            "seconds_per_block": r["prune_seconds"] / blocks, "wall_seconds": round(wall, 1),
-           "versions": r["versions"], "machine": r["machine"], "measured_at": r["measured_at"]}
+           "versions": r["versions"], "machine": r["machine"], "measured_at": r["measured_at"], "commit": commit()}
     for p in out.glob("*.safetensors"):  # the output is measured: free the disk for the next run
         p.unlink()
     return row
+
+
+def commit() -> "str | None":
+    """The code measured: this checkout's commit (with ``+`` when it has uncommitted changes), or None outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "../src"], cwd=here,
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+" if dirty else "")
 
 
 def markdown(rows: list, command: str) -> str:
@@ -123,19 +136,22 @@ def markdown(rows: list, command: str) -> str:
     lines = page_head("Scaling: streamed prune of random-weight Llama-shaped bf16 checkpoints", rows[0], "\n\n".join(
         __doc__.split("\n\n")[2:5]).strip(), command)
     lines += ["| run | blocks | hidden | params | checkpoint GB | output GB | output dtype | peak RSS GiB | prune s | "
-              "s / block | sparsity |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "s / block | sparsity | code |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['blocks']} | {r['hidden']} | {r['params'] / 1e9:.2f}B | "
                      f"{r['checkpoint_bytes'] / 1e9:.2f} | {r['output_bytes'] / 1e9:.2f} | {r['output_dtype']} | "
                      f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['prune_seconds']:.0f} | {r['seconds_per_block']:.1f} | "
-                     f"{r['sparsity']:.4f} |")
+                     f"{r['sparsity']:.4f} | {r.get('commit') or '?'} |")
     lines += ["", "Repeated runs of one shape differed by up to ~0.35 GiB in peak RSS (this script on 2026-12-06 on an "
               "Intel Xeon, the code of that day, checkpoints already built: d22:wanda 0.90 to 1.00 GiB, "
               "d22:sparsegpt 1.33 to 1.69, llama3b:wanda 1.42 to 1.58, llama3b:sparsegpt 1.94 to 2.14). Earlier "
               "pages showed more "
               "for a shape whose checkpoint had just been built: the builder's memory was counted as the prune's "
               "peak (a forked child's `ru_maxrss` keeps its parent's high-water mark); checkpoints are now built in "
-              "a process of their own.", "",
+              "a process of their own. On 2026-12-07 (AMD EPYC, commit 7cb256b) a second llama3b:sparsegpt run, its "
+              "resident set sampled every 20 ms from another process, peaked at 1.37 GiB, reached by its 8th block "
+              "and flat after; two blocks of that shape peaked at 1.22 and 1.29 GiB in two runs. The `code` column "
+              "is the commit measured.", "",
               "![peak RSS and prune time against model size](scaling.png)", ""]
     return "\n".join(lines + projection(rows))
 
@@ -164,16 +180,18 @@ def block_bytes(shape, method: str, tokens: int) -> int:
     activations (its inputs and outputs, bf16), and the method's work.  Wanda: one matrix at a time, a few rows
     at a time in bf16 (the pruned copy, 2 bytes a weight; its mask and verification's, 3; the verified copy of
     the matrix sharing its input, waiting, 2: 7 bytes a weight; one float32 chunk of 16 MiB aside).
-    SparseGPT, true-sequential: one input group at a time (q/k/v, o, gate/up, down), holding its ``X^T X``
-    and the two matrices of its damped inverse (three ``(in, in)`` in all) and the group's rows stacked (a copy
-    and a mask, 5 bytes a weight); the largest group sets the peak."""
+    SparseGPT, true-sequential: one input group at a time (q/k/v, o, gate/up, down), holding its ``X^T X`` (its
+    damped inverse factor is built in the same matrix), the float32 copies of the group's matrices (4 bytes a
+    weight) and, for the one being swept and verified, its mask, its result in bf16 and verification's mask
+    (4 bytes a weight); the largest group sets the peak."""
     hidden = shape[0]
     m = matrices(shape)
     base = 2 * block_params(shape) + 2 * 2 * tokens * hidden
     if method == "wanda":
         return base + 7 * max(r * c for r, c in m)
     groups = [m[0:3], m[3:4], m[4:6], m[6:7]]  # the layers that read one input
-    return base + max(3 * 4 * g[0][1] ** 2 + 5 * sum(r * c for r, c in g) for g in groups)
+    return base + max(4 * g[0][1] ** 2 + 4 * sum(r * c for r, c in g) + 4 * max(r * c for r, c in g)
+                      for g in groups)
 
 
 def block_work(shape, method: str) -> float:
