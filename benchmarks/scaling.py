@@ -150,7 +150,8 @@ def markdown(rows: list, command: str) -> str:
               "peak (a forked child's `ru_maxrss` keeps its parent's high-water mark); checkpoints are now built in "
               "a process of their own. On 2026-12-07 (AMD EPYC, commit 7cb256b) a second llama3b:sparsegpt run, its "
               "resident set sampled every 20 ms from another process, peaked at 1.37 GiB, reached by its 8th block "
-              "and flat after; two blocks of that shape peaked at 1.22 and 1.29 GiB in two runs. The `code` column "
+              "and flat after; two blocks of that shape peaked at 1.29 GiB (the same commit) and 1.22 GiB (its "
+              "working tree a quarter of an hour before it was committed). The `code` column "
               "is the commit measured.", "",
               "![peak RSS and prune time against model size](scaling.png)", ""]
     return "\n".join(lines + projection(rows))
